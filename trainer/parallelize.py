@@ -1,0 +1,229 @@
+"""Apply parallelism to a single-device model from the outside (torchtitan style).
+
+The model code (model/) knows nothing about any of this. `parallelize(model, cfg, dist)` applies,
+always in this order:
+
+  1. activation checkpointing, per block of `model.blocks`
+       parallel.activation_checkpointing = none | full | selective
+       full:      every block is recomputed in the backward (activation memory ~ one block's
+                  inputs per layer; about +1/3 compute, a second forward)
+       selective: every `parallel.ac_every`-th block (default 2: blocks 0, 2, 4, ...) is
+                  recomputed; about half the activation memory saved for half the recompute.
+     (torch.utils.checkpoint, non-reentrant, through checkpoint_wrapper)
+  2. torch.compile per block when `cfg.compile` is true (after AC so the recompute is compiled
+     too, before sharding so FSDP's hooks stay outside the compiled graph)
+  3. data parallelism, `parallel.name`:
+       single: nothing
+       ddp:    DistributedDataParallel (the returned model still exposes the GPT's methods)
+       fsdp:   FSDP2 `fully_shard` on every block, then on the root. The root group holds the
+               embeddings, the final norm and the tied lm_head (lm_head.weight IS wte.weight,
+               one parameter, sharded once). MixedPrecisionPolicy(param_dtype, reduce_dtype),
+               reshard_after_forward (the last block can keep its parameters gathered, since the
+               backward needs them at once), optional CPUOffloadPolicy.
+
+`grad_sync(model, enabled)` turns the gradient reduction off for the micro-steps of gradient
+accumulation; `clip_grad_norm(model, max_norm)` clips by the global norm over all shards and
+returns a plain scalar tensor, identical on every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.nn as nn
+
+from trainer.distributed import DistInfo, require_torchrun
+
+log = logging.getLogger(__name__)
+
+__all__ = ["parallelize", "grad_sync", "clip_grad_norm", "unwrap", "parallel_name"]
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    None: None, "none": None, "null": None,
+}
+
+
+def _get(cfg, key, default=None):
+    """cfg.key for a DictConfig / dict / namespace, with a default when missing."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    try:
+        v = cfg.get(key, default)  # DictConfig
+    except AttributeError:
+        v = getattr(cfg, key, default)
+    return default if v is None else v
+
+
+def _dtype(name, key):
+    k = name.lower() if isinstance(name, str) else name
+    if k not in _DTYPES:
+        raise ValueError(f"parallel.{key}={name!r}: use one of bf16, fp16, fp32")
+    return _DTYPES[k]
+
+
+def parallel_name(cfg) -> str:
+    p = _get(cfg, "parallel")
+    name = p if isinstance(p, str) else _get(p, "name", "single")
+    return str(name)
+
+
+class _DDP(nn.parallel.DistributedDataParallel):
+    """DDP that forwards unknown attributes (blocks, optim_groups, flops_per_token) to the model."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The GPT under a DDP wrapper (FSDP2 and compile-per-block keep the module itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"parallelize needs model.blocks to be an nn.ModuleList, got {type(blocks).__name__}")
+    return blocks
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    mode = str(mode or "none").lower()
+    if mode in ("none", "false", "off"):
+        return
+    if mode not in ("full", "selective"):
+        raise ValueError(f"parallel.activation_checkpointing={mode!r}: use none, full or selective")
+    every = int(every)
+    if every < 1:
+        raise ValueError(f"parallel.ac_every={every}: must be >= 1")
+    blocks = _blocks(model)
+    for i, block in enumerate(blocks):
+        if mode == "full" or i % every == 0:
+            # preserve_rng_state: dropout masks in the recompute equal those of the forward
+            blocks[i] = checkpoint_wrapper(block, CheckpointImpl.NO_REENTRANT, preserve_rng_state=True)
+
+
+def apply_compile(model: nn.Module, fullgraph: bool = False) -> None:
+    blocks = _blocks(model)
+    for i, block in enumerate(blocks):
+        blocks[i] = torch.compile(block, fullgraph=fullgraph)
+
+
+def apply_fsdp(model: nn.Module, pcfg, dist: DistInfo) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    mp = MixedPrecisionPolicy(
+        param_dtype=_dtype(_get(pcfg, "param_dtype", "bf16"), "param_dtype"),
+        reduce_dtype=_dtype(_get(pcfg, "reduce_dtype", "fp32"), "reduce_dtype"),
+    )
+    kw = {"mesh": mesh, "mp_policy": mp}
+    if bool(_get(pcfg, "cpu_offload", False)):
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda")
+    reshard = bool(_get(pcfg, "reshard_after_forward", True))
+    reshard_last = bool(_get(pcfg, "reshard_last_block", False))
+    blocks = _blocks(model)
+    n = len(blocks)
+    for i, block in enumerate(blocks):
+        fully_shard(block, reshard_after_forward=reshard and (i < n - 1 or reshard_last), **kw)
+    # Root: embeddings (wte == lm_head.weight, tied, one parameter), position embeddings, final norm.
+    fully_shard(model, reshard_after_forward=reshard, **kw)
+
+
+def parallelize(model: nn.Module, cfg, dist: DistInfo) -> nn.Module:
+    """Activation checkpointing -> torch.compile -> FSDP2/DDP, per `cfg.parallel` and `cfg.compile`.
+
+    The model must already be on `dist.device` (FSDP2 shards what it finds there; with
+    parallel.cpu_offload the shards then move to CPU).
+    """
+    pcfg = _get(cfg, "parallel")
+    if isinstance(pcfg, str):
+        pcfg = {"name": pcfg}
+    name = parallel_name(cfg)
+    if name not in ("single", "ddp", "fsdp"):
+        raise ValueError(f"parallel={name!r}: use single, ddp or fsdp")
+    require_torchrun(name)
+    if name == "single" and dist.world_size > 1:
+        raise SystemExit(
+            f"error: parallel=single but {dist.world_size} processes were launched; "
+            f"use parallel=fsdp or parallel=ddp with torchrun, or run one process"
+        )
+
+    apply_activation_checkpointing(model, _get(pcfg, "activation_checkpointing", "none"), _get(pcfg, "ac_every", 2))
+    if bool(_get(cfg, "compile", False)):
+        apply_compile(model, fullgraph=bool(_get(pcfg, "compile_fullgraph", False)))
+
+    if name == "fsdp":
+        apply_fsdp(model, pcfg, dist)
+    elif name == "ddp":
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        model = _DDP(
+            model,
+            device_ids=ids,
+            bucket_cap_mb=int(_get(pcfg, "bucket_cap_mb", 25)),
+            gradient_as_bucket_view=True,
+            find_unused_parameters=bool(_get(pcfg, "find_unused_parameters", False)),
+        )
+    return model
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool):
+    """Wrap forward+backward of one micro-step; `enabled=False` skips the gradient reduction.
+
+        for micro in range(grad_accum):
+            with grad_sync(model, micro == grad_accum - 1):
+                loss = model(x, y)[1] / grad_accum
+                loss.backward()
+
+    FSDP2: set_requires_gradient_sync (unsharded grads accumulate locally, in reduce_dtype);
+    DDP: no_sync(); single process: nothing.
+    """
+    if _is_fsdp(model):
+        model.set_requires_gradient_sync(bool(enabled))
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Clip gradients to the global L2 norm `max_norm` (None/0/inf: only measure).
+
+    Works on FSDP2's DTensor gradient shards (the norm is reduced over ranks). Returns the
+    pre-clip total norm as a plain fp32 scalar tensor, identical on every rank.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    clip = max_norm is not None and 0 < float(max_norm) < float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, float(max_norm) if clip else float("inf"), foreach=None)
+    if hasattr(norm, "full_tensor"):  # DTensor (FSDP2)
+        norm = norm.full_tensor()
+    return norm.float()
