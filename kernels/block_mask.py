@@ -638,9 +638,10 @@ def build_block_mask_from_config(attn_cfg, seq_len: int, n_heads: int, *,
     layout = str(_cfg_get(attn_cfg, "layout", "local")).lower()
     if layout not in LAYOUTS:
         raise ValueError(f"attention.layout must be one of {'|'.join(LAYOUTS)}, got {layout!r}")
-    block = _cfg_get(attn_cfg, "block_size", DEFAULT_BLOCK)
-    geo = dict(block_m=_cfg_get(attn_cfg, "block_m", block),
-               block_n=_cfg_get(attn_cfg, "block_n", block), causal=causal)
+    block = _block_size("attention.block_size", _cfg_get(attn_cfg, "block_size", DEFAULT_BLOCK))
+    geo = dict(block_m=_block_size("attention.block_m", _cfg_get(attn_cfg, "block_m", block)),
+               block_n=_block_size("attention.block_n", _cfg_get(attn_cfg, "block_n", block)),
+               causal=causal)
     n_heads = _int("n_heads", n_heads, 1)
     seq = (seq_len, seq_k)
     get = lambda key, default=None: _cfg_get(attn_cfg, key, default)  # noqa: E731
