@@ -1,12 +1,14 @@
-"""Attention kernels: the Triton FlashAttention, block-sparse masks, and the reference attention."""
+"""Attention kernels: the Triton FlashAttention (dense and block-sparse), block-sparse layouts, and
+the reference (standard) attention that materialises the scores."""
+from .block_mask import (LAYOUTS, BlockMask, bigbird_mask, build_block_mask_from_config, butterfly_mask,
+                         dense_block_mask, fixed_mask, from_block_fn, from_dense_mask, local_mask, longformer_mask,
+                         save_layout_png, strided_mask)
+from .flash import clear_launch_config, flash_attention, set_launch_config
 from .reference import causal_mask, reference_attention
 
-try:  # the Triton kernel; importable on any machine that has triton
-    from .flash import flash_attention
-except ImportError as exc:  # pragma: no cover - only while the kernel module is being written
-    _err = exc
-
-    def flash_attention(*args, **kwargs):
-        raise ImportError(f"kernels.flash could not be imported: {_err}")
-
-__all__ = ["flash_attention", "reference_attention", "causal_mask"]
+__all__ = [
+    "flash_attention", "reference_attention", "causal_mask", "set_launch_config", "clear_launch_config",
+    "BlockMask", "LAYOUTS", "dense_block_mask", "local_mask", "strided_mask", "fixed_mask", "butterfly_mask",
+    "bigbird_mask", "longformer_mask", "from_dense_mask", "from_block_fn", "build_block_mask_from_config",
+    "save_layout_png",
+]

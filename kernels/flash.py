@@ -1,0 +1,618 @@
+"""IO-aware exact attention (FlashAttention) in Triton: forward, backward, dense and block-sparse.
+
+The algorithm, in the order the kernels below run:
+
+Forward (`_fwd_kernel`, one program per BLOCK_M query rows of one (batch, head)):
+    load Q_i once; for each kept K/V block j (all blocks, the causal prefix, or the block-sparse
+    row list): S = Q_i K_j^T * scale * log2(e); running row max m, running sum l and fp32
+    accumulator acc are rescaled by exp2(m_old - m_new) and updated with P = exp2(S - m_new);
+    finally O_i = acc / l and LSE_i = m + log2(l) (base 2, scaled units) is saved for the
+    backward. The N x N score matrix never exists in memory: only (BLOCK_M, BLOCK_N) tiles in
+    registers / shared memory.
+
+Backward:
+    1. `_bwd_preprocess`: delta_i = rowsum(dO_i * O_i).
+    2. `_bwd_dkdv_kernel`, one program per K/V block j, looping over the query blocks i that
+       see it: recompute P^T = exp2(K_j Q_i^T * scale * log2(e) - LSE_i), then
+       dV_j += P^T dO_i, dP^T = V_j dO_i^T, dS^T = P^T * (dP^T - delta_i), dK_j += dS^T Q_i.
+    3. `_bwd_dq_kernel`, one program per query block i, looping over K blocks j like the
+       forward: dQ_i += dS K_j.
+    Every accumulation is fp32, and each output tile is owned by exactly one program (no
+    atomics), so the backward is deterministic: the same call gives bitwise-identical gradients.
+
+Dense and block-sparse share these kernels: the K-block loop runs over either a contiguous
+range of blocks or a per-row list of kept blocks (`BlockMask`, SPARSE=True), and the dK/dV loop
+over a contiguous range or a per-column list of kept query blocks.
+
+Causal alignment for Nq != Nk is bottom-right (as FlashAttention >= 2.1): query i sits at key
+position i + Nk - Nq, so it sees keys j <= i + Nk - Nq. With Nq > Nk the first Nq - Nk rows see no
+key; like every row that sees no key (also in a block-sparse layout), their output is 0 and
+their gradients are 0.
+
+fp32 inputs: the dot products run in TF32 on the tensor cores when
+`torch.get_float32_matmul_precision()` is "high" or "medium", and in IEEE fp32 when it is
+"highest" (PyTorch's default); `fp32_precision="tf32"|"ieee"` overrides that per call.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+              stride_kn, stride_vn, Nk, qk_scale, causal_off,
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """One step of the online softmax: fold K/V block [start_n, start_n + BLOCK_N) into acc."""
+    cols = start_n + offs_n
+    if MASK:
+        kv_mask = (cols[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs + start_n * stride_kn)
+    else:
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if MASK:
+        keep = cols[None, :] < Nk
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + causal_off)
+        s = tl.where(keep, s, float("-inf"))
+    # m_i starts at -1e30 (finite), so a fully masked tile gives p = 0 and alpha = 1, never NaN.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASK:
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        v = tl.load(v_ptrs + start_n * stride_vn)
+    else:
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX,
+                stride_qb, stride_qn, stride_qh,
+                stride_kb, stride_kn, stride_kh,
+                stride_vb, stride_vn, stride_vh,
+                stride_ob, stride_on, stride_oh,
+                stride_mh, stride_mrow,
+                H, Nq, Nk, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
+                MASK_BM: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # heaviest query blocks first: better load balance at the tail of the grid
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    causal_off = Nk - Nq
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if SPARSE:
+        # Kept K blocks of this query block's mask row; each mask block is MASK_BN // BLOCK_N tiles.
+        SUB: tl.constexpr = MASK_BN // BLOCK_N
+        row = m0 // MASK_BM
+        count = tl.load(ROW_COUNT + h * stride_mh + row)
+        idx_ptr = ROW_IDX + (h * stride_mh + row) * stride_mrow
+        for t in range(0, count * SUB):
+            nb = tl.load(idx_ptr + t // SUB)
+            start_n = nb * MASK_BN + (t % SUB) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+                                      stride_kn, stride_vn, Nk, qk_scale, causal_off,
+                                      True, CAUSAL, EVEN_D, HEAD_DIM, DOT_PREC)
+    else:
+        # Blocks [0, full_end) need no mask; [full_end, hi) hold the causal diagonal / the Nk tail.
+        if CAUSAL:
+            hi = tl.minimum(Nk, m0 + BLOCK_M + causal_off)
+            full_end = tl.maximum(tl.minimum(hi, m0 + causal_off + 1), 0) // BLOCK_N * BLOCK_N
+        else:
+            hi = Nk
+            full_end = Nk // BLOCK_N * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+                                      stride_kn, stride_vn, Nk, qk_scale, causal_off,
+                                      False, CAUSAL, EVEN_D, HEAD_DIM, DOT_PREC)
+        for start_n in range(full_end, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+                                      stride_kn, stride_vn, Nk, qk_scale, causal_off,
+                                      True, CAUSAL, EVEN_D, HEAD_DIM, DOT_PREC)
+
+    # Rows that saw no key (l = 0): output 0 and LSE = +inf, so the backward's P is exactly 0.
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
+    tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < Nq)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA,
+                    stride_ob, stride_on, stride_oh, stride_dob, stride_don, stride_doh,
+                    H, Nq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, stored as (B, H, Nq)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=msk, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n, offs_d,
+               stride_qn, stride_don, Nq, qk_scale, causal_off,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Fold query block [start_m, start_m + BLOCK_M) into this K/V block's dK and dV."""
+    rows = start_m + offs_m
+    # Rows past Nq load q = dO = 0 and a finite LSE: they add exactly 0 to dK and dV.
+    ld_mask = (rows[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptrs + start_m * stride_qn, mask=ld_mask, other=0.0)
+    do = tl.load(do_ptrs + start_m * stride_don, mask=ld_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=rows < Nq, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=rows < Nq, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+    p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+    if MASK:
+        if CAUSAL:
+            p_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_off, p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_COUNT, COL_IDX,
+                     stride_qb, stride_qn, stride_qh,
+                     stride_kb, stride_kn, stride_kh,
+                     stride_vb, stride_vn, stride_vh,
+                     stride_dob, stride_don, stride_doh,
+                     stride_dkb, stride_dkn, stride_dkh,
+                     stride_dvb, stride_dvn, stride_dvh,
+                     stride_mh, stride_mcol,
+                     H, Nq, Nk, qk_scale, sm_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
+                     MASK_BM: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    causal_off = Nk - Nq
+
+    # K/V rows past Nk load as 0; their dK/dV rows are never stored, so no column mask is needed.
+    kv_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :]
+    lse_ptr = LSE + bh * Nq
+    delta_ptr = DELTA + bh * Nq
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    if SPARSE:
+        SUB: tl.constexpr = MASK_BM // BLOCK_M
+        col = n0 // MASK_BN
+        count = tl.load(COL_COUNT + h * stride_mh + col)
+        idx_ptr = COL_IDX + (h * stride_mh + col) * stride_mcol
+        for t in range(0, count * SUB):
+            mb = tl.load(idx_ptr + t // SUB)
+            start_m = mb * MASK_BM + (t % SUB) * BLOCK_M
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
+                                offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
+                                True, CAUSAL, HEAD_DIM, DOT_PREC)
+    else:
+        if CAUSAL:
+            # Rows i >= n0 - off see some key of this block; rows i >= n0 + BLOCK_N - 1 - off see all.
+            lo = tl.maximum(n0 - causal_off, 0) // BLOCK_M * BLOCK_M
+            full_start = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M,
+                                    tl.cdiv(Nq, BLOCK_M) * BLOCK_M)
+            full_start = tl.maximum(full_start, lo)
+            for start_m in range(lo, full_start, BLOCK_M):
+                start_m = tl.multiple_of(start_m, BLOCK_M)
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
+                                    offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
+                                    True, CAUSAL, HEAD_DIM, DOT_PREC)
+        else:
+            full_start = 0
+        for start_m in range(full_start, Nq, BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
+                                offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
+                                False, CAUSAL, HEAD_DIM, DOT_PREC)
+
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+             stride_kn, stride_vn, Nk, qk_scale, causal_off,
+             MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+             DOT_PREC: tl.constexpr):
+    """Fold K/V block [start_n, start_n + BLOCK_N) into this query block's dQ."""
+    cols = start_n + offs_n
+    # Columns past Nk load k = v = 0: their dS multiplies k = 0, so they add nothing to dQ.
+    if MASK:
+        kv_mask = (cols[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs + start_n * stride_kn)
+        v = tl.load(v_ptrs + start_n * stride_vn)
+    else:
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    if MASK:
+        if CAUSAL:
+            p = tl.where(cols[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ROW_COUNT, ROW_IDX,
+                   stride_qb, stride_qn, stride_qh,
+                   stride_kb, stride_kn, stride_kh,
+                   stride_vb, stride_vn, stride_vh,
+                   stride_dob, stride_don, stride_doh,
+                   stride_dqb, stride_dqn, stride_dqh,
+                   stride_mh, stride_mrow,
+                   H, Nq, Nk, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
+                   MASK_BM: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    causal_off = Nk - Nq
+
+    ld_mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=ld_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=ld_mask, other=0.0)
+    lse = tl.load(LSE + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    delta = tl.load(DELTA + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if SPARSE:
+        SUB: tl.constexpr = MASK_BN // BLOCK_N
+        row = m0 // MASK_BM
+        count = tl.load(ROW_COUNT + h * stride_mh + row)
+        idx_ptr = ROW_IDX + (h * stride_mh + row) * stride_mrow
+        for t in range(0, count * SUB):
+            nb = tl.load(idx_ptr + t // SUB)
+            start_n = nb * MASK_BN + (t % SUB) * BLOCK_N
+            dq = _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+                          stride_kn, stride_vn, Nk, qk_scale, causal_off,
+                          True, CAUSAL, EVEN_D, HEAD_DIM, DOT_PREC)
+    else:
+        if CAUSAL:
+            hi = tl.minimum(Nk, m0 + BLOCK_M + causal_off)
+            full_end = tl.maximum(tl.minimum(hi, m0 + causal_off + 1), 0) // BLOCK_N * BLOCK_N
+        else:
+            hi = Nk
+            full_end = Nk // BLOCK_N * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            dq = _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+                          stride_kn, stride_vn, Nk, qk_scale, causal_off,
+                          False, CAUSAL, EVEN_D, HEAD_DIM, DOT_PREC)
+        for start_n in range(full_end, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            dq = _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+                          stride_kn, stride_vn, Nk, qk_scale, causal_off,
+                          True, CAUSAL, EVEN_D, HEAD_DIM, DOT_PREC)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=ld_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration: block sizes, warps and pipeline stages per GPU
+# --------------------------------------------------------------------------------------------
+def _pick(table, head_dim):
+    for max_d, cfg in table:
+        if head_dim <= max_d:
+            return cfg
+    return table[-1][1]
+
+
+# (max head dim, (BLOCK_M, BLOCK_N, num_warps, num_stages)) from scripts/tune_attention.py on an H200
+# (2026-11-21, N=8192, bf16; docs/benchmarks.md). For dK/dV, BLOCK_N is the K/V tile a program owns
+# and BLOCK_M the query tile it streams.
+_HOPPER_FWD = [(64, (128, 64, 8, 3)), (128, (128, 64, 8, 3)), (256, (64, 64, 4, 2))]
+_HOPPER_BWD_DKDV = [(64, (64, 64, 4, 3)), (128, (64, 128, 8, 3)), (256, (32, 64, 4, 2))]
+_HOPPER_BWD_DQ = [(64, (128, 64, 8, 3)), (128, (128, 64, 8, 3)), (256, (64, 32, 4, 2))]
+_DEFAULT_FWD = [(64, (128, 64, 4, 2)), (128, (64, 64, 4, 2)), (256, (32, 32, 4, 1))]
+_DEFAULT_BWD_DKDV = [(64, (64, 64, 4, 2)), (128, (32, 64, 4, 2)), (256, (16, 32, 4, 1))]
+_DEFAULT_BWD_DQ = [(64, (64, 64, 4, 2)), (128, (64, 32, 4, 2)), (256, (32, 16, 4, 1))]
+# The interpreter runs tiles as numpy arrays: large tiles mean fewer Python-level steps.
+_INTERP = (64, 64, 4, 1)
+
+_OVERRIDE: dict = {}  # filled by set_launch_config() (benchmarks / tuning sweeps)
+
+
+def set_launch_config(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
+    """Force the launch configuration of one kernel ("fwd", "dkdv" or "dq"); None-able via clear."""
+    if kind not in ("fwd", "dkdv", "dq"):
+        raise ValueError(f"kind must be 'fwd', 'dkdv' or 'dq', got {kind!r}")
+    _OVERRIDE[kind] = (block_m, block_n, num_warps, num_stages)
+
+
+def clear_launch_config() -> None:
+    _OVERRIDE.clear()
+
+
+def _launch_config(kind: str, device: torch.device, head_dim: int, block_mask=None):
+    if kind in _OVERRIDE:
+        bm, bn, w, s = _OVERRIDE[kind]
+    elif device.type != "cuda":
+        bm, bn, w, s = _INTERP
+    else:
+        major, _ = torch.cuda.get_device_capability(device)
+        hopper = major == 9
+        table = {"fwd": (_HOPPER_FWD, _DEFAULT_FWD), "dkdv": (_HOPPER_BWD_DKDV, _DEFAULT_BWD_DKDV),
+                 "dq": (_HOPPER_BWD_DQ, _DEFAULT_BWD_DQ)}[kind][0 if hopper else 1]
+        bm, bn, w, s = _pick(table, head_dim)
+    if block_mask is not None:  # kernel tiles must subdivide the mask's blocks
+        bm = min(bm, block_mask.block_m)
+        bn = min(bn, block_mask.block_n)
+    return bm, bn, w, s
+
+
+# --------------------------------------------------------------------------------------------
+# Python entry points
+# --------------------------------------------------------------------------------------------
+def _dot_precision(dtype: torch.dtype, fp32_precision: str | None) -> str:
+    if dtype != torch.float32:
+        return "ieee"  # fp16/bf16 operands: the setting only matters for fp32 x fp32 dots
+    if fp32_precision is None:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if fp32_precision not in ("tf32", "ieee"):
+        raise ValueError(f"fp32_precision must be 'tf32' or 'ieee', got {fp32_precision!r}")
+    return fp32_precision
+
+
+def _mask_args(block_mask, device, rows: bool):
+    """(count, idx, stride_head, stride_row, MASK_BM, MASK_BN) for the kernels' SPARSE path."""
+    if block_mask is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        return dummy, dummy, 0, 0, 16, 16
+    row_count, row_idx, col_count, col_idx = block_mask.lists(device)
+    count, idx = (row_count, row_idx) if rows else (col_count, col_idx)
+    stride_h = count.stride(0) if count.shape[0] > 1 else 0
+    if idx.shape[0] > 1:
+        assert idx.stride(0) == count.shape[1] * idx.stride(1)
+    return count, idx, stride_h, idx.stride(1), block_mask.block_m, block_mask.block_n
+
+
+def _check_tiles(bm, bn, block_mask):
+    if block_mask is not None and (block_mask.block_m % bm or block_mask.block_n % bn):
+        raise ValueError(f"block mask blocks {block_mask.block_m}x{block_mask.block_n} are not multiples of "
+                         f"the kernel tiles {bm}x{bn}; build the mask with block sizes that are multiples of 16")
+
+
+def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    bm, bn, w, s = _launch_config("fwd", q.device, D, block_mask)
+    _check_tiles(bm, bn, block_mask)
+    count, idx, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, rows=True)
+    grid = (triton.cdiv(Nq, bm), B * H)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, count, idx,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        smh, smr, H, Nq, Nk, sm_scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
+        CAUSAL=causal, SPARSE=block_mask is not None, MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec,
+        num_warps=w, num_stages=s)
+    return o, lse
+
+
+def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec):
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    BLOCK_D = _block_d(D)
+    delta = torch.empty_like(lse)
+    pre_m = 64 if q.device.type == "cuda" else 128
+    _bwd_preprocess[(triton.cdiv(Nq, pre_m), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, Nq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    qk_scale = sm_scale * LOG2E
+    sparse = block_mask is not None
+
+    bm, bn, w, s = _launch_config("dkdv", q.device, D, block_mask)
+    _check_tiles(bm, bn, block_mask)
+    count, idx, smh, smc, mbm, mbn = _mask_args(block_mask, q.device, rows=False)
+    _bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * H)](
+        q, k, v, do, dk, dv, lse, delta, count, idx,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        smh, smc, H, Nq, Nk, qk_scale, sm_scale,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, SPARSE=sparse,
+        MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec, num_warps=w, num_stages=s)
+
+    bm, bn, w, s = _launch_config("dq", q.device, D, block_mask)
+    _check_tiles(bm, bn, block_mask)
+    count, idx, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, rows=True)
+    _bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
+        q, k, v, do, dq, lse, delta, count, idx,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        smh, smr, H, Nq, Nk, qk_scale, sm_scale,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, SPARSE=sparse,
+        MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec, num_warps=w, num_stages=s)
+    return dq, dk, dv
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+class _FlashAttnFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale, block_mask, dot_prec):
+        o, lse = _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.sm_scale, ctx.block_mask, ctx.dot_prec = causal, sm_scale, block_mask, dot_prec
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, ctx.block_mask, ctx.dot_prec)
+        return dq, dk, dv, None, None, None, None
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _validate(q, k, v, causal, softmax_scale, block_mask):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"flash_attention: {name} must have rank 4 (batch, seq, heads, head_dim), "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"flash_attention: {name} has dtype {t.dtype}; use float16, bfloat16 or float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"flash_attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                        "cast them to the same dtype")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"flash_attention: q, k, v are on different devices ({q.device}, {k.device}, "
+                         f"{v.device}); move them to one device")
+    B, Nq, H, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B or k.shape[2] != H or v.shape[2] != H:
+        raise ValueError(f"flash_attention: batch and head counts must match: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)} (layout (batch, seq, heads, head_dim))")
+    if k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"flash_attention: head_dim must match: q {D}, k {k.shape[3]}, v {v.shape[3]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"flash_attention: k and v must have the same sequence length, got {k.shape[1]} and "
+                         f"{v.shape[1]}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention: head_dim {D} is larger than the supported {MAX_HEAD_DIM}; use more "
+                         "heads of a smaller head_dim")
+    if Nq == 0 or k.shape[1] == 0 or B == 0 or H == 0 or D == 0:
+        raise ValueError(f"flash_attention: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if softmax_scale is not None and not math.isfinite(float(softmax_scale)):
+        raise ValueError(f"flash_attention: softmax_scale must be finite, got {softmax_scale}")
+    if q.device.type == "cpu" and not _INTERPRET:
+        raise ValueError("flash_attention: got CPU tensors but the Triton kernels are compiled for a GPU; move "
+                         "q, k, v to CUDA, or set TRITON_INTERPRET=1 before Python starts to run the kernels "
+                         "through Triton's (slow) interpreter")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"flash_attention: unsupported device {q.device}; use a CUDA GPU")
+    if block_mask is not None:
+        block_mask.check(Nq, k.shape[1], H, causal=bool(causal))
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    softmax_scale: float | None = None, block_mask=None,
+                    fp32_precision: str | None = None) -> torch.Tensor:
+    """Exact attention softmax(q k^T * softmax_scale) v without materialising the scores.
+
+    q: (B, Nq, H, D); k, v: (B, Nk, H, D) with the same B, H, D (D <= 256) and dtype (fp16, bf16
+    or fp32); returns (B, Nq, H, D) in that dtype. Differentiable in q, k and v. Inputs may be
+    strided views (e.g. of a fused (B, N, 3, H, D) projection) as long as the last dim is
+    contiguous; they are not copied.
+    causal: bottom-right aligned when Nq != Nk (query i sees keys j <= i + Nk - Nq); rows that
+    see no key give 0.
+    softmax_scale: defaults to D ** -0.5.
+    block_mask: a `kernels.BlockMask`; only the blocks it keeps are computed.
+    fp32_precision: "tf32" or "ieee" for fp32 inputs (default: follows
+    torch.get_float32_matmul_precision(): "highest" -> ieee, otherwise tf32).
+    """
+    _validate(q, k, v, causal, softmax_scale, block_mask)
+    dot_prec = _dot_precision(q.dtype, fp32_precision)
+    sm_scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _FlashAttnFn.apply(q, k, v, bool(causal), sm_scale, block_mask, dot_prec)
