@@ -1,0 +1,99 @@
+"""A small training loop over parallelize(), run by the tests under torchrun (or as one process).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/parallel/dist_worker.py \
+        --parallel fsdp --steps 5 --out losses.json
+
+Global batch: `--global-batch` sequences per step drawn from (seed, step) alone, each rank taking
+a disjoint slice and accumulating `global_batch / (world_size * micro_batch)` micro-steps, so
+the losses must not depend on the world size. fp32 throughout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from model import GPT, GPTConfig  # noqa: E402
+from trainer.distributed import all_reduce, barrier, destroy, grad_accum_steps, init_distributed  # noqa: E402
+from trainer.parallelize import clip_grad_norm, grad_sync, parallelize  # noqa: E402
+
+VOCAB, SEQ = 96, 16
+
+
+def tiny_model(seed: int = 0, dropout: float = 0.0, attn: str = "sdpa", n_layer: int = 3) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(seq_len=SEQ, vocab_size=VOCAB, pad_vocab_multiple=32, n_layer=n_layer, n_head=2,
+                         n_embd=32, dropout=dropout, attn_impl=attn))
+
+
+def batch(step: int, global_batch: int, seed: int = 1234) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 100003 + step)
+    return torch.randint(0, VOCAB, (global_batch, SEQ + 1), generator=g)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parallel", default="single")
+    ap.add_argument("--ac", default="none")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--first-step", type=int, default=0, help="first step (after --load)")
+    ap.add_argument("--global-batch", type=int, default=4)
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--save", default=None, help="DCP folder written after the last step")
+    ap.add_argument("--load", default=None, help="DCP folder to resume from")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+
+    d = init_distributed("cpu", timeout_s=120)
+    cfg = {"compile": a.compile,
+           "parallel": {"name": a.parallel, "activation_checkpointing": a.ac,
+                        "param_dtype": "fp32", "reduce_dtype": "fp32"}}
+    model = parallelize(tiny_model(), cfg, d)
+    opt = torch.optim.AdamW(model.optim_groups(0.1), lr=3e-3, betas=(0.9, 0.95), foreach=False)
+    accum = grad_accum_steps(a.global_batch * SEQ, SEQ, a.micro_batch, d.world_size)
+
+    if a.load:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=a.load)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    losses, norms = [], []
+    for step in range(a.first_step, a.first_step + a.steps):
+        x = batch(step, a.global_batch)
+        per_rank = accum * a.micro_batch
+        mine = x[d.rank * per_rank:(d.rank + 1) * per_rank]
+        total = torch.zeros((), dtype=torch.float64)
+        for micro in range(accum):
+            xb = mine[micro * a.micro_batch:(micro + 1) * a.micro_batch]
+            with grad_sync(model, micro == accum - 1):
+                _, loss = model(xb[:, :-1], xb[:, 1:])
+                (loss / accum).backward()
+            total += loss.detach().double() / accum
+        norms.append(clip_grad_norm(model, 1.0).item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(all_reduce(total, "avg").item())
+
+    if a.save:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=a.save)
+    barrier()
+    if d.is_main and a.out:
+        with open(a.out, "w") as f:
+            json.dump({"losses": losses, "norms": norms, "world_size": d.world_size, "accum": accum}, f)
+    destroy()
+
+
+if __name__ == "__main__":
+    main()
