@@ -196,10 +196,10 @@ def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_
     lse = tl.load(lse_ptr + rows, mask=rows < Nq, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=rows < Nq, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-    p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
     if MASK:
-        if CAUSAL:
-            p_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_off, p_t, 0.0)
+        if CAUSAL:  # masked before exp2, so no overflow can appear in dropped entries
+            s_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_off, s_t, float("-inf"))
+    p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -301,10 +301,10 @@ def _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, off
         k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    p = tl.math.exp2(s * qk_scale - lse[:, None])
     if MASK:
         if CAUSAL:
-            p = tl.where(cols[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
+            s = tl.where(cols[None, :] <= offs_m[:, None] + causal_off, s, float("-inf"))
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -467,11 +467,20 @@ def _check_tiles(bm, bn, block_mask):
                          f"the kernel tiles {bm}x{bn}; build the mask with block sizes that are multiples of 16")
 
 
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """Output buffers (tests replace this with a NaN-filled allocator to catch unwritten elements)."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _empty(shape, device) -> torch.Tensor:
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
 def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    o = _empty_like(q)
+    lse = _empty((B, H, Nq), q.device)
     bm, bn, w, s = _launch_config("fwd", q.device, D, block_mask)
     _check_tiles(bm, bn, block_mask)
     count, idx, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, rows=True)
@@ -495,14 +504,14 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec):
     if do.stride(-1) != 1:
         do = do.contiguous()
     BLOCK_D = _block_d(D)
-    delta = torch.empty_like(lse)
+    delta = _empty(lse.shape, lse.device)
     pre_m = 64 if q.device.type == "cuda" else 128
     _bwd_preprocess[(triton.cdiv(Nq, pre_m), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Nq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq = _empty_like(q)
+    dk = _empty_like(k)
+    dv = _empty_like(v)
     qk_scale = sm_scale * LOG2E
     sparse = block_mask is not None
 

@@ -1,0 +1,93 @@
+"""Block-sparse FlashAttention (the same Triton kernels, iterating over kept blocks only) against the
+float64 reference attention with the block mask expanded to its element mask."""
+import pytest
+import torch
+
+import kernels
+from kernels import flash_attention
+from tests.kernels.test_flash import DEVICE, poison_outputs, run_case  # noqa: F401 (autouse fixture)
+
+BLOCK = 32  # small mask blocks keep the interpreter fast and give many blocks at small N
+
+BUILDERS = {
+    "local": lambda n, causal, **kw: kernels.local_mask(n, window_blocks=1, causal=causal, **kw),
+    "strided": lambda n, causal, **kw: kernels.strided_mask(n, stride=2, causal=causal, **kw),
+    "fixed": lambda n, causal, **kw: kernels.fixed_mask(n, stride=2, summary=1, causal=causal, **kw),
+    "butterfly": lambda n, causal, **kw: kernels.butterfly_mask(n, causal=causal, **kw),
+    "bigbird": lambda n, causal, **kw: kernels.bigbird_mask(n, window_blocks=1, global_blocks=1, random_blocks=1,
+                                                           seed=7, causal=causal, **kw),
+    "longformer": lambda n, causal, **kw: kernels.longformer_mask(n, window_blocks=1, global_tokens=[0, 70],
+                                                                 causal=causal, **kw),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", sorted(BUILDERS))
+def test_each_layout_matches_reference(layout, causal):
+    n = 150  # not a multiple of the block
+    mask = BUILDERS[layout](n, causal, block_m=BLOCK, block_n=BLOCK)
+    assert 0 < mask.density < 1 or layout == "bigbird"
+    run_case(2, n, n, 2, 32, causal, torch.float32, block_mask=mask)
+
+
+def test_per_head_layouts():
+    n, heads = 140, 3
+    mask = kernels.bigbird_mask(n, window_blocks=0, global_blocks=1, random_blocks=1, seed=1, n_heads=heads,
+                                block_m=BLOCK, block_n=BLOCK, causal=True)
+    assert mask.layout.shape[0] == heads and not torch.equal(mask.layout[0], mask.layout[1])
+    run_case(1, n, n, heads, 16, True, torch.float32, block_mask=mask)
+
+
+def test_fp16_block_sparse():
+    mask = kernels.local_mask(200, window_blocks=2, block_m=BLOCK, block_n=BLOCK, causal=True)
+    run_case(2, 200, 200, 2, 64, True, torch.float16, block_mask=mask)
+
+
+def test_cross_lengths_block_sparse():
+    nq, nk = 70, 170
+    mask = kernels.local_mask(nq, nk, window_blocks=1, block_m=BLOCK, block_n=BLOCK, causal=True)
+    run_case(2, nq, nk, 2, 32, True, torch.float32, block_mask=mask)
+
+
+def test_empty_rows_give_zero_output_and_gradients():
+    n = 128
+    layout = torch.ones(1, n // BLOCK, n // BLOCK, dtype=torch.bool)
+    layout[0, 1, :] = False  # query block 1 keeps no key block
+    mask = kernels.BlockMask(layout, block_m=BLOCK, block_n=BLOCK, seq_q=n, seq_k=n)
+    out, (dq, dk, dv) = run_case(2, n, n, 2, 16, False, torch.float32, block_mask=mask)
+    rows = slice(BLOCK, 2 * BLOCK)
+    assert torch.equal(out[:, rows], torch.zeros_like(out[:, rows]))
+    assert torch.equal(dq[:, rows], torch.zeros_like(dq[:, rows]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_layout_equals_dense_kernel_exactly(causal):
+    n = 150
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, n, 2, 32, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    do = torch.randn(2, n, 2, 32, generator=gen).to(DEVICE)
+    mask = kernels.dense_block_mask(n, block_m=64, block_n=64, causal=causal)
+    dense_tiles = kernels.flash._launch_config("fwd", q.device, 32)[:2]
+    if dense_tiles != (64, 64):
+        pytest.skip(f"bitwise equality needs equal tiles; dense tiles here are {dense_tiles}")
+    o1 = flash_attention(q, k, v, causal=causal)
+    o2 = flash_attention(q, k, v, causal=causal, block_mask=mask)
+    assert torch.equal(o1, o2)
+    g1 = torch.autograd.grad(o1, (q, k, v), do)
+    g2 = torch.autograd.grad(o2, (q, k, v), do)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_mask_geometry_mismatch_is_a_clear_error():
+    mask = kernels.local_mask(256, window_blocks=1, block_m=BLOCK, block_n=BLOCK)
+    q = torch.randn(1, 128, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="block mask"):
+        flash_attention(q, q, q, block_mask=mask)
+
+
+def test_causal_mask_used_without_causal_is_refused():
+    mask = kernels.local_mask(64, window_blocks=1, block_m=BLOCK, block_n=BLOCK, causal=True)
+    q = torch.randn(1, 64, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError):
+        flash_attention(q, q, q, causal=False, block_mask=mask)
