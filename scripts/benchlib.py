@@ -412,6 +412,8 @@ def worker_main(job_path: str, run_case: Callable[[dict], dict], setup: Callable
             res = skipped_result(case, reason)
         else:
             emit({"event": "start", "id": case["id"], "time": time.time()})
+            if os.environ.get("BENCHLIB_TEST_CRASH") == case.get("method"):
+                os._exit(3)  # test hook: a worker dying mid-case (tests/scripts/test_bench_smoke.py)
             res = run_case(case)
         results[str(case["id"])] = res
         emit({"event": "done", "id": case["id"], "result": res})
