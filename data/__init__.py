@@ -1,11 +1,15 @@
 """Text sources, the GPT-2 tokenizer, cached token files and batch sampling.
 
+Usage (see docs/architecture.md for the contracts):
+
     from data import prepare_data, load_data
-    folder = prepare_data(cfg.data)          # rank 0 first, then barrier
-    data = load_data(cfg.data)               # TokenData: .train / .val uint16 memmaps
+    folder = prepare_data(cfg.data)    # rank 0 first, then barrier
+    data = load_data(cfg.data)         # TokenData: .train / .val uint16 memmaps
     x, y = data.train_batch(step, seed=cfg.seed, seq_len=1024, micro_batch=8,
                             micro_step=m, grad_accum=4, rank=r, world_size=w)
+    for x, y in data.val_batches(seq_len, micro_batch, eval_tokens, rank, world_size): ...
 """
+
 from .loader import TokenData, ValPlan, load_data
 from .prepare import DataError, cache_folder, check_cache, prepare_data
 from .tokenfile import CacheError

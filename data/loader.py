@@ -13,16 +13,17 @@ Validation: the first eval_tokens + 1 tokens of val.bin cut into eval_tokens / s
 non-overlapping windows, so runs at 1k, 2k or 4k context are scored on the same predicted tokens.
 Each rank gets an equal contiguous share (so FSDP ranks run the same number of forwards).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from .prepare import prepare_data
+from .prepare import _rebuild_mode, prepare_data
 from .tokenfile import open_tokens
 from .tokenizer import tokenizer_fingerprint
 
@@ -95,7 +96,9 @@ class TokenData:
         if not 0 <= _check_int("micro_step", micro_step, 0) < grad_accum:
             raise ValueError(f"micro_step must be in [0, grad_accum={grad_accum}), got {micro_step}")
         self._check_seq_len(seq_len, "train", len(self.train))
-        starts = self.train_starts(step, seed=seed, seq_len=seq_len, global_windows=world_size * grad_accum * micro_batch)
+        starts = self.train_starts(
+            step, seed=seed, seq_len=seq_len, global_windows=world_size * grad_accum * micro_batch
+        )
         first = (rank * grad_accum + micro_step) * micro_batch
         return self._windows(self.train, starts[first : first + micro_batch], seq_len)
 
@@ -106,7 +109,9 @@ class TokenData:
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
     # ----------------------------------------------------------------------------- validation
-    def val_plan(self, seq_len: int, micro_batch: int, eval_tokens: int, rank: int = 0, world_size: int = 1) -> ValPlan:
+    def val_plan(
+        self, seq_len: int, micro_batch: int, eval_tokens: int, rank: int = 0, world_size: int = 1
+    ) -> ValPlan:
         """Check the arguments of `val_batches` and say how the pass is laid out (no data read)."""
         seq_len = _check_int("seq_len", seq_len, 1)
         micro_batch = _check_int("micro_batch", micro_batch, 1)
@@ -128,7 +133,7 @@ class TokenData:
         if windows % world_size:
             raise ValueError(
                 f"eval_tokens/seq_len = {windows} validation windows do not split evenly over "
-                f"world_size={world_size} ranks: choose eval_tokens so that it is a multiple of seq_len * world_size"
+                f"world_size={world_size} ranks: make eval_tokens a multiple of seq_len * world_size"
             )
         per_rank = windows // world_size
         return ValPlan(
@@ -161,9 +166,11 @@ class TokenData:
 
 
 def load_data(data_cfg) -> TokenData:
-    """Prepare (no-op when the cache is good) and open the token files of `data_cfg`.
+    """Open the token files of `data_cfg`, preparing them first if the cache is missing or bad.
 
-    In a multi-process job call `prepare_data` on rank 0 first, barrier, then this everywhere;
-    without the barrier it is still safe (ranks wait on the cache lock) but every rank lists files.
+    In a multi-process job call `prepare_data` on rank 0 first, barrier, then this everywhere
+    (without the barrier it is still safe: ranks wait on the cache lock). data.rebuild=always is
+    honoured by `prepare_data` only; here it counts as auto, so the files are not built twice.
     """
-    return TokenData(prepare_data(data_cfg))
+    mode = _rebuild_mode(data_cfg)
+    return TokenData(prepare_data(data_cfg, rebuild="auto" if mode == "always" else mode))

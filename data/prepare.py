@@ -15,6 +15,7 @@ file size, token counts, tokenizer and source fingerprints in meta.json):
   never  use the cache as it is, or stop with one line saying what is wrong and how to fix it
          (for GPU jobs that must not spend their time tokenising).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -174,33 +175,36 @@ def _locked(folder: Path):
 
 
 # ------------------------------------------------------------------------------------ entry point
-def prepare_data(data_cfg, *, progress: bool | None = None) -> Path:
+def prepare_data(data_cfg, *, progress: bool | None = None, rebuild: str | None = None) -> Path:
     """Build (once, atomically, cached by source + tokenizer) train.bin/val.bin; return their folder.
 
     Reads `data_cfg` keys: name, cache_dir, rebuild, num_proc, val_fraction, split_seed, max_files,
     root (stdlib), paths and text_field (local), hf_name, hf_config, hf_revision, hf_cache_dir,
-    text_field (openwebtext), progress. Safe to call from several processes at once.
+    text_field (openwebtext), progress. `progress` and `rebuild` arguments override the config.
+    Safe to call from several processes at once.
     """
     name, src, fp = _source_and_fingerprint(data_cfg)  # all config errors surface here, before work
-    mode = _rebuild_mode(data_cfg)
+    mode = _rebuild_mode({"rebuild": rebuild} if rebuild is not None else data_cfg)
     num_proc = _opt_int(data_cfg, "num_proc", 1)
     show = bool(_get(data_cfg, "progress", True)) if progress is None else progress
     tok_fp = tokenizer_fingerprint()
     folder = _folder_for(data_cfg, name, fp, tok_fp)
-    if mode == "never":
-        problem = check_cache(folder, fp, tok_fp)
-        if problem is not None:
+    if mode != "always":
+        problem = check_cache(folder, fp, tok_fp)  # without the lock: a good cache may be read-only
+        if problem is None:
+            log.info("data: using cached %s", folder)
+            return folder
+        if mode == "never":
             raise CacheError(
                 f"data cache {folder} is {problem if problem == 'missing' else 'unusable: ' + problem}; "
                 f"data.rebuild=never forbids building it: run `python scripts/prepare_data.py data={name}` "
                 "with the same data settings, or set data.rebuild=auto"
             )
-        return folder
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder):
-        problem = check_cache(folder, fp, tok_fp)
+        problem = check_cache(folder, fp, tok_fp)  # again: another process may have built it meanwhile
         if problem is None and mode == "auto":
-            log.info("data: using cached %s", folder)
+            log.info("data: using cached %s (built by another process)", folder)
             return folder
         if problem not in (None, "missing"):
             log.warning("data: cache %s is unusable (%s); rebuilding it", folder, problem)
@@ -226,7 +230,10 @@ def prepare_data(data_cfg, *, progress: bool | None = None) -> Path:
         write_json_atomic(folder / "meta.json", meta)  # last: marks the folder complete
         log.info(
             "data: wrote %s (%d train + %d val tokens, %.1f s)",
-            folder, stats["tokens"]["train"], stats["tokens"]["val"], meta["build_seconds"],
+            folder,
+            stats["tokens"]["train"],
+            stats["tokens"]["val"],
+            meta["build_seconds"],
         )
     return folder
 
@@ -284,7 +291,9 @@ def _build_from_files(src, fp, folder, tok_fp, num_proc, show) -> dict:
             writers[split] = TokenWriter(folder / f"{split}.bin", tok_fp)
         total = sum(d.nbytes for d in src.docs)
         t0 = time.time()
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {src.name}", disable=not show) as bar:
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"tokenizing {src.name}", disable=not show
+        ) as bar:
             batch, chars = [], 0
             for doc, text in zip(src.docs, src.iter_texts(src.docs)):
                 split = "val" if doc.key in val_keys else "train"
@@ -296,7 +305,9 @@ def _build_from_files(src, fp, folder, tok_fp, num_proc, show) -> dict:
                         _flush(encode, batch, writers, counts)
                         batch, chars = [], 0
                         ntok = counts["train"] + counts["val"]
-                        bar.set_postfix_str(f"{ntok / 1e6:.1f}M tok, {ntok / max(time.time() - t0, 1e-9) / 1e3:.0f}k tok/s")
+                        bar.set_postfix_str(
+                            f"{ntok / 1e6:.1f}M tok, {ntok / max(time.time() - t0, 1e-9) / 1e3:.0f}k tok/s"
+                        )
                 bar.update(doc.nbytes)
             if batch:
                 _flush(encode, batch, writers, counts)
@@ -324,7 +335,9 @@ def _unavailable(name: str, err: Exception) -> DataError:
     detail = " ".join(str(err).split())[:160]
     hint = ""
     if "scripts are no longer supported" in detail:
-        hint = " (this datasets version cannot run loading scripts: try data.hf_revision=refs/convert/parquet)"
+        hint = (
+            " (this datasets version cannot run loading scripts: try data.hf_revision=refs/convert/parquet)"
+        )
     return DataError(
         f"could not download the Hugging Face dataset '{name}' ({type(err).__name__}: {detail}){hint}. "
         "Without internet use data=stdlib or data=local, or prepare it on a machine with internet "
@@ -352,7 +365,9 @@ def _build_from_hub(cfg, fp, folder, tok_fp, num_proc, show) -> dict:
     # as in the FlashAttention training code (and nanoGPT): a tiny shuffled validation split
     parts = ds.train_test_split(test_size=fp["val_fraction"], seed=fp["split_seed"], shuffle=True)
     parts = {"train": parts["train"], "val": parts["test"]}
-    features = datasets.Features({"ids": datasets.Sequence(datasets.Value("uint16")), "len": datasets.Value("int64")})
+    features = datasets.Features(
+        {"ids": datasets.Sequence(datasets.Value("uint16")), "len": datasets.Value("int64")}
+    )
     counts, docs = {}, {}
     for split, part in parts.items():
         tokenized = part.map(

@@ -7,6 +7,7 @@ give the same split, whatever order the files are listed in.
 The Hugging Face source (`openwebtext`) is split the way the FlashAttention training code does:
 `train_test_split(test_size=0.0005, seed=2357, shuffle=True)`.
 """
+
 from __future__ import annotations
 
 import glob
@@ -14,9 +15,9 @@ import hashlib
 import json
 import os
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 # stdlib: every .py file under sysconfig's stdlib folder, tests included (about 30 MB on CPython 3.11);
 # folders of installed third-party packages and bytecode caches are not the standard library.
@@ -93,7 +94,9 @@ def split_docs(docs: list[Doc], val_fraction: float, seed: int) -> tuple[list[Do
         raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
     n = len(docs)
     if n < 2:
-        raise ValueError(f"need at least 2 non-empty documents to make a train and a validation split, found {n}")
+        raise ValueError(
+            f"need at least 2 non-empty documents to make a train and a validation split, found {n}"
+        )
     ranked = sorted(range(n), key=lambda i: (_unit_hash(seed, "val", docs[i].key), docs[i].key))
     target = val_fraction * sum(d.nbytes for d in docs)
     val_idx: set[int] = set()
@@ -103,7 +106,9 @@ def split_docs(docs: list[Doc], val_fraction: float, seed: int) -> tuple[list[Do
             break
         val_idx.add(i)
         taken += docs[i].nbytes
-    return [d for i, d in enumerate(docs) if i not in val_idx], [d for i, d in enumerate(docs) if i in val_idx]
+    return [d for i, d in enumerate(docs) if i not in val_idx], [
+        d for i, d in enumerate(docs) if i in val_idx
+    ]
 
 
 def _subset(items: list, max_items: int | None, seed: int, key) -> list:
@@ -163,7 +168,7 @@ def _base_dir() -> Path:
 
         if HydraConfig.initialized():
             return Path(get_original_cwd())
-    except Exception:  # hydra missing or not running
+    except (ImportError, ValueError):  # hydra missing or not running
         pass
     return Path.cwd()
 

@@ -10,6 +10,7 @@ so a valid file is exactly 256 + 2 * count bytes. A file is written under a temp
 its own folder and renamed over the final name only once complete (os.replace is atomic on
 POSIX), so readers never see a half-written file.
 """
+
 from __future__ import annotations
 
 import json
@@ -116,7 +117,7 @@ class TokenWriter:
             self._f.close()
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "TokenWriter":
+    def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -8,6 +8,7 @@ regex and no prefix space, they give exactly the GPT-2 ids: "Hello world" -> [15
 "ordinarily" (like tiktoken's `encode_ordinary`), so a literal "<|endoftext|>" inside a document
 stays plain text, and the data pipeline inserts EOT_ID itself between documents.
 """
+
 from __future__ import annotations
 
 import functools

@@ -6,6 +6,7 @@
 
 Prints the cache folder, its files and token counts. Running it again returns at once.
 """
+
 import json
 import logging
 import sys
@@ -33,7 +34,8 @@ def main(cfg: DictConfig) -> None:
         path = folder / f"{split}.bin"
         n = meta["tokens"][split]
         print(f"  {split:5s} {path}  {n:,} tokens  {meta['documents'][split]:,} documents")
-    print(f"  meta  {folder / 'meta.json'}  (tokenizer {meta['tokenizer'][:12]}, built in {meta['build_seconds']} s)")
+    built = f"tokenizer {meta['tokenizer'][:12]}, built in {meta['build_seconds']} s"
+    print(f"  meta  {folder / 'meta.json'}  ({built})")
 
 
 if __name__ == "__main__":
