@@ -1,0 +1,238 @@
+"""GPT-2, as trained in the FlashAttention paper's experiments; single-device and readable.
+
+Learned token + position embeddings -> n_layer pre-LayerNorm blocks -> final LayerNorm -> lm_head
+tied to the token embedding. No parallelism here: FSDP, activation checkpointing and
+torch.compile are applied per `Block` from outside (trainer/parallelize.py).
+
+Vocabulary: GPT-2's 50257 tokens are padded to a multiple of `pad_vocab_multiple` (64 -> 50304)
+so the embedding / lm_head matmuls have friendly shapes. Targets are always < vocab_size, so the
+padded rows are never a target: they are trained only as outputs (their logits are pushed down),
+as in nanoGPT. `forward` returns all padded_vocab logits; `generate` never samples a padded id.
+
+Dropout: `dropout` is applied to the embeddings and to each residual branch (after the attention
+output projection and after the MLP). Dropout on the attention probabilities is not supported
+(our FlashAttention kernel has none), so it is always 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from .attention import IMPLS, attend
+
+
+@dataclass
+class GPTConfig:
+    seq_len: int = 1024            # context length; wpe has exactly seq_len rows
+    vocab_size: int = 50257        # GPT-2 BPE
+    pad_vocab_multiple: int = 64   # embedding rows rounded up to a multiple of this
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0           # embedding + residual dropout (no attention-prob dropout)
+    bias: bool = True              # biases in Linear and LayerNorm, as GPT-2
+    attn_impl: str = "flash"       # flash | block_sparse | sdpa | naive (model/attention.py)
+
+    def __post_init__(self):
+        if self.seq_len <= 0:
+            raise ValueError(f"seq_len must be a positive integer, got {self.seq_len}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.attn_impl not in IMPLS:
+            raise ValueError(f"unknown attention impl {self.attn_impl!r}; expected one of {', '.join(IMPLS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.pad_vocab_multiple)
+        return (self.vocab_size + m - 1) // m * m
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.attn_impl = cfg.attn_impl
+        self.block_mask = None  # set by GPT.set_block_mask for attn_impl == "block_sparse"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        # (B, N, 3C) viewed as (B, N, 3, H, D): q, k, v are strided (B, N, H, D) views, no copies
+        q, k, v = self.c_attn(x).view(B, N, 3, self.n_head, self.head_dim).unbind(dim=2)
+        y = attend(q, k, v, self.attn_impl, causal=True, block_mask=self.block_mask)
+        return self.resid_dropout(self.c_proj(y.reshape(B, N, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)). One tensor in, one out."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        V = cfg.padded_vocab_size
+        self.wte = nn.Embedding(V, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied input/output embedding
+        self.block_mask = None  # plain attribute: not a parameter, not in the state dict
+
+        # GPT-2 init: N(0, 0.02) weights, zero biases, LayerNorm (1, 0); the residual projections
+        # (attn.c_proj, mlp.c_proj) get std 0.02/sqrt(2*n_layer): 2 residual adds per layer.
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def set_block_mask(self, block_mask) -> None:
+        """Use `block_mask` (a kernels BlockMask, or None) in every attention layer."""
+        self.block_mask = block_mask
+        for block in self.blocks:
+            block.attn.block_mask = block_mask
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx, targets: int64 (B, N), N <= seq_len; targets may use -1 to ignore a position.
+
+        Returns (logits (B, N, padded_vocab) in the autocast dtype, loss): loss is the mean
+        cross-entropy over all non-ignored positions, computed in fp32; None without targets.
+        """
+        B, N = idx.shape
+        if N > self.config.seq_len:
+            raise ValueError(f"input has {N} tokens but the model was built for seq_len="
+                             f"{self.config.seq_len} (position embeddings); pass at most that many")
+        pos = torch.arange(N, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, the tied wte/lm_head matrix counted once.
+
+        non_embedding=True leaves out wte (= lm_head, padded_vocab x n_embd) and wpe
+        (seq_len x n_embd): what is left is the blocks and ln_f.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add).
+
+            6 * (N_nonemb + padded_vocab * n_embd)  +  6 * n_layer * n_embd * seq_len
+
+        N_nonemb = num_params(non_embedding=True) (blocks + ln_f; biases and norms counted as if
+        they were matmul weights, as the usual 6N rule does). padded_vocab * n_embd is the lm_head
+        matmul, counted at the padded width it actually runs at; the embedding lookups (wte, wpe)
+        cost no FLOPs. Attention: per layer and token, q k^T and p v are 2 * 2 * seq_len * n_embd
+        forward, x3 for training = 12 * n_layer * n_embd * seq_len non-causal, halved for causal.
+        Softmax, LayerNorm, GELU, dropout and the loss are ignored. For block-sparse attention
+        this is still the dense causal count.
+        """
+        T = self.config.seq_len if seq_len is None else seq_len
+        c = self.config
+        matmul_params = self.num_params(non_embedding=True) + c.padded_vocab_size * c.n_embd
+        return 6 * matmul_params + 6 * c.n_layer * c.n_embd * T
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """Two AdamW groups: decay on 2-D Linear weights; none on biases, norms and embeddings.
+
+        Every parameter appears exactly once (lm_head.weight is wte.weight: one embedding).
+        """
+        embeddings = {id(self.wte.weight), id(self.wpe.weight)}
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, N); the context is cropped to the last
+        seq_len tokens. temperature <= 0 means greedy. Padded vocabulary ids are never sampled."""
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.config.seq_len:]
+            logits, _ = self(ctx)
+            logits = logits[:, -1, :self.config.vocab_size].float()
+            if temperature <= 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+def build_model(cfg) -> GPT:
+    """GPT from the composed Hydra config: cfg.model (sizes), cfg.attention.impl, cfg.seq_len.
+
+    For attention.impl == "block_sparse" the block mask is built once from cfg.attention by
+    kernels.build_block_mask_from_config and kept on the model (not a parameter or buffer).
+    """
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    m, attn = cfg.model, cfg.attention
+    gcfg = GPTConfig(
+        seq_len=int(cfg.seq_len), vocab_size=int(m.vocab_size),
+        pad_vocab_multiple=int(m.get("pad_vocab_multiple", 64)), n_layer=int(m.n_layer),
+        n_head=int(m.n_head), n_embd=int(m.n_embd), dropout=float(m.get("dropout", 0.0)),
+        bias=bool(m.get("bias", True)), attn_impl=str(attn.impl))
+    model = GPT(gcfg)
+    if gcfg.attn_impl == "block_sparse":
+        from kernels import build_block_mask_from_config  # written with the block-sparse issue
+        model.set_block_mask(build_block_mask_from_config(attn, gcfg.seq_len, gcfg.n_head))
+    return model
