@@ -324,7 +324,9 @@ def _build_from_files(src, fp, folder, tok_fp, num_proc, show) -> dict:
 
 
 # ------------------------------------------------------------------------ Hugging Face datasets
-def _hub_tokenize(batch, text_field):
+def _hub_tokenize(batch, text_field, in_worker):
+    if in_worker:  # num_proc worker processes already use every core: no Rust thread pool on top
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = get_tokenizer()
     fast = getattr(tok, "encode_batch_fast", tok.encode_batch)
     ids = [e.ids + [EOT_ID] for e in fast(batch[text_field])]
@@ -373,17 +375,20 @@ def _build_from_hub(cfg, fp, folder, tok_fp, num_proc, show) -> dict:
         tokenized = part.map(
             _hub_tokenize,
             batched=True,
-            fn_kwargs={"text_field": fp["text_field"]},
+            fn_kwargs={"text_field": fp["text_field"], "in_worker": num_proc > 1},
             remove_columns=part.column_names,
             features=features,
             num_proc=num_proc,
             desc=f"tokenizing {split}",
         )
         docs[split] = len(tokenized)
-        n_shards = max(1, min(1024, len(tokenized) // 1000))
+        batch_rows = 100_000
         with TokenWriter(folder / f"{split}.bin", tok_fp) as w:
-            for k in tqdm(range(n_shards), desc=f"writing {split}.bin", disable=not show):
-                shard = tokenized.shard(num_shards=n_shards, index=k, contiguous=True).with_format("numpy")
-                w.write(np.concatenate(list(shard["ids"])).astype(np.uint16))
+            bar = tqdm(total=len(tokenized), unit="doc", desc=f"writing {split}.bin", disable=not show)
+            for table in tokenized.with_format("arrow").iter(batch_size=batch_rows):  # pyarrow tables
+                ids = table.column("ids").combine_chunks().flatten()  # one flat uint16 array, no copies
+                w.write(ids.to_numpy(zero_copy_only=False))
+                bar.update(table.num_rows)
+            bar.close()
         counts[split] = w.count
     return {"tokens": counts, "documents": docs}
