@@ -136,7 +136,7 @@ class GPT(nn.Module):
         """idx, targets: int64 (B, N), N <= seq_len; targets may use -1 to ignore a position.
 
         Returns (logits (B, N, padded_vocab) in the autocast dtype, loss): loss is the mean
-        cross-entropy over all non-ignored positions, computed in fp32; None without targets.
+        cross-entropy over all non-ignored positions, computed in fp32 (fp64 for fp64 models); None without targets.
         """
         B, N = idx.shape
         if N > self.config.seq_len:
@@ -149,8 +149,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
+            upcast = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (or fp64)
+            loss = F.cross_entropy(upcast.view(-1, upcast.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:
