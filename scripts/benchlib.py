@@ -539,9 +539,12 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def add_common_args(p, *, out_default: str, max_minutes: float) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="input dtype (default bf16; fp32 with --smoke)")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per measurement (ms)")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="timed time per measurement (ms)")
-    p.add_argument("--min-reps", type=int, default=3, help="fewest timed calls per measurement")
+    p.add_argument("--warmup-ms", type=float, default=None,
+                   help="warm-up per measurement, ms (default 25; 0 with --smoke)")
+    p.add_argument("--rep-ms", type=float, default=None,
+                   help="timed time per measurement, ms (default 100; 0 with --smoke)")
+    p.add_argument("--min-reps", type=int, default=None,
+                   help="fewest timed calls per measurement (default 3; 1 with --smoke)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=max_minutes,
                    help="time budget for the whole run (from start); cases that would start later are "
@@ -569,6 +572,12 @@ def parse_list(text: str, cast=int) -> list:
 
 
 def check_budget_args(p, args) -> None:
+    """Fill the timing defaults (lighter with --smoke) and check the common arguments."""
+    for name, gpu, smoke in (("warmup_ms", 25.0, 0.0), ("rep_ms", 100.0, 0.0), ("min_reps", 3, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else gpu)
+    if args.warmup_ms < 0 or args.rep_ms < 0:
+        p.error(f"--warmup-ms and --rep-ms must be >= 0, got {args.warmup_ms}, {args.rep_ms}")
     if args.max_minutes <= 0:
         p.error(f"--max-minutes must be > 0, got {args.max_minutes}")
     if args.case_timeout <= 0:

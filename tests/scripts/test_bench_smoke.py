@@ -82,7 +82,7 @@ def test_bench_attention_smoke_with_a_crashing_worker(tmp_path, monkeypatch, cap
 
 def test_bench_block_sparse_smoke(tmp_path):
     out = tmp_path / "bs.json"
-    rc = bench_block_sparse.main(["--smoke", "--seqlens", "256", "--densities", "1/2", "--no-isolate",
+    rc = bench_block_sparse.main(["--smoke", "--seqlens", "128", "--densities", "1/2", "--no-isolate",
                                   "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
