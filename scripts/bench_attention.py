@@ -26,7 +26,7 @@ Sequence lengths keep B*N constant (see the presets). After an OOM (or crash) of
 larger N in the same table are not tried. Each case runs in a worker process, so a CUDA crash
 costs that case only; --max-minutes bounds the whole run.
 
-  python scripts/bench_attention.py --quick --out $OUT/attention.json --markdown   # H100, ~5 min
+  python scripts/bench_attention.py --quick --bwd derived --max-minutes 5.3 --out $OUT/attention.json --markdown
   python scripts/bench_attention.py --smoke --out /tmp/attn.json                   # CPU toy run
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ on the blocks it computes; 4*B*H*N^2*D/2 forward, 3.5x for fwd+bwd). For N <= --
 the output and gradients (batch 0, heads 0-1) are compared with reference_attention given the
 same block mask (float64); flagged above --check-tol.
 
-  python scripts/bench_block_sparse.py --out $OUT/block_sparse.json --markdown   # H100, ~2 min
+  python scripts/bench_block_sparse.py --max-minutes 2.2 --out $OUT/block_sparse.json --markdown
   python scripts/bench_block_sparse.py --smoke --out /tmp/bs.json                # CPU toy run
 """
 from __future__ import annotations
