@@ -129,8 +129,9 @@ class GPT(nn.Module):
     def set_block_mask(self, block_mask) -> None:
         """Use `block_mask` (a kernels BlockMask, or None) in every attention layer."""
         self.block_mask = block_mask
-        for block in self.blocks:
-            block.attn.block_mask = block_mask
+        for m in self.modules():  # also finds layers inside wrapped (checkpointed/compiled) blocks
+            if isinstance(m, CausalSelfAttention):
+                m.block_mask = block_mask
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx, targets: int64 (B, N), N <= seq_len; targets may use -1 to ignore a position.
