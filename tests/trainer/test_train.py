@@ -1,0 +1,175 @@
+"""The training loop end to end on the CPU: loss falls, exact resume, atomic checkpoints, NaN stop,
+metrics.jsonl contract, W&B offline."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train as train_mod
+from trainer import checkpoint as ckpt_mod
+from trainer.checkpoint import latest_checkpoint, list_checkpoints
+
+from .conftest import read_rows, run_inprocess
+
+
+@pytest.fixture(scope="module")
+def run20(corpus, tmp_path_factory) -> Path:
+    """20 uninterrupted steps (checkpoints at 10 and 20)."""
+    run_dir = tmp_path_factory.mktemp("run20")
+    run_inprocess(corpus, run_dir)
+    return run_dir
+
+
+def train_rows(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_rows(run_dir)}
+
+
+def test_loss_falls_and_metrics_contract(run20):
+    rows = read_rows(run20)
+    assert [r["step"] for r in rows] == list(range(1, 21))  # log_every=1, no duplicates
+    for r in rows:
+        for key in ("step", "loss", "lr", "tokens_per_s", "grad_norm", "elapsed", "mfu", "mem_gb"):
+            assert key in r, key
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["loss"])
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    for r in evals:
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    # warmup then decay
+    assert rows[0]["lr"] == pytest.approx(3e-3 / 5) and rows[4]["lr"] == pytest.approx(3e-3)
+    assert rows[-1]["lr"] < rows[5]["lr"]
+    # resolved config and checkpoints
+    assert "seq_len: 32" in (run20 / "config.yaml").read_text()
+    assert [p.name for p in list_checkpoints(run20 / "checkpoints")] == ["step_0000010", "step_0000020"]
+    assert (run20 / "checkpoints" / "step_0000020" / "meta.json").is_file()
+
+
+def test_resume_auto_matches_uninterrupted(corpus, run20, tmp_path, monkeypatch):
+    """Interrupt after step 12 (checkpoint at 10, rows 11-12 written), resume=auto to 20: the losses
+    equal those of the uninterrupted run exactly, and metrics.jsonl has no duplicate steps."""
+
+    class Killed(Exception):
+        pass
+
+    real_clip, calls = train_mod.clip_grad_norm, {"n": 0}
+
+    def clip_then_die(model, max_norm):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise Killed
+        return real_clip(model, max_norm)
+
+    monkeypatch.setattr(train_mod, "clip_grad_norm", clip_then_die)
+    with pytest.raises(Killed):
+        run_inprocess(corpus, tmp_path)
+    monkeypatch.setattr(train_mod, "clip_grad_norm", real_clip)
+    assert [r["step"] for r in read_rows(tmp_path)] == list(range(1, 13))
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_0000010"
+
+    run_inprocess(corpus, tmp_path, resume="auto")
+    resumed, straight = read_rows(tmp_path), read_rows(run20)
+    assert [r["step"] for r in resumed] == list(range(1, 21))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # bitwise (CPU, fp32)
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight]
+    assert resumed[-1]["val_loss"] == straight[-1]["val_loss"]
+
+
+def test_resume_explicit_path(corpus, run20, tmp_path):
+    """resume=<checkpoint folder> of another run dir continues from that step."""
+    run_inprocess(corpus, tmp_path, resume=str(run20 / "checkpoints" / "step_0000010"))
+    assert [r["step"] for r in read_rows(tmp_path)] == list(range(11, 21))
+    assert [r["loss"] for r in read_rows(tmp_path)] == [r["loss"] for r in read_rows(run20)[10:]]
+
+
+def test_kill_during_checkpoint_keeps_previous(corpus, tmp_path, monkeypatch):
+    """A save that dies half-way leaves only a .tmp-* folder; resume=auto takes the previous one."""
+    real_save, calls = ckpt_mod.dcp.save, {"n": 0}
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(state, checkpoint_id):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the step-20 save: some bytes hit the disk, then the process "dies"
+            (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+            raise Killed
+        return real_save(state, checkpoint_id=checkpoint_id)
+
+    monkeypatch.setattr(ckpt_mod.dcp, "save", save_then_die)
+    with pytest.raises(Killed):
+        run_inprocess(corpus, tmp_path)
+    monkeypatch.setattr(ckpt_mod.dcp, "save", real_save)
+    ckdir = tmp_path / "checkpoints"
+    assert (ckdir / ".tmp-step_0000020").is_dir() and not (ckdir / "step_0000020").exists()
+    assert latest_checkpoint(ckdir).name == "step_0000010"
+
+    run_inprocess(corpus, tmp_path, resume="auto")  # continues from 10, saves 20 cleanly
+    assert sorted(p.name for p in ckdir.iterdir()) == ["step_0000010", "step_0000020"]
+    rows = read_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+
+
+def test_ckpt_keep_prunes(corpus, tmp_path):
+    run_inprocess(corpus, tmp_path, max_steps=8, ckpt_every=2, ckpt_keep=2, eval_every=0, log_every=4)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_0000006", "step_0000008"]
+    assert [r["step"] for r in read_rows(tmp_path)] == [4, 8]
+    assert "val_loss" in read_rows(tmp_path)[-1]  # evaluated at the end even with eval_every=0
+
+
+def test_nan_loss_stops_naming_the_step(corpus, tmp_path, monkeypatch):
+    import model as model_pkg
+
+    real_build = model_pkg.build_model
+
+    def build_poisoned(cfg):
+        m = real_build(cfg)
+        calls, fwd = {"n": 0}, m.forward
+
+        def forward(idx, targets=None):
+            logits, loss = fwd(idx, targets)
+            if targets is not None and m.training:
+                calls["n"] += 1
+                if calls["n"] > 2 * 4:  # accum=2: the 5th step's first micro-batch
+                    loss = loss * float("nan")
+            return logits, loss
+
+        m.forward = forward
+        return m
+
+    # train.py imports build_model inside train(), so patching the package is enough
+    monkeypatch.setattr(model_pkg, "build_model", build_poisoned)
+    with pytest.raises(train_mod.LossDiverged, match=r"loss is nan at step 5"):
+        run_inprocess(corpus, tmp_path, ckpt_every=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_0000002", "step_0000004"]
+    assert [r["step"] for r in read_rows(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_wandb_offline_writes_a_run(corpus, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_inprocess(corpus, tmp_path, logger="wandb", max_steps=4, eval_every=2, ckpt_every=0)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
+    assert list(runs[0].glob("run-*.wandb")), list(runs[0].iterdir())
+    assert (tmp_path / "wandb_run_id").is_file()
+
+
+def test_load_into_plain_model(run20):
+    """A checkpoint loads into a fresh single-process model (what scripts/sample.py does)."""
+    from model import build_model
+    from omegaconf import OmegaConf
+
+    ckpt = latest_checkpoint(run20 / "checkpoints")
+    cfg = OmegaConf.load(ckpt / "config.yaml")
+    m = build_model(cfg)
+    meta = ckpt_mod.load_model_only(ckpt, m)
+    assert meta["step"] == 20
+    x = torch.randint(0, 1000, (1, 8))
+    assert torch.isfinite(m(x)[0]).all()

@@ -1,0 +1,244 @@
+"""Train a GPT-2 model: `python train.py experiment=quickstart`, `python train.py model=gpt2_small seq_len=4096`.
+
+Every setting comes from the Hydra config tree in configs/ (see configs/config.yaml). Many GPUs:
+`torchrun --standalone --nproc_per_node=8 train.py parallel=fsdp run_dir=outputs/run1`.
+
+The loop, top to bottom:
+  init_distributed -> check the config (one-line errors, before any work) -> seed
+  -> data (prepare on rank 0, barrier, load everywhere) -> build_model -> parallelize
+  -> AdamW + LR schedule -> maybe resume -> for each step:
+       for each micro-step: (x, y) = data.train_batch(step, ...); loss = model(x, y) / accum; backward
+       (gradients are reduced over ranks on the last micro-step only)
+       clip -> optimizer step -> log -> evaluate every eval_every -> checkpoint every ckpt_every
+Supporting pieces live in trainer/ (one job per file).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from trainer import ConfigError
+from trainer.checkpoint import check_compatible, load_checkpoint, read_meta, resolve_resume, save_checkpoint
+from trainer.distributed import all_reduce, barrier, broadcast_object, destroy, init_distributed
+from trainer.logger import build_logger, resolve_mode
+from trainer.metrics import MetricsFile, Throughput, batch_arithmetic, eval_line, peak_flops, progress_line
+from trainer.optim import Precision, build_optimizer
+from trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize, unwrap
+from trainer.schedule import build_schedule
+
+log = logging.getLogger("train")
+
+
+class LossDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; nothing of that step was applied or saved."""
+
+
+def _nonneg_int(cfg, key: str) -> int:
+    v = OmegaConf.select(cfg, key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ConfigError(f"{key}={v!r} must be a non-negative integer")
+    return v
+
+
+def check_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
+    """Everything that can be wrong with the settings, found before any work: (micro_batch, accum)."""
+    micro_batch, accum = batch_arithmetic(cfg, world_size)
+    if _nonneg_int(cfg, "max_steps") == 0:
+        raise ConfigError("max_steps=0: train for at least one step")
+    for key in ("eval_every", "eval_tokens", "ckpt_every", "ckpt_keep", "log_every"):
+        _nonneg_int(cfg, key)
+    if cfg.eval_tokens and cfg.eval_tokens % cfg.seq_len:
+        raise ConfigError(f"eval_tokens={cfg.eval_tokens} must be a multiple of seq_len={cfg.seq_len} "
+                          f"(use {max(1, cfg.eval_tokens // cfg.seq_len) * cfg.seq_len})")
+    if str(cfg.logger.get("name")) == "wandb":
+        resolve_mode(str(cfg.logger.get("mode", "auto")))
+    build_schedule(cfg)  # validates lr / min_lr / warmup / decay
+    return micro_batch, accum
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, micro_batch: int, dist, prec: Precision) -> tuple[float, float, int]:
+    """Validation loss over the first eval_tokens tokens of the val split: sum of loss / token count
+    over all ranks. Returns (val_loss, val_ppl, tokens)."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=dist.device)  # [sum of token losses, tokens]
+    for x, y in data.val_batches(cfg.seq_len, micro_batch, cfg.eval_tokens, dist.rank, dist.world_size):
+        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+        with prec.autocast():
+            _, loss = model(x, y)
+        total[0] += loss.double() * y.numel()
+        total[1] += y.numel()
+    all_reduce(total, "sum")
+    model.train()
+    loss_sum, count = total.tolist()
+    val_loss = loss_sum / max(count, 1)
+    return val_loss, math.exp(min(val_loss, 700.0)), int(count)
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    """Run training as configured; returns a summary (last step, train loss, val loss/ppl)."""
+    from data import CacheError, DataError, load_data, prepare_data  # noqa: PLC0415
+    from model import build_model  # noqa: PLC0415
+
+    # ---- processes and devices -----------------------------------------------------------------
+    dist = init_distributed(str(cfg.device), timeout_s=cfg.parallel.get("timeout_s"))
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one process talks
+    run_dir = Path(broadcast_object(str(run_dir or cfg.run_dir)))  # every rank writes to rank 0's dir
+
+    # ---- settings: every check before any work ---------------------------------------------------
+    micro_batch, accum = check_config(cfg, dist.world_size)
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if resume_from is not None:
+        check_compatible(read_meta(resume_from), model_cfg, cfg.seq_len, resume_from)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    tokens_per_step = micro_batch * cfg.seq_len * accum * dist.world_size
+    log.info(f"run dir: {run_dir}")
+    log.info(f"tokens/step = micro_batch x seq_len x accum x GPUs = {micro_batch} x {cfg.seq_len} x {accum} "
+             f"x {dist.world_size} = {tokens_per_step:,}")
+
+    # ---- seed, data ------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    try:
+        if dist.is_main:
+            prepare_data(cfg.data)  # tokenises once and caches; the other ranks wait at the barrier
+        barrier()
+        data = load_data(cfg.data)
+        if cfg.eval_tokens:  # the validation span and the windows fit the prepared splits
+            data.val_plan(cfg.seq_len, micro_batch, cfg.eval_tokens, dist.rank, dist.world_size)
+        data.train_batch(0, seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=1)
+    except (ValueError, DataError, CacheError) as e:  # bad data settings, missing/corrupt cache, offline
+        raise ConfigError(str(e)) from e
+    log.info(f"data: {cfg.data.get('name', '?')}, {len(data.train):,} train / {len(data.val):,} val tokens")
+
+    # ---- model, parallelism, optimizer -----------------------------------------------------------
+    model = build_model(cfg).to(dist.device)
+    n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.seq_len)
+    log.info(f"model: {cfg.model.get('name', '?')}, {n_params / 1e6:.1f}M params, attention={cfg.attention.get('impl')}, "
+             f"{flops_per_token / 1e9:.2f} GFLOP/token, parallel={parallel_name(cfg)}, device={dist.device}")
+    model = parallelize(model, cfg, dist)
+    optimizer = build_optimizer(model, cfg, dist.device)
+    prec = Precision(str(cfg.train.precision), dist.device, sharded=parallel_name(cfg) == "fsdp")
+    schedule = build_schedule(cfg)
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank; batches come from (seed, step, rank)
+
+    # ---- resume ----------------------------------------------------------------------------------
+    ckpt_root = run_dir / "checkpoints"
+    metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=dist.is_main)
+    start_step = 0
+    if resume_from is not None:
+        meta = load_checkpoint(resume_from, model, optimizer, rank=dist.rank)
+        start_step = int(meta["step"])
+        if prec.scaler is not None and meta.get("grad_scaler"):
+            prec.scaler.load_state_dict(meta["grad_scaler"])
+        log.info(f"resumed from {resume_from} (step {start_step})")
+        metrics.truncate_after(start_step)
+    elif cfg.resume == "auto":
+        log.info(f"resume=auto: no checkpoint in {ckpt_root}, starting from scratch")
+    logger = build_logger(cfg, run_dir, dist.is_main, resuming=resume_from is not None)
+
+    def checkpoint(step: int) -> None:
+        meta = {"model": model_cfg, "seq_len": cfg.seq_len, "world_size": dist.world_size,
+                "schedule": schedule.state_dict(), "tokens_per_step": tokens_per_step,
+                "grad_scaler": prec.scaler.state_dict() if prec.scaler is not None else None}
+        path = save_checkpoint(ckpt_root, step, model, optimizer, meta=meta, config_yaml=config_yaml,
+                               rank=dist.rank, is_main=dist.is_main, keep=cfg.ckpt_keep or None)
+        log.info(f"checkpoint: {path}")
+
+    # ---- the loop --------------------------------------------------------------------------------
+    meter = Throughput(tokens_per_step, flops_per_token, peak_flops(dist.device), dist.world_size,
+                       cfg.max_steps, dist.device)
+    pin = dist.device.type == "cuda"
+    row = {"step": start_step}
+    model.train()
+    try:
+        for step in range(start_step, cfg.max_steps):
+            lr = schedule.apply(optimizer, step)
+            loss_sum = torch.zeros((), device=dist.device)
+            for micro_step in range(accum):
+                with grad_sync(model, micro_step == accum - 1):  # reduce gradients on the last one only
+                    x, y = data.train_batch(step, seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=micro_batch,
+                                            micro_step=micro_step, grad_accum=accum, rank=dist.rank,
+                                            world_size=dist.world_size)
+                    if pin:
+                        x, y = x.pin_memory(), y.pin_memory()
+                    x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+                    with prec.autocast():
+                        _, loss = model(x, y)
+                    loss = loss / accum
+                    prec.backward(loss)
+                loss_sum += loss.detach().float()
+            prec.unscale(optimizer)
+            grad_norm = clip_grad_norm(model, cfg.train.grad_clip)
+            all_reduce(loss_sum, "avg")
+            loss_v, norm_v = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()  # one sync per step
+            if not math.isfinite(loss_v) or (prec.scaler is None and not math.isfinite(norm_v)):
+                what = "loss" if not math.isfinite(loss_v) else "gradient norm"
+                raise LossDiverged(f"{what} is {loss_v if what == 'loss' else norm_v} at step {step + 1}; "
+                                   f"the step was not applied and nothing was saved (last good checkpoint: "
+                                   f"resume=auto); try a lower train.lr or more train.warmup_steps")
+            prec.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            meter.tick()
+
+            done = step + 1
+            last = done == cfg.max_steps
+            do_eval = cfg.eval_tokens > 0 and (last or (cfg.eval_every and done % cfg.eval_every == 0))
+            do_log = last or do_eval or (cfg.log_every and done % cfg.log_every == 0)
+            if do_log:
+                row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": norm_v, **meter.read(done),
+                       "tokens": done * tokens_per_step}
+                log.info(progress_line(row, cfg.max_steps))
+            if do_eval:
+                meter.pause()
+                t0 = time.perf_counter()
+                val_loss, val_ppl, n_tok = evaluate(model, data, cfg, micro_batch, dist, prec)
+                log.info(eval_line(done, val_loss, val_ppl, n_tok, time.perf_counter() - t0))
+                row.update(val_loss=val_loss, val_ppl=val_ppl)
+                meter.resume()
+            if do_log:
+                row.pop("eta_s", None)
+                metrics.write(row)
+                logger.log(row, step=done)
+            if last or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
+                meter.pause()
+                checkpoint(done)
+                meter.resume()
+    except BaseException:
+        logger.finish(exit_code=1)
+        raise
+    logger.finish()
+    destroy()
+    return row
+
+
+def _hydra_run_dir() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg, run_dir=_hydra_run_dir())
+    except (ConfigError, LossDiverged) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+
+if __name__ == "__main__":
+    main()

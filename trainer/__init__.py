@@ -1,0 +1,19 @@
+"""Supporting pieces of the training loop in train.py, one job per file.
+
+  distributed.py  process group, barrier, all_reduce (one process: no-ops)
+  parallelize.py  activation checkpointing -> torch.compile -> FSDP2 / DDP, applied from outside
+  checkpoint.py   torch.distributed.checkpoint folders: atomic, resumable, reshardable
+  optim.py        AdamW over the model's parameter groups; precision (autocast, grad scaler)
+  schedule.py     learning rate: linear warmup, then cosine or linear decay to min_lr
+  metrics.py      batch arithmetic, metrics.jsonl, the console progress line, MFU
+  logger.py       Weights & Biases (online / offline / disabled), imported lazily
+
+Nothing heavy is imported here, so `import trainer` is cheap.
+"""
+
+
+class ConfigError(ValueError):
+    """A bad setting found before any work starts; train.py prints `error: <message>` and exits 2."""
+
+
+__all__ = ["ConfigError"]

@@ -1,0 +1,181 @@
+"""Batch arithmetic, throughput/MFU, `metrics.jsonl` and the console progress line.
+
+metrics.jsonl (run directory, rank 0 only): one JSON object per logged step,
+    {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "elapsed", "tokens"}
+where `step` counts finished optimizer steps (1..max_steps), `loss` is the mean training loss of
+that step over all micro-batches and ranks, `mfu` is null when the peak FLOP/s of the device is
+unknown (CPU, unlisted GPUs) and `mem_gb` null on CPU. A row at an evaluation step also carries
+`val_loss` and `val_ppl`. On resume from step S the rows with step > S are dropped first, so the
+file reads as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from trainer import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peak FLOP/s per GPU (no sparsity), by a substring of the device name.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,   # SXM; the PCIe card is lower (756e12)
+    "H800": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of one device, or None when unknown (MFU is then reported as n/a)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756e12
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def batch_arithmetic(cfg, world_size: int) -> tuple[int, int]:
+    """(micro_batch, grad_accum) such that
+        global_batch_tokens = micro_batch x seq_len x grad_accum x world_size   (exactly)
+    micro_batch=auto picks max(1, 16384 // seq_len) sequences (16k tokens per micro-batch).
+    """
+    seq_len = cfg.seq_len
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
+        raise ConfigError(f"seq_len={seq_len!r} must be a positive integer, e.g. seq_len=1024")
+    gbt = cfg.train.global_batch_tokens
+    if not isinstance(gbt, int) or gbt <= 0:
+        raise ConfigError(f"train.global_batch_tokens={gbt!r} must be a positive integer, e.g. 524288")
+    mb = cfg.train.micro_batch
+    if mb == "auto":
+        mb = max(1, 16384 // seq_len)
+        while mb > 1 and gbt % (mb * seq_len * world_size):
+            mb -= 1
+    if not isinstance(mb, int) or mb <= 0:
+        raise ConfigError(f"train.micro_batch={mb!r} must be a positive integer or auto")
+    per_micro = mb * seq_len * world_size
+    if gbt % per_micro:
+        lo = max(per_micro, gbt // per_micro * per_micro)
+        raise ConfigError(
+            f"train.global_batch_tokens={gbt} is not a multiple of micro_batch x seq_len x GPUs = "
+            f"{mb} x {seq_len} x {world_size} = {per_micro}; use train.global_batch_tokens={lo} "
+            f"(or {lo + per_micro}), or change train.micro_batch / seq_len")
+    return mb, gbt // per_micro
+
+
+class MetricsFile:
+    """Appends one JSON object per line to <run_dir>/metrics.jsonl (only on rank 0)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows with step > `step` (written after the checkpoint we resume from)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, allow_nan=True) + "\n")
+
+
+def _fmt_time(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    h, m = divmod(s, 3600)
+    m, sec = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+def _fmt_tokens(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k"
+
+
+class Throughput:
+    """Tokens/s, MFU and ETA over the interval since the last `read()`. Evaluation and
+    checkpoint time is excluded by calling `pause()`/`resume()` around it."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None,
+                 world_size: int, max_steps: int, device: torch.device):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak = peak
+        self.world_size = world_size
+        self.max_steps = max_steps
+        self.device = device
+        self.start = time.perf_counter()
+        self._t0 = self.start
+        self._steps = 0
+        self._paused_at = None
+
+    def pause(self):
+        self._paused_at = time.perf_counter()
+
+    def resume(self):
+        if self._paused_at is not None:
+            self._t0 += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    def tick(self):
+        self._steps += 1
+
+    def read(self, step: int) -> dict:
+        now = time.perf_counter()
+        dt = max(now - self._t0, 1e-9)
+        steps, self._steps, self._t0 = self._steps, 0, now
+        tps = steps * self.tokens_per_step / dt
+        mfu = None
+        if self.peak:
+            mfu = self.flops_per_token * tps / (self.peak * self.world_size)
+        mem = None
+        if self.device.type == "cuda":
+            mem = torch.cuda.max_memory_allocated(self.device) / 1e9
+        eta = (self.max_steps - step) * dt / steps if steps else float("nan")
+        return {"tokens_per_s": tps, "mfu": mfu, "mem_gb": mem, "elapsed": now - self.start, "eta_s": eta}
+
+
+def progress_line(row: dict, max_steps: int) -> str:
+    w = len(str(max_steps))
+    parts = [f"step {row['step']:>{w}}/{max_steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
+             f"gnorm {row['grad_norm']:.3f}", f"{_fmt_tokens(row['tokens_per_s'])} tok/s",
+             "MFU n/a" if row.get("mfu") is None else f"MFU {100 * row['mfu']:.1f}%"]
+    if row.get("mem_gb") is not None:
+        parts.append(f"mem {row['mem_gb']:.1f}GB")
+    parts.append(f"eta {_fmt_time(row.get('eta_s', float('nan')))}")
+    return " | ".join(parts)
+
+
+def eval_line(step: int, val_loss: float, val_ppl: float, tokens: int, seconds: float) -> str:
+    return (f"eval step {step}: val_loss {val_loss:.4f} | val_ppl {val_ppl:.2f} "
+            f"({_fmt_tokens(tokens)} tokens, {seconds:.1f}s)")
