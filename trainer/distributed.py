@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer import ConfigError  # ValueError subclass; train.py prints `error: <message>`, exits 2
+
 __all__ = [
     "DistInfo",
     "init_distributed",
@@ -70,10 +72,10 @@ def is_distributed() -> bool:
 
 
 def require_torchrun(parallel_name: str) -> None:
-    """One-line error for `parallel=ddp|fsdp` started as a plain `python train.py`."""
+    """One-line error (ConfigError) for `parallel=ddp|fsdp` started as a plain `python train.py`."""
     if parallel_name in ("ddp", "fsdp") and not under_torchrun():
-        raise SystemExit(
-            f"error: parallel={parallel_name} needs one process per device; launch with "
+        raise ConfigError(
+            f"parallel={parallel_name} needs one process per device; launch with "
             f"`torchrun --standalone --nproc_per_node=N train.py parallel={parallel_name} ...` "
             f"(or use parallel=single for one process)"
         )
@@ -87,7 +89,7 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("error: device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+            raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if device.startswith("cuda:"):
         # an explicit index is honoured in a single process; under torchrun each rank takes its own
@@ -96,7 +98,7 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
         return torch.device(device)
     if device == "cpu":
         return torch.device("cpu")
-    raise SystemExit(f"error: device={device!r} is not one of auto, cuda, cuda:N, cpu")
+    raise ConfigError(f"device={device!r} is not one of auto, cuda, cuda:N, cpu")
 
 
 def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
@@ -215,16 +217,16 @@ def grad_accum_steps(global_batch_tokens: int, seq_len: int, micro_batch: int, w
     """Micro-steps per optimizer step so that every step sees `global_batch_tokens` tokens.
 
     tokens per step = micro_batch x seq_len x grad_accum x world_size
-    Raises ValueError (one line, with the numbers and a fix) when it does not divide.
+    Raises ConfigError (a ValueError; one line, with the numbers and a fix) when it does not divide.
     """
     for name, v in (("global_batch_tokens", global_batch_tokens), ("seq_len", seq_len),
                     ("micro_batch", micro_batch), ("world_size", world_size)):
         if int(v) <= 0:
-            raise ValueError(f"{name} must be positive, got {v}")
+            raise ConfigError(f"{name} must be positive, got {v}")
     per_micro = micro_batch * seq_len * world_size
     if global_batch_tokens % per_micro:
         lo = max(per_micro, global_batch_tokens // per_micro * per_micro)
-        raise ValueError(
+        raise ConfigError(
             f"global batch {global_batch_tokens} tokens is not divisible by world_size x micro_batch x seq_len = "
             f"{world_size} x {micro_batch} x {seq_len} = {per_micro}; use a global batch of {lo} or "
             f"{lo + per_micro} tokens, or change micro_batch / seq_len / the number of processes"

@@ -17,7 +17,8 @@ always in this order:
        ddp:    DistributedDataParallel (the returned model still exposes the GPT's methods)
        fsdp:   FSDP2 `fully_shard` on every block, then on the root. The root group holds the
                embeddings, the final norm and the tied lm_head (lm_head.weight IS wte.weight,
-               one parameter, sharded once). MixedPrecisionPolicy(param_dtype, reduce_dtype),
+               one parameter, sharded once). MixedPrecisionPolicy(param_dtype, reduce_dtype)
+               (param_dtype auto = train.precision on CUDA, fp32 on the CPU),
                reshard_after_forward (the last block can keep its parameters gathered, since the
                backward needs them at once), optional CPUOffloadPolicy.
 
@@ -33,6 +34,7 @@ import logging
 import torch
 import torch.nn as nn
 
+from trainer import ConfigError
 from trainer.distributed import DistInfo, require_torchrun
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ def _get(cfg, key, default=None):
 def _dtype(name, key):
     k = name.lower() if isinstance(name, str) else name
     if k not in _DTYPES:
-        raise ValueError(f"parallel.{key}={name!r}: use one of bf16, fp16, fp32")
+        raise ConfigError(f"parallel.{key}={name!r}: use one of bf16, fp16, fp32")
     return _DTYPES[k]
 
 
@@ -104,10 +106,10 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
     if mode in ("none", "false", "off"):
         return
     if mode not in ("full", "selective"):
-        raise ValueError(f"parallel.activation_checkpointing={mode!r}: use none, full or selective")
+        raise ConfigError(f"parallel.activation_checkpointing={mode!r}: use none, full or selective")
     every = int(every)
     if every < 1:
-        raise ValueError(f"parallel.ac_every={every}: must be >= 1")
+        raise ConfigError(f"parallel.ac_every={every}: must be >= 1")
     blocks = _blocks(model)
     for i, block in enumerate(blocks):
         if mode == "full" or i % every == 0:
@@ -121,13 +123,17 @@ def apply_compile(model: nn.Module, fullgraph: bool = False) -> None:
         blocks[i] = torch.compile(block, fullgraph=fullgraph)
 
 
-def apply_fsdp(model: nn.Module, pcfg, dist: DistInfo) -> None:
+def apply_fsdp(model: nn.Module, pcfg, dist: DistInfo, cfg=None) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    param_dtype = _get(pcfg, "param_dtype", "auto")
+    if str(param_dtype).lower() == "auto":
+        # follow train.precision (bf16 | fp16 | fp32); the CPU always trains in fp32, as train.py does
+        param_dtype = "fp32" if dist.device.type != "cuda" else str(_get(_get(cfg, "train"), "precision", "bf16"))
     mp = MixedPrecisionPolicy(
-        param_dtype=_dtype(_get(pcfg, "param_dtype", "bf16"), "param_dtype"),
+        param_dtype=_dtype(param_dtype, "param_dtype"),
         reduce_dtype=_dtype(_get(pcfg, "reduce_dtype", "fp32"), "reduce_dtype"),
     )
     kw = {"mesh": mesh, "mp_policy": mp}
@@ -154,11 +160,11 @@ def parallelize(model: nn.Module, cfg, dist: DistInfo) -> nn.Module:
         pcfg = {"name": pcfg}
     name = parallel_name(cfg)
     if name not in ("single", "ddp", "fsdp"):
-        raise ValueError(f"parallel={name!r}: use single, ddp or fsdp")
+        raise ConfigError(f"parallel={name!r}: use single, ddp or fsdp")
     require_torchrun(name)
     if name == "single" and dist.world_size > 1:
-        raise SystemExit(
-            f"error: parallel=single but {dist.world_size} processes were launched; "
+        raise ConfigError(
+            f"parallel=single but {dist.world_size} processes were launched; "
             f"use parallel=fsdp or parallel=ddp with torchrun, or run one process"
         )
 
@@ -167,7 +173,7 @@ def parallelize(model: nn.Module, cfg, dist: DistInfo) -> nn.Module:
         apply_compile(model, fullgraph=bool(_get(pcfg, "compile_fullgraph", False)))
 
     if name == "fsdp":
-        apply_fsdp(model, pcfg, dist)
+        apply_fsdp(model, pcfg, dist, cfg)
     elif name == "ddp":
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         model = _DDP(

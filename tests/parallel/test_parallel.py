@@ -131,12 +131,13 @@ def test_activation_checkpointing_changes_nothing(ac):
 
 
 def test_parallel_without_torchrun_says_how_to_launch(monkeypatch):
+    from trainer import ConfigError
     from trainer.distributed import init_distributed
     from trainer.parallelize import parallelize
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     for name in ("fsdp", "ddp"):
-        with pytest.raises(SystemExit, match=rf"torchrun --standalone --nproc_per_node=N train.py parallel={name}"):
+        with pytest.raises(ConfigError, match=rf"torchrun --standalone --nproc_per_node=N train.py parallel={name}"):
             parallelize(dist_worker.tiny_model(), {"parallel": {"name": name}}, init_distributed("cpu"))
 
 
