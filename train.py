@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer import ConfigError
 from trainer.checkpoint import check_compatible, load_checkpoint, read_meta, resolve_resume, save_checkpoint
-from trainer.distributed import all_reduce, barrier, broadcast_object, destroy, init_distributed
+from trainer.distributed import all_reduce, barrier, broadcast_object, destroy, init_distributed, require_torchrun
 from trainer.logger import build_logger, resolve_mode
 from trainer.metrics import MetricsFile, Throughput, batch_arithmetic, eval_line, peak_flops, progress_line
 from trainer.optim import Precision, build_optimizer
@@ -58,6 +58,9 @@ def check_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     if cfg.eval_tokens and cfg.eval_tokens % cfg.seq_len:
         raise ConfigError(f"eval_tokens={cfg.eval_tokens} must be a multiple of seq_len={cfg.seq_len} "
                           f"(use {max(1, cfg.eval_tokens // cfg.seq_len) * cfg.seq_len})")
+    if str(cfg.train.precision) not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision={cfg.train.precision!r}: use bf16, fp16 or fp32")
+    require_torchrun(parallel_name(cfg))  # parallel=ddp|fsdp needs torchrun (one line otherwise)
     if str(cfg.logger.get("name")) == "wandb":
         resolve_mode(str(cfg.logger.get("mode", "auto")))
     build_schedule(cfg)  # validates lr / min_lr / warmup / decay
@@ -230,15 +233,48 @@ def _hydra_run_dir() -> str | None:
     return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+GROUPS = ("model", "data", "attention", "parallel", "logger", "experiment")
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """`model=gpt2_huge` -> one line naming the bad option and the valid ones (before Hydra's own,
+    longer message)."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if not sep or key not in GROUPS or value in ("null", ""):
+            continue
+        options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+        for choice in value.split(","):  # multirun: model=gpt2_small,gpt2_medium
+            if choice not in options:
+                raise ConfigError(f"{key}={choice} is not an option; choose one of: {', '.join(options)}")
+
+
+def _remove_if_empty(run_dir: str | None) -> None:
+    """A run stopped by a config error leaves no directory behind (unless it held more than Hydra's files)."""
+    if run_dir and Path(run_dir).is_dir() and {p.name for p in Path(run_dir).iterdir()} <= {".hydra", "train.log"}:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    run_dir = _hydra_run_dir()
     try:
-        train(cfg, run_dir=_hydra_run_dir())
+        train(cfg, run_dir=run_dir)
     except (ConfigError, LossDiverged) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+            if isinstance(e, ConfigError):
+                _remove_if_empty(run_dir)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
 
 
 if __name__ == "__main__":
+    try:
+        check_group_choices(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -55,7 +55,7 @@ def base_overrides(corpus: dict, run_dir: Path, **kw) -> list[str]:
         "eval_every": 10, "eval_tokens": 256, "ckpt_every": 10, "ckpt_keep": 3, "log_every": 1,
     }
     o.update(kw)
-    return [f"{k}={v}" for k, v in o.items()]
+    return [f"{k}={v}" for k, v in o.items() if v is not None]  # None: leave the key out
 
 
 def compose_cfg(overrides: list[str]):
