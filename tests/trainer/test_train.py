@@ -173,3 +173,16 @@ def test_load_into_plain_model(run20):
     assert meta["step"] == 20
     x = torch.randint(0, 1000, (1, 8))
     assert torch.isfinite(m(x)[0]).all()
+
+
+def test_sample_script(run20, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sample", Path(__file__).resolve().parents[2] / "scripts" / "sample.py")
+    sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample)
+    assert sample.main([str(run20), "--prompt", "The cat", "--max-new-tokens", "5", "--num-samples", "2",
+                        "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("The cat") == 2 and "step 20" in out.err
+    assert sample.main([str(run20 / "nothing")]) == 2
