@@ -48,12 +48,16 @@ def main(argv=None):
     ap.add_argument("--save", default=None, help="DCP folder written after the last step")
     ap.add_argument("--load", default=None, help="DCP folder to resume from")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fsdp", action="append", default=[], help="extra parallel.KEY=VALUE (e.g. cpu_offload=true)")
     a = ap.parse_args(argv)
 
     d = init_distributed("cpu", timeout_s=120)
     cfg = {"compile": a.compile,
            "parallel": {"name": a.parallel, "activation_checkpointing": a.ac,
                         "param_dtype": "fp32", "reduce_dtype": "fp32"}}
+    for kv in a.fsdp:
+        k, v = kv.split("=", 1)
+        cfg["parallel"][k] = {"true": True, "false": False}.get(v.lower(), v)
     model = parallelize(tiny_model(), cfg, d)
     opt = torch.optim.AdamW(model.optim_groups(0.1), lr=3e-3, betas=(0.9, 0.95), foreach=False)
     accum = grad_accum_steps(a.global_batch * SEQ, SEQ, a.micro_batch, d.world_size)

@@ -165,3 +165,11 @@ def test_single_process_helpers():
     barrier()
     with pytest.raises(ValueError, match="op must be one of"):
         all_reduce(t, "prod")
+
+
+def test_fsdp_options_no_reshard_and_cpu_offload(runs, tmp_path):
+    """reshard_after_forward=false (ZeRO-2-like) and cpu_offload=true change no number (on the CPU
+    the offload policy's code path runs, though there is nothing to move)."""
+    r = torchrun(2, "--parallel", "fsdp", "--steps", "3", "--fsdp", "reshard_after_forward=false",
+                 "--fsdp", "cpu_offload=true", "--ac", "full", "--out", str(tmp_path / "o.json"))
+    close(r["losses"], runs["ref"]["losses"][:3])
