@@ -113,7 +113,7 @@ def run_case(case: dict) -> dict:
         "step_ms": 1e3 * dt / case["steps"],
         "mfu": flops_per_token * tps / peak if peak else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "flops_per_token": flops_per_token,
         "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
     }
@@ -202,7 +202,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gpt2_small", help="configs/model/<name>.yaml")
-    ap.add_argument("--seq-lens", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--seq-lens", default=None, help="comma list (default 1024,2048,4096,8192,16384; --quick: 64,128)")
     ap.add_argument("--impls", default=",".join(ALL_IMPLS), help=f"comma list of {', '.join(ALL_IMPLS)}")
     ap.add_argument("--batch-tokens", type=int, default=16384, help="micro_batch = max(1, batch_tokens // seq_len)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -220,7 +220,8 @@ def main(argv=None) -> int:
     import torch
 
     if args.quick:
-        args.model, args.seq_lens, args.batch_tokens, args.warmup, args.steps = "gpt2_tiny", "64,128", 256, 1, 2
+        args.model, args.batch_tokens, args.warmup, args.steps = "gpt2_tiny", 256, 1, 2
+        args.seq_lens = args.seq_lens or "64,128"
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
     impls = [s for s in args.impls.split(",") if s]
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
         have_hf = True
     except ImportError:
         have_hf = False
-    seq_lens = [int(s) for s in args.seq_lens.split(",") if s]
+    seq_lens = [int(s) for s in (args.seq_lens or "1024,2048,4096,8192,16384").split(",") if s]
 
     rows = []
     for T in seq_lens:
