@@ -240,6 +240,34 @@ class BlockMask:
             self._lists[key] = cached
         return cached
 
+    def split_counts(self, device="cpu", causal: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row_full (Hm, nMb), col_masked (Hm, nNb)) int32 on `device`, for the kernel's fast path.
+
+        row_full: how many leading entries of each row list need no element mask (the whole
+        block lies on or below the causal diagonal, when causal, and inside seq_k); since the
+        lists are ascending these are a prefix. col_masked: how many leading entries of each
+        column list cross the causal diagonal (0 when not causal); the rest need no mask.
+        `causal` is the attention call's flag (default: the mask's own).
+        """
+        causal = self._causal if causal is None else bool(causal)
+        key = (_device_key(device), causal)
+        cached = self._lists.get(key)
+        if cached is None:
+            n_mb, n_nb = self._layout.shape[1], self._layout.shape[2]
+            mb = torch.arange(n_mb)[:, None]
+            nb = torch.arange(n_nb)[None, :]
+            last_col = (nb + 1) * self._block_n - 1
+            full = (last_col < self._seq_k).expand(n_mb, n_nb)
+            crosses = torch.zeros(n_mb, n_nb, dtype=torch.bool)
+            if causal:
+                crosses = last_col > mb * self._block_m + (self._seq_k - self._seq_q)
+                full = full & ~crosses
+            row_full = (self._layout & full).sum(-1, dtype=torch.int32)
+            col_masked = (self._layout & crosses).sum(-2, dtype=torch.int32)
+            cached = (row_full.to(key[0]).contiguous(), col_masked.to(key[0]).contiguous())
+            self._lists[key] = cached
+        return cached
+
     @property
     def max_row(self) -> int:
         return int(self.lists("cpu")[0].max())

@@ -87,7 +87,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX,
+def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX, ROW_FULL,
                 stride_qb, stride_qn, stride_qh,
                 stride_kb, stride_kn, stride_kh,
                 stride_vb, stride_vn, stride_vh,
@@ -125,8 +125,15 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX,
         SUB: tl.constexpr = MASK_BN // BLOCK_N
         row = m0 // MASK_BM
         count = tl.load(ROW_COUNT + h * stride_mh + row)
+        n_full = tl.load(ROW_FULL + h * stride_mh + row)  # leading blocks that need no element mask
         idx_ptr = ROW_IDX + (h * stride_mh + row) * stride_mrow
-        for t in range(0, count * SUB):
+        for t in range(0, n_full * SUB):
+            nb = tl.load(idx_ptr + t // SUB)
+            start_n = nb * MASK_BN + (t % SUB) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+                                      stride_kn, stride_vn, Nk, qk_scale, causal_off,
+                                      False, CAUSAL, EVEN_D, HEAD_DIM, DOT_PREC)
+        for t in range(n_full * SUB, count * SUB):
             nb = tl.load(idx_ptr + t // SUB)
             start_n = nb * MASK_BN + (t % SUB) * BLOCK_N
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
@@ -208,7 +215,7 @@ def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_COUNT, COL_IDX,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_COUNT, COL_IDX, COL_MASKED,
                      stride_qb, stride_qn, stride_qh,
                      stride_kb, stride_kn, stride_kh,
                      stride_vb, stride_vn, stride_vh,
@@ -248,13 +255,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_COUNT, COL_IDX,
         SUB: tl.constexpr = MASK_BM // BLOCK_M
         col = n0 // MASK_BN
         count = tl.load(COL_COUNT + h * stride_mh + col)
+        n_masked = tl.load(COL_MASKED + h * stride_mh + col)  # leading blocks crossing the diagonal
         idx_ptr = COL_IDX + (h * stride_mh + col) * stride_mcol
-        for t in range(0, count * SUB):
+        for t in range(0, n_masked * SUB):
             mb = tl.load(idx_ptr + t // SUB)
             start_m = mb * MASK_BM + (t % SUB) * BLOCK_M
             dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
                                 offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
                                 True, CAUSAL, HEAD_DIM, DOT_PREC)
+        for t in range(n_masked * SUB, count * SUB):
+            mb = tl.load(idx_ptr + t // SUB)
+            start_m = mb * MASK_BM + (t % SUB) * BLOCK_M
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
+                                offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
+                                False, CAUSAL, HEAD_DIM, DOT_PREC)
     else:
         if CAUSAL:
             # Rows i >= n0 - off see some key of this block; rows i >= n0 + BLOCK_N - 1 - off see all.
@@ -312,7 +326,7 @@ def _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, off
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ROW_COUNT, ROW_IDX,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ROW_COUNT, ROW_IDX, ROW_FULL,
                    stride_qb, stride_qn, stride_qh,
                    stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh,
@@ -352,8 +366,15 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ROW_COUNT, ROW_IDX,
         SUB: tl.constexpr = MASK_BN // BLOCK_N
         row = m0 // MASK_BM
         count = tl.load(ROW_COUNT + h * stride_mh + row)
+        n_full = tl.load(ROW_FULL + h * stride_mh + row)
         idx_ptr = ROW_IDX + (h * stride_mh + row) * stride_mrow
-        for t in range(0, count * SUB):
+        for t in range(0, n_full * SUB):
+            nb = tl.load(idx_ptr + t // SUB)
+            start_n = nb * MASK_BN + (t % SUB) * BLOCK_N
+            dq = _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+                          stride_kn, stride_vn, Nk, qk_scale, causal_off,
+                          False, CAUSAL, EVEN_D, HEAD_DIM, DOT_PREC)
+        for t in range(n_full * SUB, count * SUB):
             nb = tl.load(idx_ptr + t // SUB)
             start_n = nb * MASK_BN + (t % SUB) * BLOCK_N
             dq = _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
@@ -448,17 +469,22 @@ def _dot_precision(dtype: torch.dtype, fp32_precision: str | None) -> str:
     return fp32_precision
 
 
-def _mask_args(block_mask, device, rows: bool):
-    """(count, idx, stride_head, stride_row, MASK_BM, MASK_BN) for the kernels' SPARSE path."""
+def _mask_args(block_mask, device, rows: bool, causal: bool):
+    """(count, idx, split, stride_head, stride_row, MASK_BM, MASK_BN) for the kernels' SPARSE path.
+
+    split: per row, how many leading kept blocks need no element mask (rows=True); per column, how
+    many leading kept blocks cross the causal diagonal (rows=False).
+    """
     if block_mask is None:
         dummy = torch.zeros(1, dtype=torch.int32, device=device)
-        return dummy, dummy, 0, 0, 16, 16
+        return dummy, dummy, dummy, 0, 0, 16, 16
     row_count, row_idx, col_count, col_idx = block_mask.lists(device)
-    count, idx = (row_count, row_idx) if rows else (col_count, col_idx)
+    row_full, col_masked = block_mask.split_counts(device, causal)
+    count, idx, split = (row_count, row_idx, row_full) if rows else (col_count, col_idx, col_masked)
     stride_h = count.stride(0) if count.shape[0] > 1 else 0
     if idx.shape[0] > 1:
         assert idx.stride(0) == count.shape[1] * idx.stride(1)
-    return count, idx, stride_h, idx.stride(1), block_mask.block_m, block_mask.block_n
+    return count, idx, split, stride_h, idx.stride(1), block_mask.block_m, block_mask.block_n
 
 
 def _check_tiles(bm, bn, block_mask):
@@ -483,10 +509,10 @@ def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
     lse = _empty((B, H, Nq), q.device)
     bm, bn, w, s = _launch_config("fwd", q.device, D, block_mask)
     _check_tiles(bm, bn, block_mask)
-    count, idx, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, rows=True)
+    count, idx, split, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, True, causal)
     grid = (triton.cdiv(Nq, bm), B * H)
     _fwd_kernel[grid](
-        q, k, v, o, lse, count, idx,
+        q, k, v, o, lse, count, idx, split,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -517,9 +543,9 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec):
 
     bm, bn, w, s = _launch_config("dkdv", q.device, D, block_mask)
     _check_tiles(bm, bn, block_mask)
-    count, idx, smh, smc, mbm, mbn = _mask_args(block_mask, q.device, rows=False)
+    count, idx, split, smh, smc, mbm, mbn = _mask_args(block_mask, q.device, False, causal)
     _bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * H)](
-        q, k, v, do, dk, dv, lse, delta, count, idx,
+        q, k, v, do, dk, dv, lse, delta, count, idx, split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -529,9 +555,9 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec):
 
     bm, bn, w, s = _launch_config("dq", q.device, D, block_mask)
     _check_tiles(bm, bn, block_mask)
-    count, idx, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, rows=True)
+    count, idx, split, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, True, causal)
     _bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-        q, k, v, do, dq, lse, delta, count, idx,
+        q, k, v, do, dq, lse, delta, count, idx, split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),

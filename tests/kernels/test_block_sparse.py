@@ -91,3 +91,9 @@ def test_causal_mask_used_without_causal_is_refused():
     q = torch.randn(1, 64, 2, 16, device=DEVICE)
     with pytest.raises(ValueError):
         flash_attention(q, q, q, causal=False, block_mask=mask)
+
+
+def test_non_causal_mask_in_a_causal_call():
+    """A layout built without causal=True still composes with causal=True at call time."""
+    mask = kernels.local_mask(130, window_blocks=1, block_m=BLOCK, block_n=BLOCK, causal=False)
+    run_case(2, 130, 130, 2, 16, True, torch.float32, block_mask=mask)
