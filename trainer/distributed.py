@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 1800
+_timeout_s: float = DEFAULT_TIMEOUT_S  # the collective timeout in force (for error messages)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,9 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=float(timeout_s or DEFAULT_TIMEOUT_S))
+    global _timeout_s
+    _timeout_s = float(timeout_s or DEFAULT_TIMEOUT_S)
+    timeout = datetime.timedelta(seconds=_timeout_s)
     if not dist.is_initialized():
         kwargs = {"backend": backend, "timeout": timeout}
         if dev.type == "cuda":
@@ -152,7 +155,7 @@ def collective_guard(what: str = "collective"):
         raise DistributedError(
             f"rank {dist.get_rank()}/{dist.get_world_size()} on {socket.gethostname()}: {what} failed "
             f"({type(e).__name__}: {e}). A timeout usually means another rank crashed or is stuck; "
-            f"look for its traceback above, or raise parallel.timeout_s."
+            f"look for its traceback above, or raise parallel.timeout_s (now {_timeout_s:g} s)."
         ) from e
 
 

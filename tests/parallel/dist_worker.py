@@ -14,8 +14,11 @@ import json
 import os
 import sys
 
+import warnings
+
 import torch
 
+warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unavailable or uninitialized")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from model import GPT, GPTConfig  # noqa: E402
@@ -48,10 +51,28 @@ def main(argv=None):
     ap.add_argument("--save", default=None, help="DCP folder written after the last step")
     ap.add_argument("--load", default=None, help="DCP folder to resume from")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--hang-rank", type=int, default=None,
+                    help="this rank stalls past the collective timeout (3 s); the others report the failure")
     ap.add_argument("--fsdp", action="append", default=[], help="extra parallel.KEY=VALUE (e.g. cpu_offload=true)")
     a = ap.parse_args(argv)
 
-    d = init_distributed("cpu", timeout_s=120)
+    d = init_distributed("cpu", timeout_s=3 if a.hang_rank is not None else 120)
+    if a.hang_rank is not None:  # a rank hangs: the others' next collective times out, naming them
+        import time
+
+        from trainer.distributed import DistributedError
+        if d.rank == a.hang_rank:
+            time.sleep(10)
+            os._exit(0)
+        try:
+            all_reduce(torch.ones(1), "sum")
+            barrier()
+            msg = "no error"
+        except DistributedError as e:
+            msg = str(e)
+        with open(f"{a.out}.rank{d.rank}", "w") as f:
+            f.write(msg)
+        os._exit(0)
     cfg = {"compile": a.compile,
            "parallel": {"name": a.parallel, "activation_checkpointing": a.ac,
                         "param_dtype": "fp32", "reduce_dtype": "fp32"}}

@@ -173,3 +173,15 @@ def test_fsdp_options_no_reshard_and_cpu_offload(runs, tmp_path):
     r = torchrun(2, "--parallel", "fsdp", "--steps", "3", "--fsdp", "reshard_after_forward=false",
                  "--fsdp", "cpu_offload=true", "--ac", "full", "--out", str(tmp_path / "o.json"))
     close(r["losses"], runs["ref"]["losses"][:3])
+
+
+def test_collective_timeout_names_the_rank(tmp_path):
+    """Rank 1 stalls past the 3 s timeout: rank 0's all_reduce fails with its rank in the message."""
+    out = tmp_path / "hang"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(WORKER), "--hang-rank", "1", "--out", str(out)], cwd=ROOT, env=env,
+                   capture_output=True, text=True, timeout=120)
+    msg = Path(f"{out}.rank0").read_text()
+    assert msg.startswith("rank 0/2 on ") and "all_reduce(sum) failed" in msg, msg
+    assert "parallel.timeout_s (now 3 s)" in msg, msg
