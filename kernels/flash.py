@@ -630,6 +630,7 @@ def _validate(q, k, v, causal, softmax_scale, block_mask):
         block_mask.check(Nq, k.shape[1], H, causal=bool(causal))
 
 
+@torch.compiler.disable  # opaque to torch.compile: the kernels run as they are, the code around compiles
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     softmax_scale: float | None = None, block_mask=None,
                     fp32_precision: str | None = None) -> torch.Tensor:
