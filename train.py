@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer import ConfigError
 from trainer.checkpoint import check_compatible, load_checkpoint, read_meta, resolve_resume, save_checkpoint
-from trainer.distributed import all_reduce, barrier, broadcast_object, destroy, init_distributed, require_torchrun
+from trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, require_torchrun
 from trainer.logger import build_logger, resolve_mode
 from trainer.metrics import MetricsFile, Throughput, batch_arithmetic, eval_line, peak_flops, progress_line
 from trainer.optim import Precision, build_optimizer
@@ -103,6 +103,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if resume_from is not None:
         check_compatible(read_meta(resume_from), model_cfg, cfg.seq_len, resume_from)
+    try:
+        with torch.device("meta"):  # shapes only, no memory: a bad model config fails here
+            build_model(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,15 +119,22 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     # ---- seed, data ------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    data_errors = (ValueError, DataError, CacheError)  # bad data settings, missing/corrupt cache, offline
+    problem = None
+    if dist.is_main:
+        try:
+            prepare_data(cfg.data)  # tokenises once and caches; the other ranks wait for the result
+        except data_errors as e:
+            problem = str(e)
+    problem = broadcast_object(problem)  # also the barrier: every rank stops on rank 0's data error
+    if problem:
+        raise ConfigError(problem)
     try:
-        if dist.is_main:
-            prepare_data(cfg.data)  # tokenises once and caches; the other ranks wait at the barrier
-        barrier()
         data = load_data(cfg.data)
         if cfg.eval_tokens:  # the validation span and the windows fit the prepared splits
             data.val_plan(cfg.seq_len, micro_batch, cfg.eval_tokens, dist.rank, dist.world_size)
         data.train_batch(0, seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=1)
-    except (ValueError, DataError, CacheError) as e:  # bad data settings, missing/corrupt cache, offline
+    except data_errors as e:
         raise ConfigError(str(e)) from e
     log.info(f"data: {cfg.data.get('name', '?')}, {len(data.train):,} train / {len(data.val):,} val tokens")
 
@@ -165,6 +177,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                        cfg.max_steps, dist.device)
     pin = dist.device.type == "cuda"
     row = {"step": start_step}
+    if start_step >= cfg.max_steps:
+        log.info(f"nothing to do: the checkpoint is at step {start_step}, max_steps={cfg.max_steps}")
     model.train()
     try:
         for step in range(start_step, cfg.max_steps):

@@ -30,7 +30,7 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
     betas = tuple(float(b) for b in t.betas)
     if len(betas) != 2:
         raise ConfigError(f"train.betas={list(t.betas)} must be two numbers, e.g. [0.9, 0.95]")
-    kw = {"fused": True} if device.type == "cuda" else {"foreach": False}
+    kw = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=float(t.lr), betas=betas, eps=float(t.get("eps", 1e-8)), **kw)
 
 
