@@ -1,0 +1,90 @@
+"""Small pieces of trainer/: LR schedule, batch arithmetic, metrics file, console line, checkpoint picking."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from trainer import ConfigError
+from trainer.checkpoint import latest_checkpoint, list_checkpoints, resolve_resume
+from trainer.metrics import MetricsFile, batch_arithmetic, peak_flops, progress_line
+from trainer.schedule import LRSchedule
+
+
+def test_schedule_warmup_cosine_linear():
+    s = LRSchedule(lr=1.0, min_lr=0.1, warmup_steps=10, decay_steps=110, decay="cosine")
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0) and s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.55)  # halfway through the cosine
+    assert s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
+    lin = LRSchedule(lr=1.0, min_lr=0.0, warmup_steps=0, decay_steps=100, decay="linear")
+    assert lin(0) == 1.0 and lin(50) == pytest.approx(0.5) and lin(100) == 0.0
+    assert all(s(i) >= s(i + 1) for i in range(10, 120))
+    with pytest.raises(ConfigError, match="train.decay"):
+        LRSchedule(lr=1.0, min_lr=0.0, warmup_steps=0, decay_steps=10, decay="step")
+    with pytest.raises(ConfigError, match="min_lr"):
+        LRSchedule(lr=1.0, min_lr=2.0, warmup_steps=0, decay_steps=10)
+
+
+def _cfg(seq_len, gbt=524288, mb="auto"):
+    return OmegaConf.create({"seq_len": seq_len, "train": {"global_batch_tokens": gbt, "micro_batch": mb}})
+
+
+@pytest.mark.parametrize("seq_len, ws, expect", [
+    (1024, 1, (16, 32)), (2048, 1, (8, 32)), (4096, 8, (4, 4)), (16384, 1, (1, 32)), (16384, 4, (1, 8)),
+])
+def test_batch_arithmetic_auto(seq_len, ws, expect):
+    assert batch_arithmetic(_cfg(seq_len), ws) == expect
+
+
+def test_batch_arithmetic_errors():
+    with pytest.raises(ConfigError, match=r"3 x 1024 x 2 = 6144; use train.global_batch_tokens=522240"):
+        batch_arithmetic(_cfg(1024, mb=3), 2)
+    with pytest.raises(ConfigError, match="seq_len=0"):
+        batch_arithmetic(_cfg(0), 1)
+    with pytest.raises(ConfigError, match="micro_batch"):
+        batch_arithmetic(_cfg(1024, mb=0), 1)
+
+
+def test_metrics_file_truncates_on_resume(tmp_path):
+    f = MetricsFile(tmp_path / "metrics.jsonl")
+    for s in range(1, 6):
+        f.write({"step": s, "loss": 1.0 / s})
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 6, "lo')  # cut short by a kill
+    f.truncate_after(3)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    MetricsFile(tmp_path / "other.jsonl", enabled=False).write({"step": 1})
+    assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_progress_line_and_peak():
+    assert peak_flops(torch.device("cpu")) is None
+    row = {"step": 5, "loss": 3.14159, "lr": 6e-4, "grad_norm": 0.5, "tokens_per_s": 123456.0, "mfu": None,
+           "mem_gb": None, "eta_s": 125.0}
+    line = progress_line(row, 100)
+    assert "step   5/100" in line and "loss 3.1416" in line and "MFU n/a" in line and "123.5k tok/s" in line
+    assert "eta 2m05s" in line
+    line = progress_line({**row, "mfu": 0.4123, "mem_gb": 12.34, "eta_s": 7300}, 100)
+    assert "MFU 41.2%" in line and "mem 12.3GB" in line and "eta 2h01m" in line
+
+
+def test_checkpoint_picking(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    for name, complete in [("step_0000010", True), ("step_0000020", True), ("step_0000030", False),
+                           (".tmp-step_0000040", True), ("notes", True)]:
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / "meta.json").write_text(json.dumps({"step": 1}))
+    assert [p.name for p in list_checkpoints(root)] == ["step_0000010", "step_0000020"]
+    assert latest_checkpoint(root).name == "step_0000020"
+    assert resolve_resume("auto", tmp_path / "run").name == "step_0000020"
+    assert resolve_resume(str(tmp_path / "run"), tmp_path / "x").name == "step_0000020"
+    assert resolve_resume(str(root / "step_0000010"), tmp_path / "x").name == "step_0000010"
+    assert resolve_resume(None, tmp_path / "run") is None
+    assert resolve_resume("auto", tmp_path / "empty") is None
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        resolve_resume(str(root / "step_0000030"), tmp_path)
