@@ -31,7 +31,7 @@ from trainer.distributed import all_reduce, broadcast_object, destroy, init_dist
 from trainer.logger import build_logger, resolve_mode
 from trainer.metrics import MetricsFile, Throughput, batch_arithmetic, eval_line, peak_flops, progress_line
 from trainer.optim import Precision, build_optimizer
-from trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize, unwrap
+from trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize
 from trainer.schedule import build_schedule
 
 log = logging.getLogger("train")
@@ -88,8 +88,8 @@ def evaluate(model, data, cfg, micro_batch: int, dist, prec: Precision) -> tuple
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Run training as configured; returns a summary (last step, train loss, val loss/ppl)."""
-    from data import CacheError, DataError, load_data, prepare_data  # noqa: PLC0415
-    from model import build_model  # noqa: PLC0415
+    from data import CacheError, DataError, load_data, prepare_data  # imported per call: tests patch them
+    from model import build_model
 
     # ---- processes and devices -----------------------------------------------------------------
     dist = init_distributed(str(cfg.device), timeout_s=cfg.parallel.get("timeout_s"))

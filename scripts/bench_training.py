@@ -139,7 +139,7 @@ def _spawn(case: dict, timeout: float) -> dict:
     env.pop("TRITON_INTERPRET", None)  # real kernels (the interpreter is for tests)
     cmd = [sys.executable, __file__, "--_case", json.dumps(case)]
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "reason": f"no result within {timeout:.0f} s"}
     for line in reversed(p.stdout.splitlines()):
@@ -169,7 +169,7 @@ def _env() -> dict:
     except ImportError:
         info["transformers"] = None
     try:
-        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, check=False,
                                      text=True).stdout.strip() or None
     except OSError:
         pass

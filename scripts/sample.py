@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer import ConfigError  # noqa: E402
-from trainer.checkpoint import load_model_only, resolve_resume  # noqa: E402
+from trainer import ConfigError
+from trainer.checkpoint import load_model_only, resolve_resume
 
 
 def main(argv=None) -> int:

@@ -68,13 +68,13 @@ class WandbLogger:
         self.wandb = wandb
         id_file = Path(run_dir) / "wandb_run_id"
         run_id = id_file.read_text().strip() if resuming and id_file.exists() else secrets.token_hex(4)
-        kw = dict(project=lcfg.get("project") or "longctx-gpt", entity=lcfg.get("entity"),
-                  name=lcfg.get("run_name") or Path(run_dir).name, group=lcfg.get("group"),
-                  tags=list(lcfg.get("tags") or []), dir=str(run_dir), id=run_id, resume="allow",
-                  config=OmegaConf.to_container(cfg, resolve=True))
+        kw = {"project": lcfg.get("project") or "longctx-gpt", "entity": lcfg.get("entity"),
+              "name": lcfg.get("run_name") or Path(run_dir).name, "group": lcfg.get("group"),
+              "tags": list(lcfg.get("tags") or []), "dir": str(run_dir), "id": run_id, "resume": "allow",
+              "config": OmegaConf.to_container(cfg, resolve=True)}
         try:
             self.run = wandb.init(mode=mode, **kw)
-        except Exception as e:  # noqa: BLE001  (network down, bad entity, ...)
+        except Exception as e:
             if mode != "online":
                 raise
             log.info(f"wandb: online start failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "

@@ -1,15 +1,11 @@
 """Each bad input stops with one clear line before any work (CLI: `error: ...` on stderr, exit 2)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-import train as train_mod
 from trainer import ConfigError
 
-from .conftest import compose_cfg, base_overrides, run_cli, run_inprocess
+from .conftest import run_cli, run_inprocess
 
 
 def _one_error_line(proc) -> str:

@@ -3,7 +3,6 @@ metrics.jsonl contract, W&B offline."""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -163,8 +162,9 @@ def test_wandb_offline_writes_a_run(corpus, tmp_path, monkeypatch):
 
 def test_load_into_plain_model(run20):
     """A checkpoint loads into a fresh single-process model (what scripts/sample.py does)."""
-    from model import build_model
     from omegaconf import OmegaConf
+
+    from model import build_model
 
     ckpt = latest_checkpoint(run20 / "checkpoints")
     cfg = OmegaConf.load(ckpt / "config.yaml")
