@@ -26,10 +26,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import ConfigError
-from trainer.checkpoint import check_compatible, load_checkpoint, read_meta, resolve_resume, save_checkpoint
+from trainer.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, read_meta, resolve_resume,
+                                save_checkpoint)
 from trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, require_torchrun
 from trainer.logger import build_logger, resolve_mode
-from trainer.metrics import MetricsFile, Throughput, batch_arithmetic, eval_line, peak_flops, progress_line
+from trainer.metrics import (MetricsFile, Throughput, batch_arithmetic, build_summary, eval_line, peak_flops,
+                             progress_line, summary_lines, write_summary)
 from trainer.optim import Precision, build_optimizer
 from trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize
 from trainer.schedule import build_schedule
@@ -41,29 +43,71 @@ class LossDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf; nothing of that step was applied or saved."""
 
 
-def _nonneg_int(cfg, key: str) -> int:
+def _nonneg_int(cfg, key: str, minimum: int = 0, null: bool = False) -> int | None:
     v = OmegaConf.select(cfg, key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ConfigError(f"{key}={v!r} must be a non-negative integer")
+    if v is None and null:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        what = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key}={v!r} must be {what}{' or null' if null else ''}")
     return v
+
+
+def _number(cfg, key: str, minimum: float = 0.0, *, above: bool = False, below: float | None = None,
+            null: bool = False) -> None:
+    """A real number >= minimum (> when `above`), < below when given; e.g. `train.lr=abc` -> one line."""
+    v = OmegaConf.select(cfg, key)
+    if v is None and null:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or v < minimum or (above and v == minimum) or (below is not None and v >= below):
+        rng = f"{'>' if above else '>='} {minimum:g}" + (f" and < {below:g}" if below is not None else "")
+        raise ConfigError(f"{key}={v!r} must be a number {rng}{' or null' if null else ''}")
 
 
 def check_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     """Everything that can be wrong with the settings, found before any work: (micro_batch, accum)."""
+    from data import check_data_config
+
     micro_batch, accum = batch_arithmetic(cfg, world_size)
     if _nonneg_int(cfg, "max_steps") == 0:
         raise ConfigError("max_steps=0: train for at least one step")
-    for key in ("eval_every", "eval_tokens", "ckpt_every", "ckpt_keep", "log_every"):
+    for key in ("seed", "eval_every", "eval_tokens", "ckpt_every", "ckpt_keep", "log_every", "train.warmup_steps"):
         _nonneg_int(cfg, key)
+    _nonneg_int(cfg, "train.decay_steps", 1, null=True)
+    for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.vocab_size"):
+        _nonneg_int(cfg, key, 1)
+    _nonneg_int(cfg, "model.pad_vocab_multiple", 1, null=True)
+    _number(cfg, "model.dropout", below=1.0, null=True)
+    _number(cfg, "train.lr", above=True)
+    _number(cfg, "train.min_lr")
+    _number(cfg, "train.weight_decay")
+    _number(cfg, "train.eps", above=True)
+    _number(cfg, "train.grad_clip", null=True)
+    betas = OmegaConf.select(cfg, "train.betas")
+    if (not OmegaConf.is_list(betas) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"train.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9,0.95]")
+    for key in ("compile", "model.bias"):
+        if not isinstance(OmegaConf.select(cfg, key, default=False), bool):
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r} must be true or false")
     if cfg.eval_tokens and cfg.eval_tokens % cfg.seq_len:
         raise ConfigError(f"eval_tokens={cfg.eval_tokens} must be a multiple of seq_len={cfg.seq_len} "
                           f"(use {max(1, cfg.eval_tokens // cfg.seq_len) * cfg.seq_len})")
     if str(cfg.train.precision) not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"train.precision={cfg.train.precision!r}: use bf16, fp16 or fp32")
     require_torchrun(parallel_name(cfg))  # parallel=ddp|fsdp needs torchrun (one line otherwise)
+    ac = str(OmegaConf.select(cfg, "parallel.activation_checkpointing", default="none"))
+    if ac not in ("none", "full", "selective"):
+        raise ConfigError(f"parallel.activation_checkpointing={ac!r}: use none, full or selective")
+    _nonneg_int(cfg, "parallel.ac_every", 1, null=True)
     if str(cfg.logger.get("name")) == "wandb":
         resolve_mode(str(cfg.logger.get("mode", "auto")))
-    build_schedule(cfg)  # validates lr / min_lr / warmup / decay
+    build_schedule(cfg)  # validates min_lr <= lr and the decay name
+    try:
+        check_data_config(cfg.data)  # lists the files (cheap); reading and tokenising come later
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return micro_batch, accum
 
 
@@ -87,10 +131,12 @@ def evaluate(model, data, cfg, micro_batch: int, dist, prec: Precision) -> tuple
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """Run training as configured; returns a summary (last step, train loss, val loss/ppl)."""
+    """Run training as configured; returns the end-of-run summary (what summary.json holds: step,
+    loss, val_loss, val_ppl, tokens/s, paths, next commands; rank 0 only, {} elsewhere)."""
     from data import CacheError, DataError, load_data, prepare_data  # imported per call: tests patch them
     from model import build_model
 
+    t_start = time.perf_counter()
     # ---- processes and devices -----------------------------------------------------------------
     dist = init_distributed(str(cfg.device), timeout_s=cfg.parallel.get("timeout_s"))
     if not dist.is_main:
@@ -237,14 +283,38 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         logger.finish(exit_code=1)
         raise
     logger.finish()
+
+    # ---- summary: where everything is, what it reached, what to run next ---------------------------
+    summary = {}
+    if dist.is_main:
+        summary = build_summary(
+            run_dir=run_dir, rows=metrics.rows(), totals=meter.totals(), tokens_per_step=tokens_per_step,
+            wall_s=time.perf_counter() - t_start, device=dist.device, checkpoint=latest_checkpoint(ckpt_root),
+            log_file=_log_file(), world_size=dist.world_size, max_steps=cfg.max_steps, overrides=_hydra_overrides())
+        write_summary(run_dir / "summary.json", summary)
+        for line in summary_lines(summary):
+            log.info(line)
     destroy()
-    return row
+    return summary
 
 
 def _hydra_run_dir() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+
+
+def _hydra_overrides() -> list[str]:
+    """The command line's overrides (for the summary's `continue` command); [] outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _log_file() -> str | None:
+    """train.log (Hydra's file handler), if logging goes to a file."""
+    files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return files[0] if files else None
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -264,30 +334,90 @@ def check_group_choices(argv: list[str]) -> None:
                 raise ConfigError(f"{key}={choice} is not an option; choose one of: {', '.join(options)}")
 
 
-def _remove_if_empty(run_dir: str | None) -> None:
-    """A run stopped by a config error leaves no directory behind (unless it held more than Hydra's files)."""
-    if run_dir and Path(run_dir).is_dir() and {p.name for p in Path(run_dir).iterdir()} <= {".hydra", "train.log"}:
-        import shutil
-
-        shutil.rmtree(run_dir, ignore_errors=True)
+HYDRA_FILES = {".hydra", "train.log"}  # what Hydra puts in the run dir before train() starts
+_dirs_before: set[str] = set()  # folders on the run dir's path that existed before Hydra ran (see __main__)
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
-def main(cfg: DictConfig) -> None:
-    run_dir = _hydra_run_dir()
+def _only_hydra_files(run_dir: str) -> bool:
+    p = Path(run_dir)
+    return not p.exists() or {q.name for q in p.iterdir()} <= HYDRA_FILES
+
+
+def _remove_run_dir(run_dir: str) -> None:
+    """Undo what this run created: the run dir (just its contents if it existed before) and the
+    empty folders above it that Hydra made (e.g. outputs/<date>/), up to one that existed before."""
+    import shutil
+
+    p = Path(os.path.abspath(run_dir))
+    if str(p) in _dirs_before:
+        for q in p.iterdir():
+            shutil.rmtree(q, ignore_errors=True) if q.is_dir() else q.unlink(missing_ok=True)
+        return
+    shutil.rmtree(p, ignore_errors=True)
+    for q in p.parents if _dirs_before else ():  # (in-process callers made their folders themselves)
+        if str(q) in _dirs_before or q == Path.cwd() or not q.is_dir() or any(q.iterdir()):
+            break
+        q.rmdir()
+
+
+def _run_dir_arg(argv: list[str]) -> str | None:
+    values = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0].lstrip("+") == "run_dir" and "=" in a]
+    return values[-1] if values else None
+
+
+def check_run_dir_writable(argv: list[str]) -> None:
+    """`run_dir=` on a read-only or immutable folder (or a file): one line before Hydra touches it.
+    Also records which folders on its path exist already (so a failed run removes only its own)."""
+    import tempfile
+
+    target = Path(os.path.abspath(os.path.expanduser(_run_dir_arg(argv) or os.path.join("outputs", "x"))))
+    _dirs_before.update(str(q) for q in (target, *target.parents) if q.is_dir())
+    if "${" in str(target):
+        return  # an interpolation: Hydra resolves it
+    existing = next(q for q in (target, *target.parents) if q.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"run_dir={target}: {existing} is a file, not a folder; pick another run_dir")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(f"run_dir={target}: cannot write in {existing} ({e.strerror}); pick a writable "
+                          f"folder, e.g. run_dir=$HOME/runs/my_run") from None
+
+
+def run(cfg: DictConfig, run_dir: str | None) -> int:
+    """train() with the command line's error handling; returns the exit code.
+
+    A bad setting or bad data prints `error: <one line>` (exit 2) and leaves nothing behind: the
+    run dir is removed when it held only Hydra's files when the run began (a run dir of an earlier
+    run, e.g. with resume=auto, is kept). A diverged loss prints its line and exits 1.
+    """
+    fresh = run_dir is not None and _only_hydra_files(run_dir)
     try:
         train(cfg, run_dir=run_dir)
     except (ConfigError, LossDiverged) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-            if isinstance(e, ConfigError):
-                _remove_if_empty(run_dir)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
+        if isinstance(e, ConfigError) and fresh:  # every rank: the folder its Hydra made
+            _remove_run_dir(run_dir)
+        return 2 if isinstance(e, ConfigError) else 1
+    if fresh and _only_hydra_files(run_dir):  # a rank's own Hydra folder (rank 0's run dir was used)
+        _remove_run_dir(run_dir)
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    code = run(cfg, _hydra_run_dir())
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
     try:
         check_group_choices(sys.argv[1:])
+        check_run_dir_writable(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
