@@ -26,12 +26,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import ConfigError
-from trainer.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, read_meta, resolve_resume,
-                                save_checkpoint)
+from trainer.checkpoint import (
+    check_compatible,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    resolve_resume,
+    save_checkpoint,
+)
 from trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, require_torchrun
 from trainer.logger import build_logger, resolve_mode
-from trainer.metrics import (MetricsFile, Throughput, batch_arithmetic, build_summary, eval_line, peak_flops,
-                             progress_line, summary_lines, write_summary)
+from trainer.metrics import (
+    MetricsFile,
+    Throughput,
+    batch_arithmetic,
+    build_summary,
+    eval_line,
+    peak_flops,
+    progress_line,
+    summary_lines,
+    write_summary,
+)
 from trainer.optim import Precision, build_optimizer
 from trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize
 from trainer.schedule import build_schedule
@@ -393,7 +408,8 @@ def run(cfg: DictConfig, run_dir: str | None) -> int:
     run dir is removed when it held only Hydra's files when the run began (a run dir of an earlier
     run, e.g. with resume=auto, is kept). A diverged loss prints its line and exits 1.
     """
-    fresh = run_dir is not None and _only_hydra_files(run_dir)
+    run_dir = run_dir or str(cfg.run_dir)  # (Hydra's output dir is cfg.run_dir too)
+    fresh = _only_hydra_files(run_dir)
     try:
         train(cfg, run_dir=run_dir)
     except (ConfigError, LossDiverged) as e:

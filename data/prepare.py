@@ -26,19 +26,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import shutil
 import itertools
 import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import sources
-from .tokenfile import CacheError, TokenWriter, open_tokens, remove_stale_temp, verify_tokens, write_json_atomic
+from .tokenfile import (
+    CacheError,
+    TokenWriter,
+    open_tokens,
+    remove_stale_temp,
+    verify_tokens,
+    write_json_atomic,
+)
 from .tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -332,7 +339,7 @@ def _plan_files(src, fp) -> dict:
             shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
             log.warning("data: skipped %d of %d files that are not UTF-8 text (binary or another encoding): %s",
                         len(skipped), n_files, shown)
-        if not docs:
+        if not docs and skipped:
             raise ValueError(f"data.paths: none of the {n_files} non-empty files is UTF-8 text (binary or another "
                              f"encoding, e.g. {skipped[0] if skipped else '?'}); point data.paths at text files")
     train, val = sources.split_docs(docs, fp["val_fraction"], fp["split_seed"])

@@ -276,12 +276,12 @@ def summary_lines(s: dict) -> list[str]:
 
     mfu = "n/a (peak FLOP/s of this device unknown)" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"
     return [
-        f"done: step {s['step']}/{s['max_steps']}, {_fmt_tokens(s['tokens'])} tokens, wall {_fmt_time(s['wall_s'])} "
-        f"({s['steps_this_run']} steps in this run, {_fmt_time(s['train_s'])} of them training)",
-        f"  train loss {f(s['loss'], '.4f')} (ppl {f(s['ppl'], '.2f')}) | val loss {f(s['val_loss'], '.4f')} "
-        f"(ppl {f(s['val_ppl'], '.2f')})",
-        f"  mean {_fmt_tokens(s['tokens_per_s'])} tok/s over {s['world_size']} process(es) on {s['device']} | "
-        f"MFU {mfu} | peak memory {f(s['peak_mem_gb'], '.2f')} GB ({s['peak_mem_kind']})",
+        (f"done: step {s['step']}/{s['max_steps']}, {_fmt_tokens(s['tokens'])} tokens, wall {_fmt_time(s['wall_s'])} "
+         f"({s['steps_this_run']} steps in this run, {_fmt_time(s['train_s'])} of them training)"),
+        (f"  train loss {f(s['loss'], '.4f')} (ppl {f(s['ppl'], '.2f')}) | val loss {f(s['val_loss'], '.4f')} "
+         f"(ppl {f(s['val_ppl'], '.2f')})"),
+        (f"  mean {_fmt_tokens(s['tokens_per_s'])} tok/s over {s['world_size']} process(es) on {s['device']} | "
+         f"MFU {mfu} | peak memory {f(s['peak_mem_gb'], '.2f')} GB ({s['peak_mem_kind']})"),
         f"  metrics:    {s['metrics']}",
         f"  log:        {s['log'] or 'n/a (not run through Hydra)'}",
         f"  checkpoint: {s['checkpoint'] or 'none'}",

@@ -12,7 +12,7 @@ import data.tokenfile as tf
 from data import VOCAB_SIZE, CacheError, load_data, prepare_data
 from data.tokenfile import HEADER_BYTES, TokenWriter, verify_tokens
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
 
 
 @pytest.fixture
@@ -22,8 +22,8 @@ def cfg(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(8):
         (root / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS, 400)) + "\n")
-    return dict(name="local", paths=[str(root)], cache_dir=str(tmp_path / "cache"), val_fraction=0.25,
-                num_proc=1, progress=False)
+    return {"name": "local", "paths": [str(root)], "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.25,
+            "num_proc": 1, "progress": False}
 
 
 def _flip(path, index, value=None):
