@@ -77,6 +77,11 @@ def batch_arithmetic(cfg, world_size: int) -> tuple[int, int]:
     if not isinstance(mb, int) or isinstance(mb, bool) or mb <= 0:
         raise ConfigError(f"train.micro_batch={mb!r} must be a positive integer or auto")
     share = gbt // (seq_len * world_size)  # sequences per process per optimizer step
+    if share == 0:
+        raise ConfigError(
+            f"train.global_batch_tokens={gbt} is less than one sequence per process (seq_len x processes = "
+            f"{seq_len} x {world_size} = {seq_len * world_size}); use train.global_batch_tokens="
+            f"{seq_len * world_size} or more, or fewer processes")
     if gbt % (seq_len * world_size) == 0 and 0 < share < mb:
         log.info(f"train.micro_batch={mb} is more than the {share} sequence(s) each of {world_size} process(es) "
                  f"gets per step (global_batch_tokens / (seq_len x processes)); using micro_batch={share}")
