@@ -34,6 +34,7 @@ from trainer.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from trainer.cli import check_override_keys, check_run_dir_writable, only_hydra_files, remove_run_dir
 from trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, require_torchrun
 from trainer.logger import build_logger, resolve_mode
 from trainer.metrics import (
@@ -112,6 +113,11 @@ def check_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     if str(cfg.train.precision) not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"train.precision={cfg.train.precision!r}: use bf16, fp16 or fp32")
     require_torchrun(parallel_name(cfg))  # parallel=ddp|fsdp needs torchrun (one line otherwise)
+    if parallel_name(cfg) == "single" and world_size > 1:
+        raise ConfigError(f"parallel=single but {world_size} processes were launched; use parallel=fsdp or "
+                          f"parallel=ddp with torchrun, or run one process")
+    if not str(OmegaConf.select(cfg, "run_dir") or "").strip():
+        raise ConfigError("run_dir is empty; give a folder, e.g. run_dir=outputs/my_run")
     ac = str(OmegaConf.select(cfg, "parallel.activation_checkpointing", default="none"))
     if ac not in ("none", "full", "selective"):
         raise ConfigError(f"parallel.activation_checkpointing={ac!r}: use none, full or selective")
@@ -349,77 +355,38 @@ def check_group_choices(argv: list[str]) -> None:
                 raise ConfigError(f"{key}={choice} is not an option; choose one of: {', '.join(options)}")
 
 
-HYDRA_FILES = {".hydra", "train.log"}  # what Hydra puts in the run dir before train() starts
-_dirs_before: set[str] = set()  # folders on the run dir's path that existed before Hydra ran (see __main__)
-
-
-def _only_hydra_files(run_dir: str) -> bool:
-    p = Path(run_dir)
-    return not p.exists() or {q.name for q in p.iterdir()} <= HYDRA_FILES
-
-
-def _remove_run_dir(run_dir: str) -> None:
-    """Undo what this run created: the run dir (just its contents if it existed before) and the
-    empty folders above it that Hydra made (e.g. outputs/<date>/), up to one that existed before."""
-    import shutil
-
-    p = Path(os.path.abspath(run_dir))
-    if str(p) in _dirs_before:
-        for q in p.iterdir():
-            shutil.rmtree(q, ignore_errors=True) if q.is_dir() else q.unlink(missing_ok=True)
-        return
-    shutil.rmtree(p, ignore_errors=True)
-    for q in p.parents if _dirs_before else ():  # (in-process callers made their folders themselves)
-        if str(q) in _dirs_before or q == Path.cwd() or not q.is_dir() or any(q.iterdir()):
-            break
-        q.rmdir()
-
-
-def _run_dir_arg(argv: list[str]) -> str | None:
-    values = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0].lstrip("+") == "run_dir" and "=" in a]
-    return values[-1] if values else None
-
-
-def check_run_dir_writable(argv: list[str]) -> None:
-    """`run_dir=` on a read-only or immutable folder (or a file): one line before Hydra touches it.
-    Also records which folders on its path exist already (so a failed run removes only its own)."""
-    import tempfile
-
-    target = Path(os.path.abspath(os.path.expanduser(_run_dir_arg(argv) or os.path.join("outputs", "x"))))
-    _dirs_before.update(str(q) for q in (target, *target.parents) if q.is_dir())
-    if "${" in str(target):
-        return  # an interpolation: Hydra resolves it
-    existing = next(q for q in (target, *target.parents) if q.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"run_dir={target}: {existing} is a file, not a folder; pick another run_dir")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise ConfigError(f"run_dir={target}: cannot write in {existing} ({e.strerror}); pick a writable "
-                          f"folder, e.g. run_dir=$HOME/runs/my_run") from None
-
-
 def run(cfg: DictConfig, run_dir: str | None) -> int:
     """train() with the command line's error handling; returns the exit code.
 
     A bad setting or bad data prints `error: <one line>` (exit 2) and leaves nothing behind: the
     run dir is removed when it held only Hydra's files when the run began (a run dir of an earlier
-    run, e.g. with resume=auto, is kept). A diverged loss prints its line and exits 1.
+    run, e.g. with resume=auto, is kept). A diverged loss or running out of GPU memory prints its
+    line and exits 1; Ctrl-C exits 130 with the line that says how to continue.
     """
     run_dir = run_dir or str(cfg.run_dir)  # (Hydra's output dir is cfg.run_dir too)
-    fresh = _only_hydra_files(run_dir)
+    fresh = only_hydra_files(run_dir)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         train(cfg, run_dir=run_dir)
     except (ConfigError, LossDiverged) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if main_rank:
             print(f"error: {e}", file=sys.stderr, flush=True)
         if isinstance(e, ConfigError) and fresh:  # every rank: the folder its Hydra made
-            _remove_run_dir(run_dir)
+            remove_run_dir(run_dir)
         return 2 if isinstance(e, ConfigError) else 1
-    if fresh and _only_hydra_files(run_dir):  # a rank's own Hydra folder (rank 0's run dir was used)
-        _remove_run_dir(run_dir)
+    except torch.cuda.OutOfMemoryError:
+        if main_rank:
+            print(f"error: out of GPU memory at train.micro_batch={cfg.train.micro_batch}, seq_len={cfg.seq_len}; "
+                  "use a smaller train.micro_batch (the global batch stays: more accumulation steps), "
+                  "parallel.activation_checkpointing=full, or more GPUs with parallel=fsdp", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        if main_rank:
+            print(f"error: interrupted; continue from the newest checkpoint with the same command plus "
+                  f"run_dir={run_dir} resume=auto", file=sys.stderr, flush=True)
+        return 130
+    if fresh and only_hydra_files(run_dir):  # a rank's own Hydra folder (rank 0's run dir was used)
+        remove_run_dir(run_dir)
     return 0
 
 
@@ -433,6 +400,7 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     try:
         check_group_choices(sys.argv[1:])
+        check_override_keys(sys.argv[1:], CONFIG_DIR, GROUPS)
         check_run_dir_writable(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -227,7 +227,11 @@ def prepare_data(data_cfg, *, progress: bool | None = None, rebuild: str | None 
             )
     # Read and check the files before the folder exists: a corpus that cannot be used leaves nothing.
     plan = _plan_files(src, fp) if src is not None else None
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data cache folder {folder} ({e.strerror}); set data.cache_dir "
+                        "(or LONGCTX_CACHE) to a writable folder") from None
     try:
         with _locked(folder):
             problem = check_cache(folder, fp, tok_fp)  # again: another process may have built it meanwhile
@@ -256,6 +260,12 @@ def prepare_data(data_cfg, *, progress: bool | None = None, rebuild: str | None 
                 **stats,
             }
             write_json_atomic(folder / "meta.json", meta)  # last: marks the folder complete
+    except OSError as e:  # disk full, quota, permissions: one line, and nothing half-built left
+        _remove_incomplete(folder)
+        if isinstance(e, ConnectionError):
+            raise
+        raise DataError(f"could not write the token files in {folder} ({e.strerror or e}); free space or set "
+                        "data.cache_dir (or LONGCTX_CACHE) to another folder") from e
     except BaseException:
         _remove_incomplete(folder)
         raise

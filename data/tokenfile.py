@@ -60,6 +60,16 @@ class CacheError(RuntimeError):
     """A token file or cache folder is missing, incomplete or does not match what is expected."""
 
 
+def _default_mode(fd: int) -> None:
+    """mkstemp makes 0600 files; a cache is shared (other users, other jobs): 0666 minus the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        os.fchmod(fd, 0o666 & ~mask)
+    except (AttributeError, OSError):  # not POSIX
+        pass
+
+
 def _pack_header(count: int, tokenizer_fp: str) -> bytes:
     head = _HEADER.pack(MAGIC, VERSION, DTYPE_CODE, count, bytes.fromhex(tokenizer_fp))
     return head + b"\0" * (HEADER_BYTES - len(head))
@@ -118,6 +128,7 @@ class TokenWriter:
         self._crcs: list[int] = []
         self._crc, self._fill = 0, 0  # CRC and length of the chunk being written
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=TMP_SUFFIX)
+        _default_mode(fd)
         self.tmp = Path(tmp)
         self._f = os.fdopen(fd, "wb")
         self._f.write(_pack_header(0, tokenizer_fp))  # count is filled in by commit()
@@ -180,6 +191,7 @@ def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    _default_mode(fd)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)

@@ -192,6 +192,20 @@ def run_command(cmd: Command, cache_dir: str, run_dir: str | None = None, cfg=No
     return {"code": code, "summary": result.get("summary"), "overrides": overrides, "choices": choices}
 
 
+def offline(monkeypatch):
+    """No internet, deterministically: the Hub download fails the way `datasets` fails offline
+    (HF_*_OFFLINE set after `datasets` was imported would be ignored, and a real attempt can
+    wait for network timeouts)."""
+    import pytest
+
+    datasets = pytest.importorskip("datasets")
+
+    def load_dataset(name, *a, **k):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
 def main(argv: list[str]) -> int:
     """Under torchrun: run the commands of argv[0] (JSON: [{"source", "text", "overrides"}], the
     overrides already shrunk by the parent) in order; rank 0 writes the results to argv[1]."""

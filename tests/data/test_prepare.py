@@ -178,7 +178,7 @@ def test_crash_mid_write_leaves_no_partial_files(tmp_path, corpus, monkeypatch):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(TokenWriter, "write", flaky)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(DataError, match=r"could not write the token files in .* \(disk full \(simulated\)\); free space"):
         prepare_data(cfg)
     folder = prep.cache_folder(cfg)
     assert n["calls"] == 1
@@ -343,3 +343,21 @@ def test_prepare_script(tmp_path, corpus):
         cwd=tmp_path,
     )
     assert bad.returncode == 1 and "error: data.paths: 'nope/*.txt' matches no files" in bad.stderr
+
+
+def test_unwritable_cache_dir_is_one_line(tmp_path, corpus):
+    (tmp_path / "f").write_text("a file, not a folder")
+    with pytest.raises(DataError, match=r"cannot create the data cache folder .*; set data.cache_dir") as e:
+        prepare_data(_cfg(tmp_path, corpus, cache_dir=str(tmp_path / "f" / "c")))
+    assert "\n" not in str(e.value)
+
+
+def test_token_files_readable_by_others(tmp_path, corpus):
+    """A shared cache: files get 0666 minus the umask (mkstemp alone would make them 0600)."""
+    old = os.umask(0o022)
+    try:
+        folder = prepare_data(_cfg(tmp_path, corpus))
+    finally:
+        os.umask(old)
+    for name in ("train.bin", "val.bin", "meta.json", "verified.json"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o644, name

@@ -72,13 +72,14 @@ def test_missing_and_corrupt_data_cache(corpus, tmp_path):
 
 
 def test_dataset_not_downloadable_offline(corpus, tmp_path, monkeypatch):
-    pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from tests.commands import offline
+
+    offline(monkeypatch)
     msg = _config_error(corpus, tmp_path, data="openwebtext", **{
         "data.cache_dir": str(tmp_path / "cache"), "data.hf_cache_dir": str(tmp_path / "hf"),
         "data.paths": None, "data.val_fraction": 0.0005})
-    assert "openwebtext" in msg.lower()
+    assert "could not download the Hugging Face dataset 'Skylion007/openwebtext'" in msg and "data=stdlib" in msg
+    assert list((tmp_path / "cache").iterdir()) == []  # no openwebtext-<key>/.lock left
 
 
 def test_eval_tokens_larger_than_val_split(corpus, tmp_path):
@@ -166,7 +167,6 @@ def base_cfg(corpus, tmp_path_factory):
 
 def _run_refused(cfg, run_dir, capsys, monkeypatch) -> str:
     import data
-
     import train as train_mod
 
     monkeypatch.setattr(data, "prepare_data", lambda *a, **k: pytest.fail("data touched before the check"))
@@ -209,3 +209,60 @@ def test_cuda_without_a_gpu(base_cfg, tmp_path, capsys, monkeypatch):
         cfg.device, cfg.run_dir = device, str(tmp_path / "run")
         line = _run_refused(cfg, tmp_path / "run", capsys, monkeypatch)
         assert f"device={device} but no CUDA GPU is visible; use device=cpu or device=auto" in line
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["train.lrr=1"], "train.lrr: no such setting; did you mean train.lr or train.min_lr?"),
+    (["model=gpt2_tiny", "model.n_embed=64"], "model.n_embed: no such setting; did you mean model.n_embd"),
+    (["attention=block_sparse", "attention.layot=local"], "did you mean attention.layout"),
+    (["xyz=1"], "xyz: no such setting (every setting is listed in configs/; +xyz=... adds a new key)"),
+])
+def test_unknown_key_one_line(argv, expect):
+    import train as train_mod
+    from trainer.cli import check_override_keys
+
+    with pytest.raises(ConfigError) as e:
+        check_override_keys(argv, train_mod.CONFIG_DIR, train_mod.GROUPS)
+    assert expect in str(e.value) and "\n" not in str(e.value)
+    check_override_keys(["train.lr=1e-3", "attention=block_sparse", "attention.layout=local", "+extra=1"],
+                        train_mod.CONFIG_DIR, train_mod.GROUPS)
+
+
+def test_empty_run_dir_refused(tmp_path):
+    from trainer.cli import check_run_dir_writable
+
+    with pytest.raises(ConfigError, match="run_dir is empty; give a folder"):
+        check_run_dir_writable(["run_dir="])
+    check_run_dir_writable([f"run_dir={tmp_path / 'new' / 'run'}"])
+    assert not (tmp_path / "new").exists()  # checking writes nothing
+
+
+@pytest.mark.parametrize("exc, code, expect", [
+    ("oom", 1, "out of GPU memory at train.micro_batch=4, seq_len=32; use a smaller train.micro_batch"),
+    ("interrupt", 130, "interrupted; continue from the newest checkpoint with the same command plus run_dir="),
+])
+def test_oom_and_ctrl_c_one_line(base_cfg, tmp_path, capsys, monkeypatch, exc, code, expect):
+    """Raised in the first forward: one line, the exit code, no traceback."""
+    import copy
+
+    import torch
+
+    import model as model_pkg
+    import train as train_mod
+
+    real = model_pkg.build_model
+
+    def build(cfg):
+        m = real(cfg)
+
+        def forward(*a, **k):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory") if exc == "oom" else KeyboardInterrupt
+        m.forward = forward
+        return m
+
+    monkeypatch.setattr(model_pkg, "build_model", build)
+    cfg = copy.deepcopy(base_cfg)
+    cfg.run_dir = str(tmp_path / "run")
+    assert train_mod.run(cfg, str(tmp_path / "run")) == code
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err

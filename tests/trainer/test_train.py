@@ -87,7 +87,7 @@ def test_resume_explicit_path(corpus, run20, tmp_path):
     assert [r["loss"] for r in read_rows(tmp_path)] == [r["loss"] for r in read_rows(run20)[10:]]
 
 
-def test_kill_during_checkpoint_keeps_previous(corpus, tmp_path, monkeypatch):
+def test_kill_during_checkpoint_keeps_previous(corpus, run20, tmp_path, monkeypatch):
     """A save that dies half-way leaves only a .tmp-* folder; resume=auto takes the previous one."""
     real_save, calls = ckpt_mod.dcp.save, {"n": 0}
 
@@ -113,6 +113,8 @@ def test_kill_during_checkpoint_keeps_previous(corpus, tmp_path, monkeypatch):
     assert sorted(p.name for p in ckdir.iterdir()) == ["step_0000010", "step_0000020"]
     rows = read_rows(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 21))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in read_rows(run20)]  # bitwise: as if never killed
+    assert rows[-1]["val_loss"] == read_rows(run20)[-1]["val_loss"]
 
 
 def test_ckpt_keep_prunes(corpus, tmp_path):
@@ -157,8 +159,17 @@ def test_wandb_offline_writes_a_run(corpus, tmp_path, monkeypatch):
     run_inprocess(corpus, tmp_path, logger="wandb", max_steps=4, eval_every=2, ckpt_every=0)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
-    assert list(runs[0].glob("run-*.wandb")), list(runs[0].iterdir())
-    assert (tmp_path / "wandb_run_id").is_file()
+    files = list(runs[0].glob("run-*.wandb"))
+    assert len(files) == 1, list(runs[0].iterdir())
+    assert (tmp_path / "wandb_run_id").read_text().strip() in files[0].name
+    # every logged value reached the run file (history values are stored as their JSON text)
+    data = files[0].read_bytes()
+    rows = read_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        for key in ("loss", "val_loss"):
+            if key in r:
+                assert key.encode() in data and json.dumps(r[key]).encode() in data, (r["step"], key)
 
 
 def test_load_into_plain_model(run20):
