@@ -258,11 +258,14 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
     dk = tl.dot(ds_t, q, dk, input_precision=DOT_PREC)
-    if FUSED_DQ:
+    if FUSED_DQ > 0:
         # dQ_i += dS K_j; K rows past Nk are 0, so their (finite) dS adds nothing.
         dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_D) fp32
-        tl.atomic_add(dqa_ptrs + start_m * HEAD_DIM, dq,
-                      mask=(rows[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        dq_mask = (rows[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
+        if FUSED_DQ == 1:
+            tl.atomic_add(dqa_ptrs + start_m * HEAD_DIM, dq, mask=dq_mask, sem="relaxed")
+        else:  # profiling only (_PROFILE_DQ_MODE = 2): plain stores, wrong sums, the atomics' cost left out
+            tl.store(dqa_ptrs + start_m * HEAD_DIM, dq, mask=dq_mask)
     return dk, dv
 
 
@@ -511,7 +514,9 @@ _KINDS = ("fwd", "bwd", "dkdv", "dq")
 _INTERP = (64, 64, 4, 1)
 
 _OVERRIDE: dict = {}  # filled by set_launch_config() (benchmarks / tuning sweeps)
-_OPTIONS = {"tma": None}  # None: automatic (Hopper + aligned inputs); True / False: forced
+# TMA descriptor loads per pass: None: automatic (Hopper + aligned inputs); True / False: forced
+_OPTIONS = {"fwd_tma": None, "bwd_tma": None}
+_UNSET = object()
 
 
 def set_launch_config(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
@@ -525,10 +530,15 @@ def clear_launch_config() -> None:
     _OVERRIDE.clear()
 
 
-def set_kernel_options(tma: bool | None = None) -> None:
-    """tma=None: TMA descriptors on Hopper when the inputs allow; True / False: always / never
-    (True still needs 16-byte aligned strides and base addresses; the interpreter emulates it)."""
-    _OPTIONS["tma"] = tma
+def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET) -> None:
+    """TMA descriptor loads in the forward (fwd_tma), the fused backward (bwd_tma) or both (tma):
+    None = on Hopper when the inputs allow (the default); True / False = always / never. True
+    still needs 16-byte aligned strides and base addresses; the interpreter emulates the loads."""
+    for key, val in (("fwd_tma", tma), ("bwd_tma", tma), ("fwd_tma", fwd_tma), ("bwd_tma", bwd_tma)):
+        if val is not _UNSET:
+            if val not in (None, True, False):
+                raise ValueError(f"{key} must be None, True or False, got {val!r}")
+            _OPTIONS[key] = val
 
 
 def _arch(device: torch.device) -> str:
@@ -639,8 +649,8 @@ def _tma_ok(*tensors) -> bool:
     return True
 
 
-def _use_tma(*tensors) -> bool:
-    want = _OPTIONS["tma"]
+def _use_tma(kind: str, *tensors) -> bool:
+    want = _OPTIONS[f"{kind}_tma"]
     if not _HAS_TMA or want is False:
         return False
     dev = tensors[0].device
@@ -670,6 +680,17 @@ def _ensure_allocator():
     triton.set_allocator(_tma_scratch)
 
 
+# Profiling knob for scripts/kernel_lab.py, never for training: 1 = atomic dQ adds (the real
+# kernel); 0 = no dQ at all and 2 = plain racy stores, to time what the dQ product and its atomics cost.
+_PROFILE_DQ_MODE = 1
+_RECORD: dict | None = None  # kernel kind -> compiled kernel of the last launch (scripts/kernel_lab.py)
+
+
+def _record(kind: str, handle) -> None:
+    if _RECORD is not None:
+        _RECORD[kind] = handle
+
+
 def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
@@ -679,7 +700,7 @@ def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
     _check_tiles(bm, bn, block_mask)
     count, idx, split, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, True, causal)
     grid = (triton.cdiv(Nq, bm), B * H)
-    _fwd_kernel[grid](
+    h = _fwd_kernel[grid](
         q, k, v, o, lse, count, idx, split,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -688,7 +709,8 @@ def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
         smh, smr, H, Nq, Nk, sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
         CAUSAL=causal, SPARSE=block_mask is not None, MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec,
-        USE_TMA=_use_tma(q, k, v, o), num_warps=w, num_stages=s)
+        USE_TMA=_use_tma("fwd", q, k, v, o), num_warps=w, num_stages=s)
+    _record("fwd", h)
     return o, lse
 
 
@@ -724,15 +746,16 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
     bm, bn, w, s = _launch_config(kind, q.device, D, block_mask, causal=causal, dtype=q.dtype)
     _check_tiles(bm, bn, block_mask)
     count, idx, split, smh, smc, mbm, mbn = _mask_args(block_mask, q.device, False, causal)
-    _bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * H)](
+    h = _bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * H)](
         q, k, v, do, dk, dv, lse, delta, dqa, count, idx, split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         smh, smc, H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, SPARSE=sparse,
-        MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec, FUSED_DQ=fused,
-        USE_TMA=fused and _use_tma(q, do), num_warps=w, num_stages=s)
+        MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec, FUSED_DQ=_PROFILE_DQ_MODE if fused else 0,
+        USE_TMA=fused and _use_tma("bwd", q, do), num_warps=w, num_stages=s)
+    _record(kind, h)
 
     if fused:
         conv_m = 64 if q.device.type == "cuda" else 128
@@ -744,7 +767,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
     bm, bn, w, s = _launch_config("dq", q.device, D, block_mask, causal=causal, dtype=q.dtype)
     _check_tiles(bm, bn, block_mask)
     count, idx, split, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, True, causal)
-    _bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
+    h = _bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
         q, k, v, do, dq, lse, delta, count, idx, split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -752,6 +775,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
         smh, smr, H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, SPARSE=sparse,
         MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec, num_warps=w, num_stages=s)
+    _record("dq", h)
     return dq, dk, dv
 
 

@@ -36,7 +36,7 @@ def test_backward_variants_block_sparse(variant, monkeypatch):
     """The default fused backward runs in every test above; the two-kernel deterministic backward
     and the TMA-descriptor loads get a per-head causal layout with empty and partial blocks."""
     if variant == "tma":
-        monkeypatch.setitem(flash_mod._OPTIONS, "tma", True)
+        monkeypatch.setattr(flash_mod, "_OPTIONS", {"fwd_tma": True, "bwd_tma": True})
     n, heads = 150, 2
     mask = kernels.bigbird_mask(n, window_blocks=1, global_blocks=1, random_blocks=1, seed=3, n_heads=heads,
                                 block_m=BLOCK, block_n=BLOCK, causal=True)
