@@ -268,6 +268,82 @@ class BlockMask:
             self._lists[key] = cached
         return cached
 
+    # Flags of grouped_lists' ent_info entries (bits above the 24-bit "own" tile index).
+    GROUP_FIRST, GROUP_LAST, GROUP_MASK, GROUP_EMPTY = 1 << 24, 1 << 25, 1 << 26, 1 << 27
+
+    def grouped_lists(self, device="cpu", causal: bool | None = None, *, rows: bool = True, split: int = 1,
+                      group_entries: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Work lists for kernels where one program handles several consecutive rows (or columns).
+
+        rows=True: the "own" axis is the query axis (the forward); rows=False: the key axis (the
+        backward's dK/dV). Each own block is cut into `split` tiles; every own tile gets one entry
+        per kept block of its row (column) list, ascending, and one entry marked EMPTY if it keeps
+        none (its output must still be written). Consecutive own tiles of one head are packed
+        into groups of about `group_entries` entries (a tile is never split across groups).
+
+        Returns, as contiguous int32 tensors on `device` (cached):
+            grp_ptr  (Hm, G + 1)  group g of head h covers entries [grp_ptr[h, g], grp_ptr[h, g+1]);
+                                  heads with fewer groups repeat their entry count (empty groups)
+            ent_info (Hm, E)      own tile index | GROUP_FIRST (first entry of its tile) |
+                                  GROUP_LAST | GROUP_MASK (needs the element mask: crosses the
+                                  causal diagonal or the sequence end) | GROUP_EMPTY
+            ent_idx  (Hm, E)      the kept block on the other axis (0 for EMPTY entries)
+        """
+        causal = self._causal if causal is None else bool(causal)
+        split = _int("split", split, 1)
+        group_entries = _int("group_entries", group_entries, 1)
+        key = ("grouped", _device_key(device), causal, bool(rows), split, group_entries)
+        cached = self._lists.get(key)
+        if cached is not None:
+            return cached
+        row_count, row_idx, col_count, col_idx = self.lists("cpu")
+        row_full, col_masked = self.split_counts("cpu", causal)
+        count, idx = (row_count, row_idx) if rows else (col_count, col_idx)
+        width = idx.shape[-1]
+        j = torch.arange(width).view(1, 1, width)
+        if rows:  # a row's leading row_full entries need no element mask
+            masked = j >= row_full.unsqueeze(-1)
+        else:  # a column's leading col_masked entries cross the diagonal; the last key block may be partial
+            masked = j < col_masked.unsqueeze(-1)
+            last_col = (torch.arange(self.n_blocks_n) + 1) * self._block_n > self._seq_k
+            masked = masked | last_col.view(1, -1, 1)
+        # own blocks -> own tiles (each of the `split` tiles inherits its block's list)
+        count = count.repeat_interleave(split, dim=1)
+        idx = idx.repeat_interleave(split, dim=1)
+        masked = masked.repeat_interleave(split, dim=1)
+        hm, n_own = count.shape
+        empty = count == 0
+        n_ent = count.clamp(min=1)  # an empty tile still gets one (EMPTY) entry
+        valid = j < n_ent.unsqueeze(-1)
+        own = torch.arange(n_own, dtype=torch.int32).view(1, n_own, 1).expand(hm, n_own, width)
+        info = (own
+                | torch.where(j == 0, self.GROUP_FIRST, 0)
+                | torch.where(j == n_ent.unsqueeze(-1) - 1, self.GROUP_LAST, 0)
+                | torch.where(masked | empty.unsqueeze(-1), self.GROUP_MASK, 0)
+                | torch.where(empty.unsqueeze(-1), self.GROUP_EMPTY, 0)).to(torch.int32)
+        other = torch.where(empty.unsqueeze(-1), 0, idx).to(torch.int32)
+        totals = n_ent.sum(-1)
+        n_max = int(totals.max())
+        ent_info = torch.zeros(hm, n_max, dtype=torch.int32)
+        ent_idx = torch.zeros(hm, n_max, dtype=torch.int32)
+        starts = []
+        for h in range(hm):
+            ent_info[h, : int(totals[h])] = info[h][valid[h]]
+            ent_idx[h, : int(totals[h])] = other[h][valid[h]]
+            first = torch.cumsum(n_ent[h], 0) - n_ent[h]  # first entry of each own tile
+            gid = first // group_entries
+            new = torch.ones(n_own, dtype=torch.bool)
+            new[1:] = gid[1:] != gid[:-1]
+            starts.append(first[new])
+        n_groups = max(len(st) for st in starts)
+        grp_ptr = torch.empty(hm, n_groups + 1, dtype=torch.int32)
+        for h in range(hm):
+            grp_ptr[h] = int(totals[h])
+            grp_ptr[h, : len(starts[h])] = starts[h].to(torch.int32)
+        cached = tuple(t.to(key[1]).contiguous() for t in (grp_ptr, ent_info, ent_idx))
+        self._lists[key] = cached
+        return cached
+
     @property
     def max_row(self) -> int:
         return int(self.lists("cpu")[0].max())

@@ -131,7 +131,7 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX, ROW_FULL,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                 MASK_BM: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr,
-                USE_TMA: tl.constexpr):
+                USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest query blocks first: better load balance at the tail of the grid
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -183,7 +183,7 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX, ROW_FULL,
         else:
             hi = Nk
             full_end = Nk // BLOCK_N * BLOCK_N
-        for start_n in range(0, full_end, BLOCK_N):
+        for start_n in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, offs_m, offs_n, offs_d,
                                       stride_kn, stride_vn, Nk, qk_scale, causal_off,
@@ -208,6 +208,71 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX, ROW_FULL,
     else:
         tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _fwd_grouped_kernel(Q, K, V, O, LSE, GRP, ENT_INFO, ENT_IDX,
+                        stride_qb, stride_qn, stride_qh,
+                        stride_kb, stride_kn, stride_kh,
+                        stride_vb, stride_vn, stride_vh,
+                        stride_ob, stride_on, stride_oh,
+                        stride_gh, stride_eh,
+                        H, Nq, Nk, qk_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Block-sparse forward for sparse rows: one program walks a group of consecutive query tiles
+    (BlockMask.grouped_lists, rows=True) as one flat loop over (tile, kept block) entries, so
+    the K/V loads run ahead across row boundaries instead of every row paying a program's start-up.
+    At an entry flagged FIRST the program loads its new Q tile and resets the softmax state; at
+    one flagged LAST it writes O and LSE. EMPTY rows get one fully masked entry (O = 0, LSE = inf)."""
+    g = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    SUB: tl.constexpr = MASK_BN // BLOCK_N
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    causal_off = Nk - Nq
+    q_base = Q + b * stride_qb + h * stride_qh
+    o_base = O + b * stride_ob + h * stride_oh
+    k_src = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_src = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    start = tl.load(GRP + h * stride_gh + g)
+    end = tl.load(GRP + h * stride_gh + g + 1)
+    info_ptr = ENT_INFO + h * stride_eh
+    idx_ptr = ENT_IDX + h * stride_eh
+
+    q = tl.zeros([BLOCK_M, BLOCK_D], dtype=Q.dtype.element_ty)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for t in range(start * SUB, end * SUB):
+        e = t // SUB
+        sub = t % SUB
+        info = tl.load(info_ptr + e)
+        nb = tl.load(idx_ptr + e)
+        m0 = (info & 0xFFFFFF) * BLOCK_M
+        offs_m = m0 + offs_r
+        if (((info >> 24) & 1) == 1) & (sub == 0):  # FIRST: a new query tile
+            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
+                        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        nk_eff = tl.where(((info >> 27) & 1) == 1, 0, Nk)  # EMPTY: every column masked
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, nb * MASK_BN + sub * BLOCK_N, offs_m, offs_n,
+                                  offs_d, stride_kn, stride_vn, nk_eff, qk_scale, causal_off,
+                                  True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, False)
+        if (((info >> 25) & 1) == 1) & (sub == SUB - 1):  # LAST: write this query tile
+            has_keys = l_i > 0.0
+            l_safe = tl.where(has_keys, l_i, 1.0)
+            lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
+            tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < Nq)
+            tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :],
+                     (acc / l_safe[:, None]).to(O.dtype.element_ty),
+                     mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +305,7 @@ def _bwd_preprocess(O, DO, DELTA, DQA,
 def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m, offs_n, offs_d,
                stride_qn, stride_don, Nq, qk_scale, causal_off,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr):
+               DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr, DP_FIRST: tl.constexpr):
     """Fold query block [start_m, start_m + BLOCK_M) into this K/V block's dK and dV (and, when
     FUSED_DQ, add this K/V block's share of dQ for those rows into the fp32 accumulator)."""
     rows = start_m + offs_m
@@ -250,12 +315,15 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_
     lse = tl.load(lse_ptr + rows, mask=rows < Nq, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=rows < Nq, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+    if DP_FIRST:  # both products that need only loaded tiles, before the exp2 work
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     if MASK:
         if CAUSAL:  # masked before exp2, so no overflow can appear in dropped entries
             s_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_off, s_t, float("-inf"))
     p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    if not DP_FIRST:
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
     dk = tl.dot(ds_t, q, dk, input_precision=DOT_PREC)
     if FUSED_DQ > 0:
@@ -283,7 +351,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, COL_COUNT, COL_IDX, C
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                      MASK_BM: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr,
-                     FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr):
+                     FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr, DP_FIRST: tl.constexpr):
     pid_n = tl.program_id(0)  # K block 0 sees the most query blocks when causal: heaviest first
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -322,13 +390,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, COL_COUNT, COL_IDX, C
             start_m = mb * MASK_BM + (t % SUB) * BLOCK_M
             dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m,
                                 offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
-                                True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA)
+                                True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA, DP_FIRST)
         for t in range(n_masked * SUB, count * SUB):
             mb = tl.load(idx_ptr + t // SUB)
             start_m = mb * MASK_BM + (t % SUB) * BLOCK_M
             dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m,
                                 offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
-                                False, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA)
+                                False, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA, DP_FIRST)
     else:
         if CAUSAL:
             # Rows i >= n0 - off see some key of this block; rows i >= n0 + BLOCK_N - 1 - off see all.
@@ -340,20 +408,86 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, COL_COUNT, COL_IDX, C
                 start_m = tl.multiple_of(start_m, BLOCK_M)
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m,
                                     offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
-                                    True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA)
+                                    True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA, DP_FIRST)
         else:
             full_start = 0
         for start_m in range(full_start, Nq, BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m,
                                 offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
-                                False, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA)
+                                False, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA, DP_FIRST)
 
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_grouped_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, GRP, ENT_INFO, ENT_IDX,
+                        stride_qb, stride_qn, stride_qh,
+                        stride_kb, stride_kn, stride_kh,
+                        stride_vb, stride_vn, stride_vh,
+                        stride_dob, stride_don, stride_doh,
+                        stride_dkb, stride_dkn, stride_dkh,
+                        stride_dvb, stride_dvn, stride_dvh,
+                        stride_gh, stride_eh,
+                        H, Nq, Nk, qk_scale, sm_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr, MASK_BM: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Fused block-sparse backward for sparse columns: one program walks a group of consecutive
+    K/V tiles (BlockMask.grouped_lists, rows=False) as one flat loop over (K/V tile, kept query
+    block) entries. FIRST loads the tile's K and V and zeroes dK, dV; LAST writes them; dQ goes
+    to the fp32 accumulator with atomic adds as in the fused dense backward. EMPTY columns get
+    one entry that adds nothing (every row treated as past Nq), so their dK = dV = 0 are written."""
+    g = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    SUB: tl.constexpr = MASK_BM // BLOCK_M
+    offs_c = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    causal_off = Nk - Nq
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    q_src = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    do_src = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :]
+    lse_ptr = LSE + bh * Nq
+    delta_ptr = DELTA + bh * Nq
+    dqa_ptrs = DQA + bh.to(tl.int64) * Nq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    start = tl.load(GRP + h * stride_gh + g)
+    end = tl.load(GRP + h * stride_gh + g + 1)
+    info_ptr = ENT_INFO + h * stride_eh
+    idx_ptr = ENT_IDX + h * stride_eh
+
+    k = tl.zeros([BLOCK_N, BLOCK_D], dtype=K.dtype.element_ty)
+    v = tl.zeros([BLOCK_N, BLOCK_D], dtype=V.dtype.element_ty)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for t in range(start * SUB, end * SUB):
+        e = t // SUB
+        sub = t % SUB
+        info = tl.load(info_ptr + e)
+        mb = tl.load(idx_ptr + e)
+        offs_n = (info & 0xFFFFFF) * BLOCK_N + offs_c
+        kv_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
+        if (((info >> 24) & 1) == 1) & (sub == 0):  # FIRST: a new K/V tile
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        nq_eff = tl.where(((info >> 27) & 1) == 1, 0, Nq)  # EMPTY: no row contributes
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, mb * MASK_BM + sub * BLOCK_M,
+                            offs_m, offs_n, offs_d, stride_qn, stride_don, nq_eff, qk_scale, causal_off,
+                            True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, 1, False, False)
+        if (((info >> 25) & 1) == 1) & (sub == SUB - 1):  # LAST: write this K/V tile
+            tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+                     dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -491,8 +625,11 @@ _TABLES = {
     "hopper": {
         "fwd": [(64, (128, 64, 8, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
                 (256, (64, 64, 4, 2), (64, 64, 4, 2))],
-        "bwd": [(64, (64, 128, 8, 2), (64, 128, 8, 2)), (128, (64, 128, 8, 2), (64, 128, 8, 2)),
+        "bwd": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 128, 8, 3), (64, 128, 8, 3)),
                 (256, (32, 64, 4, 2), (32, 64, 4, 2))],
+        # block-sparse: smaller tiles keep more programs per SM busy when rows keep few blocks
+        "fwd_sparse": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 64, 4, 3), (64, 64, 4, 3)),
+                       (256, (64, 64, 4, 2), (64, 64, 4, 2))],
         "dkdv": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 128, 8, 3), (64, 128, 8, 3)),
                  (256, (32, 64, 4, 2), (32, 64, 4, 2))],
         "dq": [(64, (128, 64, 8, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
@@ -515,7 +652,12 @@ _INTERP = (64, 64, 4, 1)
 
 _OVERRIDE: dict = {}  # filled by set_launch_config() (benchmarks / tuning sweeps)
 # TMA descriptor loads per pass: None: automatic (Hopper + aligned inputs); True / False: forced
-_OPTIONS = {"fwd_tma": None, "bwd_tma": None}
+_OPTIONS = {"fwd_tma": None, "bwd_tma": None, "fwd_ws": False, "dp_first": False,
+            "sparse_grouped": None, "group_tiles": 16}
+# Automatic choices (measured on an H200, docs/kernel_notes.md): TMA descriptor loads were slower
+# than cp.async pipelining with Triton 3.6, so "automatic" leaves them off.
+_TMA_AUTO = False
+_GROUPED_MAX_AVG_BLOCKS = 6.0  # grouped block-sparse kernels when rows keep at most this many blocks
 _UNSET = object()
 
 
@@ -550,7 +692,7 @@ def _smem_bytes(kind: str, bm: int, bn: int, stages: int, block_d: int, esize: i
     """Shared memory a config needs, roughly: resident tiles + pipelined tiles + one score tile."""
     if kind == "fwd":
         return (bm * block_d + stages * 2 * bn * block_d + bm * bn) * esize
-    if kind in ("dkdv", "bwd"):
+    if kind in ("dkdv", "bwd"):  # the K/V tile stays, query tiles stream
         return (2 * bn * block_d + stages * 2 * bm * block_d + 2 * bm * bn) * esize
     return (2 * bm * block_d + stages * 2 * bn * block_d + bm * bn) * esize  # dq
 
@@ -580,7 +722,8 @@ def _launch_config(kind: str, device: torch.device, head_dim: int, block_mask=No
     elif device.type != "cuda":
         bm, bn, w, s = _INTERP
     else:
-        rows = _TABLES[_arch(device)][kind]
+        table = _TABLES[_arch(device)]
+        rows = table.get(f"{kind}_sparse", table[kind]) if block_mask is not None else table[kind]
         cfg = next((c for max_d, c, nc in rows if head_dim <= max_d), rows[-1][1])
         if not causal:
             cfg = next((nc for max_d, c, nc in rows if head_dim <= max_d), rows[-1][2])
@@ -654,7 +797,7 @@ def _use_tma(kind: str, *tensors) -> bool:
     if not _HAS_TMA or want is False:
         return False
     dev = tensors[0].device
-    if want is None and (dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9):
+    if want is None and (not _TMA_AUTO or dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9):
         return False
     if not _tma_ok(*tensors):
         return False
@@ -698,6 +841,19 @@ def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
     lse = _empty((B, H, Nq), q.device)
     bm, bn, w, s = _launch_config("fwd", q.device, D, block_mask, causal=causal, dtype=q.dtype)
     _check_tiles(bm, bn, block_mask)
+    if _use_grouped(block_mask, rows=True):
+        grp, info, ent, sgh, seh, n_groups = _grouped_args(block_mask, q.device, causal, True, bm, bn)
+        h = _fwd_grouped_kernel[(n_groups, B * H)](
+            q, k, v, o, lse, grp, info, ent,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            sgh, seh, H, Nq, Nk, sm_scale * LOG2E,
+            HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, MASK_BN=block_mask.block_n,
+            DOT_PREC=dot_prec, num_warps=w, num_stages=s)
+        _record("fwd", h)
+        return o, lse
     count, idx, split, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, True, causal)
     grid = (triton.cdiv(Nq, bm), B * H)
     h = _fwd_kernel[grid](
@@ -709,9 +865,42 @@ def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
         smh, smr, H, Nq, Nk, sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
         CAUSAL=causal, SPARSE=block_mask is not None, MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec,
-        USE_TMA=_use_tma("fwd", q, k, v, o), num_warps=w, num_stages=s)
+        USE_TMA=(tma := _use_tma("fwd", q, k, v, o)), WARP_SPEC=tma and _OPTIONS["fwd_ws"] and block_mask is None,
+        num_warps=w, num_stages=s)
     _record("fwd", h)
     return o, lse
+
+
+def _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D):
+    conv_m = 64 if dq.device.type == "cuda" else 128
+    _bwd_dq_convert[(triton.cdiv(Nq, conv_m), dq.shape[0] * H)](
+        dqa, dq, dq.stride(0), dq.stride(1), dq.stride(2), H, Nq, sm_scale,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=conv_m)
+    return dq
+
+
+def _use_grouped(block_mask, rows: bool) -> bool:
+    """Grouped (several rows per program) block-sparse kernels for masks whose rows (columns)
+    keep few blocks on average, where a program per row would spend its time starting up."""
+    if block_mask is None:
+        return False
+    want = _OPTIONS["sparse_grouped"]
+    if want is not None:
+        return want
+    count = block_mask.lists("cpu")[0 if rows else 2]
+    return float(count.float().mean()) <= _GROUPED_MAX_AVG_BLOCKS
+
+
+def _grouped_args(block_mask, device, causal, rows, own_tile, other_tile):
+    """(grp_ptr, ent_info, ent_idx, head stride of grp_ptr, head stride of the entries, groups)."""
+    own_block = block_mask.block_m if rows else block_mask.block_n
+    sub = (block_mask.block_n if rows else block_mask.block_m) // other_tile
+    entries = max(1, _OPTIONS["group_tiles"] // sub)
+    grp, info, ent = block_mask.grouped_lists(device, causal, rows=rows, split=own_block // own_tile,
+                                              group_entries=entries)
+    shared = grp.shape[0] == 1
+    return (grp, info, ent, 0 if shared else grp.stride(0), 0 if shared else info.stride(0),
+            grp.shape[1] - 1)
 
 
 def _deterministic_default() -> bool:
@@ -745,6 +934,18 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
     kind = "bwd" if fused else "dkdv"
     bm, bn, w, s = _launch_config(kind, q.device, D, block_mask, causal=causal, dtype=q.dtype)
     _check_tiles(bm, bn, block_mask)
+    if fused and _use_grouped(block_mask, rows=False):
+        grp, info, ent, sgh, seh, n_groups = _grouped_args(block_mask, q.device, causal, False, bn, bm)
+        h = _bwd_grouped_kernel[(n_groups, B * H)](
+            q, k, v, do, dk, dv, lse, delta, dqa, grp, info, ent,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            sgh, seh, H, Nq, Nk, qk_scale, sm_scale,
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, MASK_BM=block_mask.block_m,
+            DOT_PREC=dot_prec, num_warps=w, num_stages=s)
+        _record("bwd", h)
+        return _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D), dk, dv
     count, idx, split, smh, smc, mbm, mbn = _mask_args(block_mask, q.device, False, causal)
     h = _bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * H)](
         q, k, v, do, dk, dv, lse, delta, dqa, count, idx, split,
@@ -754,15 +955,11 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
         smh, smc, H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, SPARSE=sparse,
         MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec, FUSED_DQ=_PROFILE_DQ_MODE if fused else 0,
-        USE_TMA=fused and _use_tma("bwd", q, do), num_warps=w, num_stages=s)
+        USE_TMA=fused and _use_tma("bwd", q, do), DP_FIRST=_OPTIONS["dp_first"], num_warps=w, num_stages=s)
     _record(kind, h)
 
     if fused:
-        conv_m = 64 if q.device.type == "cuda" else 128
-        _bwd_dq_convert[(triton.cdiv(Nq, conv_m), B * H)](
-            dqa, dq, dq.stride(0), dq.stride(1), dq.stride(2), H, Nq, sm_scale,
-            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=conv_m)
-        return dq, dk, dv
+        return _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D), dk, dv
 
     bm, bn, w, s = _launch_config("dq", q.device, D, block_mask, causal=causal, dtype=q.dtype)
     _check_tiles(bm, bn, block_mask)

@@ -46,25 +46,36 @@ def log(msg):
 
 # ----------------------------------------------------------------------------- variants
 # A variant: deterministic backward or not, TMA on/off, and launch-config overrides per kernel kind.
-def V(name, det=False, tma=False, **cfg):
-    return {"name": name, "det": det, "tma": tma, "cfg": cfg}
+def V(name, det=False, tma=False, opts=None, **cfg):
+    return {"name": name, "det": det, "tma": tma, "cfg": cfg, "opts": dict(opts or {})}
+
+
+WS = {"fwd_ws": True}
+DPF = {"dp_first": True}
 
 
 FWD_VARIANTS = {  # per head dim: the table's config first
-    64: [V("fwd_tab"), V("fwd_tab_tma", tma=True), V("fwd_128x128w8s2", fwd=(128, 128, 8, 2))],
-    128: [V("fwd_tab"), V("fwd_tab_tma", tma=True), V("fwd_128x128w8s2", fwd=(128, 128, 8, 2))],
+    64: [V("fwd_tab"), V("fwd_ws_tma", tma=True, opts=WS), V("fwd_64x64w4s3", fwd=(64, 64, 4, 3)),
+         V("fwd_128x64w8s4", fwd=(128, 64, 8, 4))],
+    128: [V("fwd_tab"), V("fwd_ws_tma", tma=True, opts=WS), V("fwd_128x64w8s2", fwd=(128, 64, 8, 2)),
+          V("fwd_64x64w4s3", fwd=(64, 64, 4, 3))],
 }
 BWD_VARIANTS = {
-    64: [V("bwd_det", det=True), V("bwd_tab"), V("bwd_tab_tma", tma=True), {**V("prof_tab_no_dq"), "dq_mode": 0},
-         {**V("prof_tab_dq_store"), "dq_mode": 2},
-         V("bwd_64x128w8s3", bwd=(64, 128, 8, 3)), V("bwd_64x64w4s3", bwd=(64, 64, 4, 3)),
-         V("bwd_128x128w8s2", bwd=(128, 128, 8, 2))],
-    128: [V("bwd_det", det=True), V("bwd_tab"), V("bwd_tab_tma", tma=True), {**V("prof_tab_no_dq"), "dq_mode": 0},
-          {**V("prof_tab_dq_store"), "dq_mode": 2},
-          V("bwd_64x128w8s3", bwd=(64, 128, 8, 3)), V("bwd_32x128w8s2", bwd=(32, 128, 8, 2))],
+    64: [V("bwd_det", det=True), V("bwd_tab"), V("bwd_tab_dpf", opts=DPF),
+         V("bwd_32x64w4s3", bwd=(32, 64, 4, 3)), V("bwd_32x64w4s4", bwd=(32, 64, 4, 4)),
+         V("bwd_64x64w4s2", bwd=(64, 64, 4, 2)), V("bwd_32x128w8s3", bwd=(32, 128, 8, 3)),
+         V("bwd_64x64w8s3", bwd=(64, 64, 8, 3))],
+    128: [V("bwd_det", det=True), V("bwd_tab"), V("bwd_tab_dpf", opts=DPF),
+          V("bwd_64x128w8s2", bwd=(64, 128, 8, 2)), V("bwd_32x128w8s3", bwd=(32, 128, 8, 3)),
+          V("bwd_64x64w4s3", bwd=(64, 64, 4, 3)), V("bwd_32x64w4s3", bwd=(32, 64, 4, 3))],
 }
-SPARSE_VARIANTS = [V("sp_det", det=True), V("sp_fused"), V("sp_fused_small", fwd=(64, 64, 4, 3), bwd=(64, 64, 4, 2)),
-                   V("sp_fused_tma", tma=True)]
+GROUPED = {"sparse_grouped": True}
+SPARSE_VARIANTS = [V("sp_det", det=True, opts={"sparse_grouped": False}),
+                   V("sp_rows", opts={"sparse_grouped": False}),
+                   V("sp_grp16", opts={**GROUPED, "group_tiles": 16}),
+                   V("sp_grp32", opts={**GROUPED, "group_tiles": 32}),
+                   V("sp_grp16_b32", bwd=(32, 64, 4, 3), opts={**GROUPED, "group_tiles": 16}),
+                   V("sp_grp16_dpf", opts={**GROUPED, **DPF, "group_tiles": 16})]
 DENSE_CASES = [(64, True, 1024), (64, True, 4096), (64, True, 16384), (128, True, 4096), (128, True, 16384),
                (128, False, 16384)]
 SPARSE_CASES = [(layout, t) for layout in ("local", "bigbird") for t in ("1/8", "1/16", "1/32")]
@@ -74,6 +85,8 @@ SPARSE_N = 16384
 def apply_variant(v):
     from kernels import flash as F
     F._PROFILE_DQ_MODE = v.get("dq_mode", 1)
+    F._OPTIONS.update({"fwd_ws": False, "dp_first": False, "sparse_grouped": None, "group_tiles": 16})
+    F._OPTIONS.update(v.get("opts", {}))
     F.clear_launch_config()
     for kind, cfg in v["cfg"].items():
         F.set_launch_config(kind, *cfg)
@@ -189,7 +202,8 @@ def warm_up(jobs, workers, timeout_s):
 
 
 # ------------------------------------------------------------------------------ checks
-CHECK_VARIANTS = [V("fused_auto", tma=None), V("fused_ptr"), V("det", det=True)]
+CHECK_VARIANTS = [V("fused_auto", tma=None), V("fused_ptr"), V("det", det=True),
+                  V("rows_tma", tma=True, opts={"sparse_grouped": False})]
 
 
 def check_cases(smoke):
@@ -331,15 +345,21 @@ def dense_section(device, smoke, deadline, results):
         q, k, vv, do = make_inputs(B, N, H, D, torch.bfloat16 if not smoke else torch.float32, device)
         F._RECORD = {}
         fv = FWD_VARIANTS.get(D, FWD_VARIANTS[64])
+        ref_out, ref_grads = None, None
         for var in fv:
             if time.time() > deadline:
                 break
             apply_variant(var)
             F._RECORD = {}
             try:
-                ms = timeit(ours_fwd(var, q, k, vv, causal), device)
+                f = ours_fwd(var, q, k, vv, causal)
+                ms = timeit(f, device)
                 row["fwd"][var["name"]] = {"ms": ms, "tflops": ff / ms * 1e-9}
                 row["inspect"][var["name"]] = inspect_kernels()
+                with torch.no_grad():  # same function as the first (table) variant?
+                    out = f()
+                    ref_out = out if ref_out is None else ref_out
+                    row["fwd"][var["name"]]["err_vs_first"] = bl.rel_err(out, ref_out)
             except Exception as exc:
                 row["fwd"][var["name"]] = {"error": bl.short(str(exc))}
             log(f"D={D} c={int(causal)} N={N} {var['name']:<18} {row['fwd'][var['name']]}")
@@ -350,20 +370,27 @@ def dense_section(device, smoke, deadline, results):
             apply_variant(var)
             F._RECORD = {}
             try:
-                ms = timeit(ours_bwd_only(var, q, k, vv, do, causal), device)
+                f = ours_bwd_only(var, q, k, vv, do, causal)
+                ms = timeit(f, device)
                 row["bwd"][var["name"]] = {"ms": ms, "tflops": 2.5 * ff / ms * 1e-9}
                 row["inspect"][var["name"]] = inspect_kernels()
+                grads = f()
+                ref_grads = grads if ref_grads is None else ref_grads
+                row["bwd"][var["name"]]["err_vs_first"] = max(bl.rel_err(a, b_) for a, b_ in zip(grads, ref_grads))
             except Exception as exc:
                 row["bwd"][var["name"]] = {"error": bl.short(str(exc))}
             log(f"D={D} c={int(causal)} N={N} {var['name']:<18} {row['bwd'][var['name']]}")
         # the best new forward and backward, through the public API, and the old default
-        best_f = min((n_ for n_, r in row["fwd"].items() if "ms" in r), key=lambda n_: row["fwd"][n_]["ms"],
+        def good(r):
+            return "ms" in r and (r.get("err_vs_first") or 0) <= 2e-2
+        best_f = min((n_ for n_, r in row["fwd"].items() if good(r)), key=lambda n_: row["fwd"][n_]["ms"],
                      default="fwd_tab")
-        best_b = min((n_ for n_, r in row["bwd"].items() if "ms" in r and n_.startswith("bwd_") and n_ != "bwd_det"),
+        best_b = min((n_ for n_, r in row["bwd"].items() if good(r) and n_.startswith("bwd_") and n_ != "bwd_det"),
                      key=lambda n_: row["bwd"][n_]["ms"], default="bwd_tab")
         fvar = next(x for x in fv if x["name"] == best_f)
         bvar = next(x for x in bv if x["name"] == best_b)
-        new = V(f"new({best_f}+{best_b})", det=False, **{**fvar["cfg"], **bvar["cfg"]})
+        new = V(f"new({best_f}+{best_b})", det=False, opts={**fvar["opts"], **bvar["opts"]},
+                **{**fvar["cfg"], **bvar["cfg"]})
         new["fwd_tma"], new["bwd_tma"] = fvar["tma"], bvar["tma"]
         row["new_variant"] = new
         methods = [("ours_old", V("old", det=True)), ("ours_new", new)] + [(p, None) for p in peers]
@@ -460,8 +487,11 @@ def tables(res):
         rows2 = []
         for r in d:
             allv = {**r["fwd"], **r["bwd"]}
+            def cell(x):
+                bad_ = (x.get("err_vs_first") or 0) > 2e-2
+                return bl.fmt(x.get("tflops")) + ("(!)" if bad_ else "")
             rows2.append([f"D{r['D']} {'c' if r['causal'] else 'nc'} {r['N']}"] +
-                         [bl.fmt(allv.get(n_, {}).get("tflops")) for n_ in hdr2[1:]])
+                         [cell(allv.get(n_, {})) for n_ in hdr2[1:]])
         out.append("variants alone, TFLOP/s (fwd_*: forward; bwd_*: backward only)\n" + bl.text_table(hdr2, rows2))
     s = res.get("sparse", [])
     if s:

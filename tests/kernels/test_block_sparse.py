@@ -31,12 +31,18 @@ def test_each_layout_matches_reference(layout, causal):
     run_case(2, n, n, 2, 32, causal, torch.float32, block_mask=mask)
 
 
-@pytest.mark.parametrize("variant", ["deterministic", "tma"])
-def test_backward_variants_block_sparse(variant, monkeypatch):
-    """The default fused backward runs in every test above; the two-kernel deterministic backward
-    and the TMA-descriptor loads get a per-head causal layout with empty and partial blocks."""
+@pytest.mark.parametrize("variant", ["deterministic", "tma", "grouped", "per_row"])
+def test_kernel_variants_block_sparse(variant, monkeypatch):
+    """The other tests take the automatic choices (for these small masks: the grouped kernels,
+    fused backward). Here each variant gets a per-head causal layout with partial blocks: the
+    two-kernel deterministic backward, the per-row kernels with TMA-descriptor loads, the grouped
+    kernels with groups of a few entries (several groups per head), the per-row kernels."""
+    opts = {**flash_mod._OPTIONS, "sparse_grouped": variant == "grouped"}
     if variant == "tma":
-        monkeypatch.setattr(flash_mod, "_OPTIONS", {"fwd_tma": True, "bwd_tma": True})
+        opts.update(fwd_tma=True, bwd_tma=True)
+    if variant == "grouped":
+        opts["group_tiles"] = 3
+    monkeypatch.setattr(flash_mod, "_OPTIONS", opts)
     n, heads = 150, 2
     mask = kernels.bigbird_mask(n, window_blocks=1, global_blocks=1, random_blocks=1, seed=3, n_heads=heads,
                                 block_m=BLOCK, block_n=BLOCK, causal=True)

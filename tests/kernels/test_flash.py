@@ -147,7 +147,7 @@ def test_deterministic_backward_is_bitwise_reproducible():
 @pytest.mark.parametrize("nq,nk,d,causal", [(65, 65, 40, True), (17, 130, 64, False), (130, 17, 32, True)])
 def test_backward_variants(variant, nq, nk, d, causal, monkeypatch):
     if variant == "tma":
-        monkeypatch.setattr(flash_mod, "_OPTIONS", {"fwd_tma": True, "bwd_tma": True})
+        monkeypatch.setattr(flash_mod, "_OPTIONS", {**flash_mod._OPTIONS, "fwd_tma": True, "bwd_tma": True})
         launched = []
         real = flash_mod._use_tma
         monkeypatch.setattr(flash_mod, "_use_tma", lambda *t: launched.append(real(*t)) or launched[-1])
@@ -159,7 +159,7 @@ def test_backward_variants(variant, nq, nk, d, causal, monkeypatch):
 
 
 def test_tma_strided_views_and_misaligned_fallback(monkeypatch):
-    monkeypatch.setattr(flash_mod, "_OPTIONS", {"fwd_tma": True, "bwd_tma": True})
+    monkeypatch.setattr(flash_mod, "_OPTIONS", {**flash_mod._OPTIONS, "fwd_tma": True, "bwd_tma": True})
 
     def make(gen):
         qkv = torch.randn(2, 77, 3, 2, 40, generator=gen).to(DEVICE).requires_grad_()
