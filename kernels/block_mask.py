@@ -272,14 +272,17 @@ class BlockMask:
     GROUP_FIRST, GROUP_LAST, GROUP_MASK, GROUP_EMPTY = 1 << 24, 1 << 25, 1 << 26, 1 << 27
 
     def grouped_lists(self, device="cpu", causal: bool | None = None, *, rows: bool = True, split: int = 1,
-                      group_entries: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      other_split: int = 1, group_entries: int = 8
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Work lists for kernels where one program handles several consecutive rows (or columns).
 
         rows=True: the "own" axis is the query axis (the forward); rows=False: the key axis (the
         backward's dK/dV). Each own block is cut into `split` tiles; every own tile gets one entry
         per kept block of its row (column) list, ascending, and one entry marked EMPTY if it keeps
-        none (its output must still be written). Consecutive own tiles of one head are packed
-        into groups of about `group_entries` entries (a tile is never split across groups).
+        none (its output must still be written); with other_split > 1 each kept block becomes
+        that many consecutive entries, one per tile of the other axis. Consecutive own tiles of
+        one head are packed into groups of about `group_entries` entries (a tile is never split
+        across groups).
 
         Returns, as contiguous int32 tensors on `device` (cached):
             grp_ptr  (Hm, G + 1)  group g of head h covers entries [grp_ptr[h, g], grp_ptr[h, g+1]);
@@ -287,12 +290,14 @@ class BlockMask:
             ent_info (Hm, E)      own tile index | GROUP_FIRST (first entry of its tile) |
                                   GROUP_LAST | GROUP_MASK (needs the element mask: crosses the
                                   causal diagonal or the sequence end) | GROUP_EMPTY
-            ent_idx  (Hm, E)      the kept block on the other axis (0 for EMPTY entries)
+            ent_idx  (Hm, E)      the kept tile on the other axis (block * other_split + i;
+                                  0 for EMPTY entries)
         """
         causal = self._causal if causal is None else bool(causal)
         split = _int("split", split, 1)
         group_entries = _int("group_entries", group_entries, 1)
-        key = ("grouped", _device_key(device), causal, bool(rows), split, group_entries)
+        other_split = _int("other_split", other_split, 1)
+        key = ("grouped", _device_key(device), causal, bool(rows), split, other_split, group_entries)
         cached = self._lists.get(key)
         if cached is not None:
             return cached
@@ -307,7 +312,14 @@ class BlockMask:
             masked = j < col_masked.unsqueeze(-1)
             last_col = (torch.arange(self.n_blocks_n) + 1) * self._block_n > self._seq_k
             masked = masked | last_col.view(1, -1, 1)
-        # own blocks -> own tiles (each of the `split` tiles inherits its block's list)
+        # kept blocks -> kept tiles of the other axis; own blocks -> own tiles (each inherits the list)
+        if other_split > 1:
+            sub = torch.arange(other_split, dtype=idx.dtype)
+            idx = (idx.unsqueeze(-1) * other_split + sub).flatten(-2)
+            masked = masked.repeat_interleave(other_split, dim=-1)
+            count = count * other_split
+            width = idx.shape[-1]
+            j = torch.arange(width).view(1, 1, width)
         count = count.repeat_interleave(split, dim=1)
         idx = idx.repeat_interleave(split, dim=1)
         masked = masked.repeat_interleave(split, dim=1)

@@ -48,6 +48,7 @@ fp32 inputs: the dot products run in TF32 on the tensor cores when
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -220,7 +221,7 @@ def _fwd_grouped_kernel(Q, K, V, O, LSE, GRP, ENT_INFO, ENT_IDX,
                         H, Nq, Nk, qk_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr):
+                        CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     """Block-sparse forward for sparse rows: one program walks a group of consecutive query tiles
     (BlockMask.grouped_lists, rows=True) as one flat loop over (tile, kept block) entries, so
     the K/V loads run ahead across row boundaries instead of every row paying a program's start-up.
@@ -230,7 +231,6 @@ def _fwd_grouped_kernel(Q, K, V, O, LSE, GRP, ENT_INFO, ENT_IDX,
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    SUB: tl.constexpr = MASK_BN // BLOCK_N
     offs_r = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -248,31 +248,35 @@ def _fwd_grouped_kernel(Q, K, V, O, LSE, GRP, ENT_INFO, ENT_IDX,
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for t in range(start * SUB, end * SUB):
-        e = t // SUB
-        sub = t % SUB
+    # Branch-free body (predicated loads, selects, masked stores), so the software pipeliner
+    # keeps the loop's loads in flight across row boundaries.
+    for e in range(start, end):
         info = tl.load(info_ptr + e)
-        nb = tl.load(idx_ptr + e)
+        nt = tl.load(idx_ptr + e)
+        first = ((info >> 24) & 1) == 1  # a new query tile: load Q, reset the state
+        last = ((info >> 25) & 1) == 1  # its last K/V tile: write O and LSE
         m0 = (info & 0xFFFFFF) * BLOCK_M
         offs_m = m0 + offs_r
-        if (((info >> 24) & 1) == 1) & (sub == 0):  # FIRST: a new query tile
-            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        # (scalar flags enter masks as row limits: Nq where the flag is set, else 0)
+        q_rows = tl.where(first, Nq, 0)
+        o_rows = tl.where(last, Nq, 0)
+        q_new = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
+                        mask=(offs_m[:, None] < q_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        q = tl.where(first, q_new, q)
+        m_i = tl.where(first, -1.0e30, m_i)
+        l_i = tl.where(first, 0.0, l_i)
+        acc = tl.where(first, 0.0, acc)
         nk_eff = tl.where(((info >> 27) & 1) == 1, 0, Nk)  # EMPTY: every column masked
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, nb * MASK_BN + sub * BLOCK_N, offs_m, offs_n,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, nt * BLOCK_N, offs_m, offs_n,
                                   offs_d, stride_kn, stride_vn, nk_eff, qk_scale, causal_off,
                                   True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, False)
-        if (((info >> 25) & 1) == 1) & (sub == SUB - 1):  # LAST: write this query tile
-            has_keys = l_i > 0.0
-            l_safe = tl.where(has_keys, l_i, 1.0)
-            lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
-            tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < Nq)
-            tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :],
-                     (acc / l_safe[:, None]).to(O.dtype.element_ty),
-                     mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
+        has_keys = l_i > 0.0
+        l_safe = tl.where(has_keys, l_i, 1.0)
+        lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
+        tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < o_rows)
+        tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :],
+                 (acc * (1.0 / l_safe)[:, None]).to(O.dtype.element_ty),
+                 mask=(offs_m[:, None] < o_rows) & (offs_d[None, :] < HEAD_DIM))
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +440,7 @@ def _bwd_grouped_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, GRP, ENT_INFO, ENT
                         H, Nq, Nk, qk_scale, sm_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, MASK_BM: tl.constexpr, DOT_PREC: tl.constexpr):
+                        CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     """Fused block-sparse backward for sparse columns: one program walks a group of consecutive
     K/V tiles (BlockMask.grouped_lists, rows=False) as one flat loop over (K/V tile, kept query
     block) entries. FIRST loads the tile's K and V and zeroes dK, dV; LAST writes them; dQ goes
@@ -446,7 +450,6 @@ def _bwd_grouped_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, GRP, ENT_INFO, ENT
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    SUB: tl.constexpr = MASK_BM // BLOCK_M
     offs_c = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -467,27 +470,29 @@ def _bwd_grouped_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, GRP, ENT_INFO, ENT
     v = tl.zeros([BLOCK_N, BLOCK_D], dtype=V.dtype.element_ty)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for t in range(start * SUB, end * SUB):
-        e = t // SUB
-        sub = t % SUB
+    for e in range(start, end):  # branch-free, as in _fwd_grouped_kernel
         info = tl.load(info_ptr + e)
-        mb = tl.load(idx_ptr + e)
+        mt = tl.load(idx_ptr + e)
+        first = ((info >> 24) & 1) == 1  # a new K/V tile: load K, V, zero dK, dV
+        last = ((info >> 25) & 1) == 1  # its last query tile: write dK, dV
         offs_n = (info & 0xFFFFFF) * BLOCK_N + offs_c
-        kv_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
-        if (((info >> 24) & 1) == 1) & (sub == 0):  # FIRST: a new K/V tile
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        # (scalar flags enter masks as row limits: Nk where the flag is set, else 0)
+        ld_mask = (offs_n[:, None] < tl.where(first, Nk, 0)) & (offs_d[None, :] < HEAD_DIM)
+        st_mask = (offs_n[:, None] < tl.where(last, Nk, 0)) & (offs_d[None, :] < HEAD_DIM)
+        k_new = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=ld_mask, other=0.0)
+        v_new = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=ld_mask, other=0.0)
+        k = tl.where(first, k_new, k)
+        v = tl.where(first, v_new, v)
+        dk = tl.where(first, 0.0, dk)
+        dv = tl.where(first, 0.0, dv)
         nq_eff = tl.where(((info >> 27) & 1) == 1, 0, Nq)  # EMPTY: no row contributes
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, mb * MASK_BM + sub * BLOCK_M,
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, mt * BLOCK_M,
                             offs_m, offs_n, offs_d, stride_qn, stride_don, nq_eff, qk_scale, causal_off,
                             True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, 1, False, False)
-        if (((info >> 25) & 1) == 1) & (sub == SUB - 1):  # LAST: write this K/V tile
-            tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-                     (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-            tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-                     dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=st_mask)
+        tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=st_mask)
 
 
 @triton.jit
@@ -630,6 +635,12 @@ _TABLES = {
         # block-sparse: smaller tiles keep more programs per SM busy when rows keep few blocks
         "fwd_sparse": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 64, 4, 3), (64, 64, 4, 3)),
                        (256, (64, 64, 4, 2), (64, 64, 4, 2))],
+        # rows of at most _SHORT_SEQ keys: few K tiles per program
+        "fwd_short": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
+                      (256, (64, 64, 4, 2), (64, 64, 4, 2))],
+        # which backward is faster when the caller does not ask for determinism: True = fused
+        # (atomic dQ), False = the two deterministic kernels
+        "bwd_fused": [(64, True, True), (128, True, False), (256, True, True)],
         "dkdv": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 128, 8, 3), (64, 128, 8, 3)),
                  (256, (32, 64, 4, 2), (32, 64, 4, 2))],
         "dq": [(64, (128, 64, 8, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
@@ -644,6 +655,7 @@ _TABLES = {
                  (256, (16, 32, 4, 1), (16, 32, 4, 1))],
         "dq": [(64, (64, 64, 4, 2), (64, 64, 4, 2)), (128, (64, 32, 4, 2), (64, 32, 4, 2)),
                (256, (32, 16, 4, 1), (32, 16, 4, 1))],
+        "bwd_fused": [(256, True, True)],
     },
 }
 _KINDS = ("fwd", "bwd", "dkdv", "dq")
@@ -653,11 +665,12 @@ _INTERP = (64, 64, 4, 1)
 _OVERRIDE: dict = {}  # filled by set_launch_config() (benchmarks / tuning sweeps)
 # TMA descriptor loads per pass: None: automatic (Hopper + aligned inputs); True / False: forced
 _OPTIONS = {"fwd_tma": None, "bwd_tma": None, "fwd_ws": False, "dp_first": False,
-            "sparse_grouped": None, "group_tiles": 16}
+            "sparse_grouped": None, "group_tiles": 16, "bwd_fused": None}
 # Automatic choices (measured on an H200, docs/kernel_notes.md): TMA descriptor loads were slower
 # than cp.async pipelining with Triton 3.6, so "automatic" leaves them off.
 _TMA_AUTO = False
 _GROUPED_MAX_AVG_BLOCKS = 6.0  # grouped block-sparse kernels when rows keep at most this many blocks
+_SHORT_SEQ = 2048  # the forward's "_short" table for at most this many keys
 _UNSET = object()
 
 
@@ -681,11 +694,6 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET) -> None:
             if val not in (None, True, False):
                 raise ValueError(f"{key} must be None, True or False, got {val!r}")
             _OPTIONS[key] = val
-
-
-def _arch(device: torch.device) -> str:
-    major, _ = torch.cuda.get_device_capability(device)
-    return "hopper" if major == 9 else "default"
 
 
 def _smem_bytes(kind: str, bm: int, bn: int, stages: int, block_d: int, esize: int) -> int:
@@ -715,26 +723,43 @@ def _fit(kind, cfg, block_d, esize, limit):
     return bm, bn, w, s
 
 
+@functools.lru_cache(maxsize=None)
+def _table_config(kind: str, device_index: int, head_dim: int, sparse: bool, causal: bool, esize: int,
+                  short: bool):
+    """The table's config for one case, fitted to the device's shared memory. Cached: the device
+    query behind it costs far more host time than a short kernel runs."""
+    major, _ = torch.cuda.get_device_capability(device_index)
+    table = _TABLES["hopper" if major == 9 else "default"]
+    rows = table[kind]
+    for variant, wanted in ((f"{kind}_short", short), (f"{kind}_sparse", sparse)):
+        if wanted and variant in table:
+            rows = table[variant]
+    cfg = next(((c if causal else nc) for max_d, c, nc in rows if head_dim <= max_d),
+               rows[-1][1] if causal else rows[-1][2])
+    limit = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    return _fit(kind, cfg, _block_d(head_dim), esize, int(limit * 0.9))
+
+
 def _launch_config(kind: str, device: torch.device, head_dim: int, block_mask=None, *, causal: bool = True,
-                   dtype: torch.dtype = torch.bfloat16):
+                   dtype: torch.dtype = torch.bfloat16, seq_k: int | None = None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). seq_k: rows of at most _SHORT_SEQ keys use the
+    "<kind>_short" table where there is one (few K tiles per program favour smaller tiles)."""
     if kind in _OVERRIDE:
         bm, bn, w, s = _OVERRIDE[kind]
     elif device.type != "cuda":
         bm, bn, w, s = _INTERP
     else:
-        table = _TABLES[_arch(device)]
-        rows = table.get(f"{kind}_sparse", table[kind]) if block_mask is not None else table[kind]
-        cfg = next((c for max_d, c, nc in rows if head_dim <= max_d), rows[-1][1])
-        if not causal:
-            cfg = next((nc for max_d, c, nc in rows if head_dim <= max_d), rows[-1][2])
-        limit = triton.runtime.driver.active.utils.get_device_properties(
-            device.index if device.index is not None else torch.cuda.current_device())["max_shared_mem"]
-        esize = torch.tensor([], dtype=dtype).element_size()
-        bm, bn, w, s = _fit(kind, cfg, _block_d(head_dim), esize, int(limit * 0.9))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        short = seq_k is not None and seq_k <= _SHORT_SEQ
+        bm, bn, w, s = _table_config(kind, index, head_dim, block_mask is not None, bool(causal),
+                                     _ELEMENT_SIZE[dtype], short)
     if block_mask is not None:  # kernel tiles must subdivide the mask's blocks
         bm = min(bm, block_mask.block_m)
         bn = min(bn, block_mask.block_n)
     return bm, bn, w, s
+
+
+_ELEMENT_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 
 
 # --------------------------------------------------------------------------------------------
@@ -839,7 +864,7 @@ def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
     Nk = k.shape[1]
     o = _empty_like(q)
     lse = _empty((B, H, Nq), q.device)
-    bm, bn, w, s = _launch_config("fwd", q.device, D, block_mask, causal=causal, dtype=q.dtype)
+    bm, bn, w, s = _launch_config("fwd", q.device, D, block_mask, causal=causal, dtype=q.dtype, seq_k=Nk)
     _check_tiles(bm, bn, block_mask)
     if _use_grouped(block_mask, rows=True):
         grp, info, ent, sgh, seh, n_groups = _grouped_args(block_mask, q.device, causal, True, bm, bn)
@@ -850,7 +875,7 @@ def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
             v.stride(0), v.stride(1), v.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
             sgh, seh, H, Nq, Nk, sm_scale * LOG2E,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, MASK_BN=block_mask.block_n,
+            HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
             DOT_PREC=dot_prec, num_warps=w, num_stages=s)
         _record("fwd", h)
         return o, lse
@@ -887,33 +912,44 @@ def _use_grouped(block_mask, rows: bool) -> bool:
     want = _OPTIONS["sparse_grouped"]
     if want is not None:
         return want
-    count = block_mask.lists("cpu")[0 if rows else 2]
-    return float(count.float().mean()) <= _GROUPED_MAX_AVG_BLOCKS
+    own = block_mask.n_heads * (block_mask.n_blocks_m if rows else block_mask.n_blocks_n)
+    return block_mask.nnz / own <= _GROUPED_MAX_AVG_BLOCKS
 
 
 def _grouped_args(block_mask, device, causal, rows, own_tile, other_tile):
     """(grp_ptr, ent_info, ent_idx, head stride of grp_ptr, head stride of the entries, groups)."""
     own_block = block_mask.block_m if rows else block_mask.block_n
-    sub = (block_mask.block_n if rows else block_mask.block_m) // other_tile
-    entries = max(1, _OPTIONS["group_tiles"] // sub)
+    other_block = block_mask.block_n if rows else block_mask.block_m
     grp, info, ent = block_mask.grouped_lists(device, causal, rows=rows, split=own_block // own_tile,
-                                              group_entries=entries)
+                                              other_split=other_block // other_tile,
+                                              group_entries=_OPTIONS["group_tiles"])
     shared = grp.shape[0] == 1
     return (grp, info, ent, 0 if shared else grp.stride(0), 0 if shared else info.stride(0),
             grp.shape[1] - 1)
 
 
-def _deterministic_default() -> bool:
-    return torch.are_deterministic_algorithms_enabled()
+def _deterministic_default(device: torch.device, head_dim: int, causal: bool) -> bool:
+    """deterministic=None: the two-kernel backward when torch asks for deterministic algorithms,
+    else whichever backward the table marks faster for this arch, head dim and causal flag."""
+    if torch.are_deterministic_algorithms_enabled():
+        return True
+    if _OPTIONS["bwd_fused"] is not None:
+        return not _OPTIONS["bwd_fused"]
+    if device.type != "cuda":
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    rows = _TABLES["hopper" if major == 9 else "default"]["bwd_fused"]
+    fused = next(((c if causal else nc) for max_d, c, nc in rows if head_dim <= max_d), True)
+    return not fused
 
 
 def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, deterministic=None):
-    """(dq, dk, dv). deterministic=None follows torch.are_deterministic_algorithms_enabled();
-    False runs the fused backward (atomic dQ), True the two-kernel bitwise-reproducible one."""
+    """(dq, dk, dv). deterministic=True: the two-kernel bitwise-reproducible backward; False: the
+    fused one (atomic dQ); None: see _deterministic_default."""
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
     if deterministic is None:
-        deterministic = _deterministic_default()
+        deterministic = _deterministic_default(q.device, D, causal)
     fused = not deterministic
     if do.stride(-1) != 1:
         do = do.contiguous()
@@ -942,7 +978,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             sgh, seh, H, Nq, Nk, qk_scale, sm_scale,
-            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, MASK_BM=block_mask.block_m,
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
             DOT_PREC=dot_prec, num_warps=w, num_stages=s)
         _record("bwd", h)
         return _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D), dk, dv
@@ -1060,8 +1096,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     deterministic: backward variant. False: the fused backward (one pass per K/V block that also
     adds dQ into an fp32 accumulator with atomics; fewer matrix products, but the order of the
     additions, hence dQ's last bits, can change between runs). True: dK/dV and dQ in two kernels
-    that recompute the scores, bitwise reproducible. None (default): True exactly when
-    torch.use_deterministic_algorithms(True) is on, else False (the faster path).
+    that recompute the scores, bitwise reproducible. None (default): True when
+    torch.use_deterministic_algorithms(True) is on; otherwise whichever of the two the launch
+    table marks faster for this GPU, head dim and causal flag (on Hopper the fused one, except
+    head dims 65-128 without causal masking, where the two kernels measured faster).
     """
     _validate(q, k, v, causal, softmax_scale, block_mask)
     dot_prec = _dot_precision(q.dtype, fp32_precision)

@@ -55,29 +55,23 @@ DPF = {"dp_first": True}
 
 
 FWD_VARIANTS = {  # per head dim: the table's config first
-    64: [V("fwd_tab"), V("fwd_ws_tma", tma=True, opts=WS), V("fwd_64x64w4s3", fwd=(64, 64, 4, 3)),
-         V("fwd_128x64w8s4", fwd=(128, 64, 8, 4))],
-    128: [V("fwd_tab"), V("fwd_ws_tma", tma=True, opts=WS), V("fwd_128x64w8s2", fwd=(128, 64, 8, 2)),
-          V("fwd_64x64w4s3", fwd=(64, 64, 4, 3))],
+    64: [V("fwd_tab"), V("fwd_64x64w4s3", fwd=(64, 64, 4, 3)), V("fwd_128x64w8s3", fwd=(128, 64, 8, 3))],
+    128: [V("fwd_tab"), V("fwd_64x64w4s3", fwd=(64, 64, 4, 3)), V("fwd_128x64w8s3", fwd=(128, 64, 8, 3))],
 }
 BWD_VARIANTS = {
-    64: [V("bwd_det", det=True), V("bwd_tab"), V("bwd_tab_dpf", opts=DPF),
-         V("bwd_32x64w4s3", bwd=(32, 64, 4, 3)), V("bwd_32x64w4s4", bwd=(32, 64, 4, 4)),
-         V("bwd_64x64w4s2", bwd=(64, 64, 4, 2)), V("bwd_32x128w8s3", bwd=(32, 128, 8, 3)),
-         V("bwd_64x64w8s3", bwd=(64, 64, 8, 3))],
-    128: [V("bwd_det", det=True), V("bwd_tab"), V("bwd_tab_dpf", opts=DPF),
-          V("bwd_64x128w8s2", bwd=(64, 128, 8, 2)), V("bwd_32x128w8s3", bwd=(32, 128, 8, 3)),
-          V("bwd_64x64w4s3", bwd=(64, 64, 4, 3)), V("bwd_32x64w4s3", bwd=(32, 64, 4, 3))],
+    64: [V("bwd_det", det=True), V("bwd_fused", det=False)],
+    128: [V("bwd_det", det=True), V("bwd_fused", det=False),
+          V("bwd_det_dkdv32x128w8s3", det=True, dkdv=(32, 128, 8, 3)),
+          V("bwd_det_dkdv64x128w8s2", det=True, dkdv=(64, 128, 8, 2))],
 }
 GROUPED = {"sparse_grouped": True}
 SPARSE_VARIANTS = [V("sp_det", det=True, opts={"sparse_grouped": False}),
                    V("sp_rows", opts={"sparse_grouped": False}),
                    V("sp_grp16", opts={**GROUPED, "group_tiles": 16}),
                    V("sp_grp32", opts={**GROUPED, "group_tiles": 32}),
-                   V("sp_grp16_b32", bwd=(32, 64, 4, 3), opts={**GROUPED, "group_tiles": 16}),
-                   V("sp_grp16_dpf", opts={**GROUPED, **DPF, "group_tiles": 16})]
-DENSE_CASES = [(64, True, 1024), (64, True, 4096), (64, True, 16384), (128, True, 4096), (128, True, 16384),
-               (128, False, 16384)]
+                   V("sp_default", det=None, tma=None)]
+DENSE_CASES = [(64, True, 1024), (64, True, 2048), (64, True, 4096), (64, True, 16384), (64, True, 65536),
+               (128, True, 2048), (128, True, 4096), (128, True, 16384), (128, False, 4096), (128, False, 16384)]
 SPARSE_CASES = [(layout, t) for layout in ("local", "bigbird") for t in ("1/8", "1/16", "1/32")]
 SPARSE_N = 16384
 
@@ -202,8 +196,8 @@ def warm_up(jobs, workers, timeout_s):
 
 
 # ------------------------------------------------------------------------------ checks
-CHECK_VARIANTS = [V("fused_auto", tma=None), V("fused_ptr"), V("det", det=True),
-                  V("rows_tma", tma=True, opts={"sparse_grouped": False})]
+CHECK_VARIANTS = [V("default", det=None, tma=None), V("det", det=True), V("fused", det=False),
+                  V("rows_tma", tma=True, opts={"sparse_grouped": False}), V("grouped", opts=GROUPED)]
 
 
 def check_cases(smoke):
@@ -290,8 +284,8 @@ def check_section(device, smoke):
         qkv, do = strided_qkv(device, smoke)
         res = {var["name"]: [run_strided(var, qkv, do) for _ in range(2)] for var in CHECK_VARIANTS}
         det_bitwise = torch.equal(*res["det"])
-        spread = bl.rel_err(res["fused_ptr"][0], res["fused_ptr"][1])
-        vs_det = max(bl.rel_err(res[n_][0], res["det"][0]) for n_ in ("fused_auto", "fused_ptr"))
+        spread = bl.rel_err(res["fused"][0], res["fused"][1])
+        vs_det = max(bl.rel_err(res[n_][0], res["det"][0]) for n_ in ("default", "fused", "rows_tma"))
         ok = det_bitwise and vs_det < 1e-2
         bad += not ok
         rows.append({"case": "strided qkv", "det_bitwise": det_bitwise, "fused_run_to_run": spread,
@@ -385,15 +379,16 @@ def dense_section(device, smoke, deadline, results):
             return "ms" in r and (r.get("err_vs_first") or 0) <= 2e-2
         best_f = min((n_ for n_, r in row["fwd"].items() if good(r)), key=lambda n_: row["fwd"][n_]["ms"],
                      default="fwd_tab")
-        best_b = min((n_ for n_, r in row["bwd"].items() if good(r) and n_.startswith("bwd_") and n_ != "bwd_det"),
+        best_b = min((n_ for n_, r in row["bwd"].items() if good(r) and n_.startswith("bwd_")),
                      key=lambda n_: row["bwd"][n_]["ms"], default="bwd_tab")
         fvar = next(x for x in fv if x["name"] == best_f)
         bvar = next(x for x in bv if x["name"] == best_b)
-        new = V(f"new({best_f}+{best_b})", det=False, opts={**fvar["opts"], **bvar["opts"]},
+        new = V(f"new({best_f}+{best_b})", det=bvar["det"], opts={**fvar["opts"], **bvar["opts"]},
                 **{**fvar["cfg"], **bvar["cfg"]})
         new["fwd_tma"], new["bwd_tma"] = fvar["tma"], bvar["tma"]
         row["new_variant"] = new
-        methods = [("ours_old", V("old", det=True)), ("ours_new", new)] + [(p, None) for p in peers]
+        methods = [("ours_old", V("old", det=True)), ("ours_default", V("default", det=None, tma=None)),
+                   ("ours_new", new)] + [(p, None) for p in peers]
         for name, var in methods:
             if time.time() > deadline:
                 break
@@ -414,6 +409,28 @@ def dense_section(device, smoke, deadline, results):
         apply_variant(V("default"))
         del q, k, vv, do
         bl.free_memory()
+
+
+# ----------------------------------------------------------------------------- latency
+LAT_SHAPE = (1, 256, 4, 64, True)
+
+
+def latency_section(device, smoke, res):
+    """Per-call time of a tiny problem: what the host-side work of a call costs (launches, checks)."""
+    import torch
+    b, n, h, d, causal = (1, 64, 2, 32, True) if smoke else LAT_SHAPE
+    q, k, vv, do = make_inputs(b, n, h, d, torch.float32 if smoke else torch.bfloat16, device)
+    apply_variant(V("default", det=None, tma=None))
+    methods = [("ours_default", None)] + ([] if smoke else [("sdpa_cudnn", None), ("sdpa_flash", None)])
+    for name, _ in methods:
+        try:
+            f = ours_fwd(V("default", det=None), q, k, vv, causal) if name == "ours_default" else \
+                peer_fwd(name, q, k, vv, causal)
+            res[name] = {"fwd_ms": timeit(f, device, rep_ms=100), "fb_ms": timeit(fwd_bwd(f, q, k, vv, do), device,
+                                                                                   rep_ms=100)}
+        except Exception as exc:
+            res[name] = {"error": bl.short(f"{type(exc).__name__}: {exc}")}
+    log(f"latency B={b} N={n} H={h} D={d}: {res}")
 
 
 # ------------------------------------------------------------------------------ sparse
@@ -460,29 +477,28 @@ def tables(res):
     out = []
     d = res.get("dense", [])
     if d:
-        hdr = ["case", "fwd old", "fwd new", "fwd cudnn", "fwd fa2", "fwd flex", "f+b old(det)", "f+b new",
-               "f+b cudnn", "f+b fa2", "f+b flex", "new/cudnn f+b", "new/cudnn fwd", "new/flex f+b", "bwd best"]
+        meths = ["ours_old", "ours_default", "ours_new", "sdpa_cudnn", "sdpa_flash", "flex"]
+        short = {"ours_old": "det", "ours_default": "dflt", "ours_new": "new", "sdpa_cudnn": "cudnn",
+                 "sdpa_flash": "fa2", "flex": "flex"}
+        hdr = (["case"] + [f"F {short[m]}" for m in meths] + [f"FB {short[m]}" for m in meths] +
+               ["new/cud FB", "new/cud F", "new/flex FB", "dflt/cud FB", "new"])
         rows = []
         for r in d:
             fb = r["fb"]
 
             def g(m, key):
                 return fb.get(m, {}).get(key)
-            new_fb, cud_fb = g("ours_new", "fb_tflops"), g("sdpa_cudnn", "fb_tflops")
-            new_f, cud_f = g("ours_new", "fwd_tflops"), g("sdpa_cudnn", "fwd_tflops")
-            flex_fb = g("flex", "fb_tflops")
-            best_b = min(((n_, x["ms"]) for n_, x in r["bwd"].items() if "ms" in x and n_.startswith("bwd_")),
-                         key=lambda t: t[1],
-                         default=("-", 0))[0]
-            rows.append([f"D{r['D']} {'c' if r['causal'] else 'nc'} {r['N']}",
-                         bl.fmt(g("ours_old", "fwd_tflops")), bl.fmt(new_f), bl.fmt(cud_f),
-                         bl.fmt(g("sdpa_flash", "fwd_tflops")), bl.fmt(g("flex", "fwd_tflops")),
-                         bl.fmt(g("ours_old", "fb_tflops")), bl.fmt(new_fb), bl.fmt(cud_fb),
-                         bl.fmt(g("sdpa_flash", "fb_tflops")), bl.fmt(flex_fb),
-                         bl.fmt(new_fb / cud_fb if new_fb and cud_fb else None, ".2f"),
-                         bl.fmt(new_f / cud_f if new_f and cud_f else None, ".2f"),
-                         bl.fmt(new_fb / flex_fb if new_fb and flex_fb else None, ".2f"), best_b])
-        out.append("dense, bf16, TFLOP/s (B*N = 131072, H = 16)\n" + bl.text_table(hdr, rows))
+
+            def ratio(a_, b_, key):
+                x, y = g(a_, key), g(b_, key)
+                return bl.fmt(x / y if x and y else None, ".2f")
+            rows.append([f"D{r['D']} {'c' if r['causal'] else 'nc'} {r['N']}"] +
+                        [bl.fmt(g(m, "fwd_tflops")) for m in meths] + [bl.fmt(g(m, "fb_tflops")) for m in meths] +
+                        [ratio("ours_new", "sdpa_cudnn", "fb_tflops"), ratio("ours_new", "sdpa_cudnn", "fwd_tflops"),
+                         ratio("ours_new", "flex", "fb_tflops"), ratio("ours_default", "sdpa_cudnn", "fb_tflops"),
+                         r.get("new_variant", {}).get("name", "-")[4:-1]])
+        out.append("dense, bf16, TFLOP/s, F = forward, FB = forward+backward (B*N = 131072, H = 16)\n" +
+                   bl.text_table(hdr, rows))
         hdr2 = ["case"] + sorted({n_ for r in d for n_ in list(r["fwd"]) + list(r["bwd"])})
         rows2 = []
         for r in d:
@@ -493,6 +509,11 @@ def tables(res):
             rows2.append([f"D{r['D']} {'c' if r['causal'] else 'nc'} {r['N']}"] +
                          [cell(allv.get(n_, {})) for n_ in hdr2[1:]])
         out.append("variants alone, TFLOP/s (fwd_*: forward; bwd_*: backward only)\n" + bl.text_table(hdr2, rows2))
+    lat = res.get("latency", {})
+    if lat:
+        out.append("latency (B=1, N=256, H=4, D=64, causal), ms per call: " + "; ".join(
+            f"{k_} fwd {bl.fmt(v_.get('fwd_ms'), '.3f')} fwd+bwd {bl.fmt(v_.get('fb_ms'), '.3f')}"
+            for k_, v_ in lat.items()))
     s = res.get("sparse", [])
     if s:
         names = [v["name"] for v in SPARSE_VARIANTS] + ["flex"]
@@ -523,6 +544,7 @@ def main(argv=None):
     p.add_argument("--warm-timeout", type=float, default=110.0)
     p.add_argument("--dense-until-s", type=float, default=1e9, help="no new dense case after this")
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, toy sizes, no peers")
+    p.add_argument("--inspect", action="store_true", help="print registers/spills/PTX counts per variant")
     a = p.parse_args(argv)
     sections = [s for s in a.sections.split(",") if s]
     bad_sec = [s for s in sections if s not in ("check", "dense", "sparse")]
@@ -567,6 +589,9 @@ def main(argv=None):
                 for var in BWD_VARIANTS[D]:
                     jobs.append({"kind": "bwd", "variant": var, "shape": (1, N, 16, D, causal),
                                  "label": f"{var['name']} D{D} c{int(causal)}"})
+        if "dense" in sections:
+            jobs.append({"kind": "bwd", "variant": V("default", det=None, tma=None), "shape": LAT_SHAPE,
+                         "label": "latency"})
         if "sparse" in sections:
             for var in SPARSE_VARIANTS:
                 jobs.append({"kind": "bwd", "variant": var, "shape": (1, SPARSE_N, 16, 64, True),
@@ -584,13 +609,16 @@ def main(argv=None):
     if "dense" in sections:
         dense_section(device, a.smoke, min(deadline, T0 + a.dense_until_s), res["dense"])
         save()
+    res["latency"] = {}
+    if "dense" in sections:
+        latency_section(device, a.smoke, res["latency"])
     res["sparse"] = []
     if "sparse" in sections:
         sparse_section(device, a.smoke, deadline, res["sparse"], res["dense"])
     res["elapsed_s"] = time.time() - T0
     save()
     print()
-    shown = set()
+    shown = set() if a.inspect else {(r["D"], r["causal"]) for r in res["dense"]}
     for r in res["dense"]:
         if (r["D"], r["causal"]) in shown:
             continue

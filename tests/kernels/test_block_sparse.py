@@ -80,7 +80,7 @@ def test_empty_rows_give_zero_output_and_gradients():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_dense_layout_equals_dense_kernel_exactly(causal):
+def test_dense_layout_equals_dense_kernel_exactly(causal, monkeypatch):
     n = 150
     gen = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(2, n, 2, 32, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
@@ -90,8 +90,11 @@ def test_dense_layout_equals_dense_kernel_exactly(causal):
     if dense_tiles != (64, 64):
         pytest.skip(f"bitwise equality needs equal tiles; dense tiles here are {dense_tiles}")
     o1 = flash_attention(q, k, v, causal=causal)
+    monkeypatch.setitem(flash_mod._OPTIONS, "sparse_grouped", False)  # the per-row kernel: same arithmetic
     o2 = flash_attention(q, k, v, causal=causal, block_mask=mask)
     assert torch.equal(o1, o2)
+    monkeypatch.setitem(flash_mod._OPTIONS, "sparse_grouped", True)  # grouped: 1/l as a reciprocal
+    torch.testing.assert_close(flash_attention(q, k, v, causal=causal, block_mask=mask), o1, rtol=1e-6, atol=1e-6)
     g1 = torch.autograd.grad(o1, (q, k, v), do)
     g2 = torch.autograd.grad(o2, (q, k, v), do)
     for a, b in zip(g1, g2):
