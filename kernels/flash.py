@@ -30,12 +30,16 @@ Dense and block-sparse share these kernels: the K-block loop runs over either a 
 range of blocks or a per-row list of kept blocks (`BlockMask`, SPARSE=True), and the dK/dV loop
 over a contiguous range or a per-column list of kept query blocks.
 
-Hopper (sm_90): tiles may be loaded through TMA tensor descriptors (`tl.make_tensor_descriptor`,
-one 2-D (seq, head_dim) descriptor per (batch, head); rows and columns outside the tensor read
-as 0, exactly what the masked loads give) when the inputs' strides and base addresses are
-16-byte aligned; `set_kernel_options(tma=...)` forces it on or off. Launch configurations come
-from a table per (GPU arch, kernel, head dim, causal), adjusted for the dtype's shared memory;
-nothing is autotuned at import or at the first call.
+Launch configurations come from a table per (GPU arch, kernel, head dim, causal; block-sparse
+and short rows have their own rows), fitted to the dtype's shared memory and looked up once per
+case (cached); nothing is autotuned at import or at the first call. The same table says which
+backward is faster where the caller does not ask for determinism.
+
+TMA: the forward and the fused backward can load tiles through tensor descriptors
+(`tl.make_tensor_descriptor`, one 2-D (seq, head_dim) descriptor per (batch, head); rows and
+columns outside the tensor read as 0, as the masked loads give) when strides and base addresses
+are 16-byte aligned. On an H200 with Triton 3.6 this measured slower than the cp.async pipeline
+(docs/kernel_notes.md), so it is off unless `set_kernel_options(tma=True)`.
 
 Causal alignment for Nq != Nk is bottom-right (as FlashAttention >= 2.1): query i sits at key
 position i + Nk - Nq, so it sees keys j <= i + Nk - Nq. With Nq > Nk the first Nq - Nk rows see no
@@ -132,7 +136,7 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX, ROW_FULL,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                 MASK_BM: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr,
-                USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+                USE_TMA: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest query blocks first: better load balance at the tail of the grid
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -184,7 +188,7 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX, ROW_FULL,
         else:
             hi = Nk
             full_end = Nk // BLOCK_N * BLOCK_N
-        for start_n in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
+        for start_n in range(0, full_end, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, offs_m, offs_n, offs_d,
                                       stride_kn, stride_vn, Nk, qk_scale, causal_off,
@@ -209,74 +213,6 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX, ROW_FULL,
     else:
         tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
-
-
-@triton.jit
-def _fwd_grouped_kernel(Q, K, V, O, LSE, GRP, ENT_INFO, ENT_IDX,
-                        stride_qb, stride_qn, stride_qh,
-                        stride_kb, stride_kn, stride_kh,
-                        stride_vb, stride_vn, stride_vh,
-                        stride_ob, stride_on, stride_oh,
-                        stride_gh, stride_eh,
-                        H, Nq, Nk, qk_scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Block-sparse forward for sparse rows: one program walks a group of consecutive query tiles
-    (BlockMask.grouped_lists, rows=True) as one flat loop over (tile, kept block) entries, so
-    the K/V loads run ahead across row boundaries instead of every row paying a program's start-up.
-    At an entry flagged FIRST the program loads its new Q tile and resets the softmax state; at
-    one flagged LAST it writes O and LSE. EMPTY rows get one fully masked entry (O = 0, LSE = inf)."""
-    g = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    causal_off = Nk - Nq
-    q_base = Q + b * stride_qb + h * stride_qh
-    o_base = O + b * stride_ob + h * stride_oh
-    k_src = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_src = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-    start = tl.load(GRP + h * stride_gh + g)
-    end = tl.load(GRP + h * stride_gh + g + 1)
-    info_ptr = ENT_INFO + h * stride_eh
-    idx_ptr = ENT_IDX + h * stride_eh
-
-    q = tl.zeros([BLOCK_M, BLOCK_D], dtype=Q.dtype.element_ty)
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Branch-free body (predicated loads, selects, masked stores), so the software pipeliner
-    # keeps the loop's loads in flight across row boundaries.
-    for e in range(start, end):
-        info = tl.load(info_ptr + e)
-        nt = tl.load(idx_ptr + e)
-        first = ((info >> 24) & 1) == 1  # a new query tile: load Q, reset the state
-        last = ((info >> 25) & 1) == 1  # its last K/V tile: write O and LSE
-        m0 = (info & 0xFFFFFF) * BLOCK_M
-        offs_m = m0 + offs_r
-        # (scalar flags enter masks as row limits: Nq where the flag is set, else 0)
-        q_rows = tl.where(first, Nq, 0)
-        o_rows = tl.where(last, Nq, 0)
-        q_new = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                        mask=(offs_m[:, None] < q_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        q = tl.where(first, q_new, q)
-        m_i = tl.where(first, -1.0e30, m_i)
-        l_i = tl.where(first, 0.0, l_i)
-        acc = tl.where(first, 0.0, acc)
-        nk_eff = tl.where(((info >> 27) & 1) == 1, 0, Nk)  # EMPTY: every column masked
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, nt * BLOCK_N, offs_m, offs_n,
-                                  offs_d, stride_kn, stride_vn, nk_eff, qk_scale, causal_off,
-                                  True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, False)
-        has_keys = l_i > 0.0
-        l_safe = tl.where(has_keys, l_i, 1.0)
-        lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
-        tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < o_rows)
-        tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :],
-                 (acc * (1.0 / l_safe)[:, None]).to(O.dtype.element_ty),
-                 mask=(offs_m[:, None] < o_rows) & (offs_d[None, :] < HEAD_DIM))
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +245,7 @@ def _bwd_preprocess(O, DO, DELTA, DQA,
 def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m, offs_n, offs_d,
                stride_qn, stride_don, Nq, qk_scale, causal_off,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr, DP_FIRST: tl.constexpr):
+               DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr):
     """Fold query block [start_m, start_m + BLOCK_M) into this K/V block's dK and dV (and, when
     FUSED_DQ, add this K/V block's share of dQ for those rows into the fp32 accumulator)."""
     rows = start_m + offs_m
@@ -319,15 +255,12 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_
     lse = tl.load(lse_ptr + rows, mask=rows < Nq, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=rows < Nq, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-    if DP_FIRST:  # both products that need only loaded tiles, before the exp2 work
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     if MASK:
         if CAUSAL:  # masked before exp2, so no overflow can appear in dropped entries
             s_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_off, s_t, float("-inf"))
     p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
-    if not DP_FIRST:
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
     dk = tl.dot(ds_t, q, dk, input_precision=DOT_PREC)
     if FUSED_DQ > 0:
@@ -355,7 +288,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, COL_COUNT, COL_IDX, C
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                      MASK_BM: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr,
-                     FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr, DP_FIRST: tl.constexpr):
+                     FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr):
     pid_n = tl.program_id(0)  # K block 0 sees the most query blocks when causal: heaviest first
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -394,13 +327,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, COL_COUNT, COL_IDX, C
             start_m = mb * MASK_BM + (t % SUB) * BLOCK_M
             dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m,
                                 offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
-                                True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA, DP_FIRST)
+                                True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA)
         for t in range(n_masked * SUB, count * SUB):
             mb = tl.load(idx_ptr + t // SUB)
             start_m = mb * MASK_BM + (t % SUB) * BLOCK_M
             dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m,
                                 offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
-                                False, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA, DP_FIRST)
+                                False, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA)
     else:
         if CAUSAL:
             # Rows i >= n0 - off see some key of this block; rows i >= n0 + BLOCK_N - 1 - off see all.
@@ -410,89 +343,22 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, COL_COUNT, COL_IDX, C
             full_start = tl.maximum(full_start, lo)
             for start_m in range(lo, full_start, BLOCK_M):
                 start_m = tl.multiple_of(start_m, BLOCK_M)
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m,
-                                    offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
-                                    True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA, DP_FIRST)
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m,
+                                    offs_m, offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
+                                    True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA)
         else:
             full_start = 0
         for start_m in range(full_start, Nq, BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m,
                                 offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
-                                False, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA, DP_FIRST)
+                                False, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA)
 
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _bwd_grouped_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, GRP, ENT_INFO, ENT_IDX,
-                        stride_qb, stride_qn, stride_qh,
-                        stride_kb, stride_kn, stride_kh,
-                        stride_vb, stride_vn, stride_vh,
-                        stride_dob, stride_don, stride_doh,
-                        stride_dkb, stride_dkn, stride_dkh,
-                        stride_dvb, stride_dvn, stride_dvh,
-                        stride_gh, stride_eh,
-                        H, Nq, Nk, qk_scale, sm_scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Fused block-sparse backward for sparse columns: one program walks a group of consecutive
-    K/V tiles (BlockMask.grouped_lists, rows=False) as one flat loop over (K/V tile, kept query
-    block) entries. FIRST loads the tile's K and V and zeroes dK, dV; LAST writes them; dQ goes
-    to the fp32 accumulator with atomic adds as in the fused dense backward. EMPTY columns get
-    one entry that adds nothing (every row treated as past Nq), so their dK = dV = 0 are written."""
-    g = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_c = tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    causal_off = Nk - Nq
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    q_src = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    do_src = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :]
-    lse_ptr = LSE + bh * Nq
-    delta_ptr = DELTA + bh * Nq
-    dqa_ptrs = DQA + bh.to(tl.int64) * Nq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    start = tl.load(GRP + h * stride_gh + g)
-    end = tl.load(GRP + h * stride_gh + g + 1)
-    info_ptr = ENT_INFO + h * stride_eh
-    idx_ptr = ENT_IDX + h * stride_eh
-
-    k = tl.zeros([BLOCK_N, BLOCK_D], dtype=K.dtype.element_ty)
-    v = tl.zeros([BLOCK_N, BLOCK_D], dtype=V.dtype.element_ty)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for e in range(start, end):  # branch-free, as in _fwd_grouped_kernel
-        info = tl.load(info_ptr + e)
-        mt = tl.load(idx_ptr + e)
-        first = ((info >> 24) & 1) == 1  # a new K/V tile: load K, V, zero dK, dV
-        last = ((info >> 25) & 1) == 1  # its last query tile: write dK, dV
-        offs_n = (info & 0xFFFFFF) * BLOCK_N + offs_c
-        # (scalar flags enter masks as row limits: Nk where the flag is set, else 0)
-        ld_mask = (offs_n[:, None] < tl.where(first, Nk, 0)) & (offs_d[None, :] < HEAD_DIM)
-        st_mask = (offs_n[:, None] < tl.where(last, Nk, 0)) & (offs_d[None, :] < HEAD_DIM)
-        k_new = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=ld_mask, other=0.0)
-        v_new = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=ld_mask, other=0.0)
-        k = tl.where(first, k_new, k)
-        v = tl.where(first, v_new, v)
-        dk = tl.where(first, 0.0, dk)
-        dv = tl.where(first, 0.0, dv)
-        nq_eff = tl.where(((info >> 27) & 1) == 1, 0, Nq)  # EMPTY: no row contributes
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, mt * BLOCK_M,
-                            offs_m, offs_n, offs_d, stride_qn, stride_don, nq_eff, qk_scale, causal_off,
-                            True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, 1, False, False)
-        tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-                 (dk * sm_scale).to(DK.dtype.element_ty), mask=st_mask)
-        tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=st_mask)
 
 
 @triton.jit
@@ -625,7 +491,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ROW_COUNT, ROW_IDX, ROW_FULL,
 # Each entry: (max head dim, causal config, non-causal config); a config is
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). For "dkdv" and "bwd" (the fused backward) BLOCK_N
 # is the K/V tile a program owns and BLOCK_M the query tile it streams; for "fwd" and "dq" the
-# other way round. Hopper values: scripts/kernel_lab.py on an H200 (docs/kernel_notes.md).
+# other way round. Hopper values: scripts/tune_attention.py and three runs of
+# scripts/kernel_lab.py on an H200, 2026-11-22 (docs/kernel_notes.md, docs/benchmarks.md).
 _TABLES = {
     "hopper": {
         "fwd": [(64, (128, 64, 8, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
@@ -664,13 +531,11 @@ _INTERP = (64, 64, 4, 1)
 
 _OVERRIDE: dict = {}  # filled by set_launch_config() (benchmarks / tuning sweeps)
 # TMA descriptor loads per pass: None: automatic (Hopper + aligned inputs); True / False: forced
-_OPTIONS = {"fwd_tma": None, "bwd_tma": None, "fwd_ws": False, "dp_first": False,
-            "sparse_grouped": None, "group_tiles": 16, "bwd_fused": None}
+_OPTIONS = {"fwd_tma": None, "bwd_tma": None, "bwd_fused": None}
 # Automatic choices (measured on an H200, docs/kernel_notes.md): TMA descriptor loads were slower
 # than cp.async pipelining with Triton 3.6, so "automatic" leaves them off.
 _TMA_AUTO = False
-_GROUPED_MAX_AVG_BLOCKS = 6.0  # grouped block-sparse kernels when rows keep at most this many blocks
-_SHORT_SEQ = 2048  # the forward's "_short" table for at most this many keys
+_SHORT_SEQ = 1024  # the forward's "_short" table for at most this many keys
 _UNSET = object()
 
 
@@ -723,7 +588,7 @@ def _fit(kind, cfg, block_d, esize, limit):
     return bm, bn, w, s
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table_config(kind: str, device_index: int, head_dim: int, sparse: bool, causal: bool, esize: int,
                   short: bool):
     """The table's config for one case, fitted to the device's shared memory. Cached: the device
@@ -866,19 +731,6 @@ def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
     lse = _empty((B, H, Nq), q.device)
     bm, bn, w, s = _launch_config("fwd", q.device, D, block_mask, causal=causal, dtype=q.dtype, seq_k=Nk)
     _check_tiles(bm, bn, block_mask)
-    if _use_grouped(block_mask, rows=True):
-        grp, info, ent, sgh, seh, n_groups = _grouped_args(block_mask, q.device, causal, True, bm, bn)
-        h = _fwd_grouped_kernel[(n_groups, B * H)](
-            q, k, v, o, lse, grp, info, ent,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-            sgh, seh, H, Nq, Nk, sm_scale * LOG2E,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
-            DOT_PREC=dot_prec, num_warps=w, num_stages=s)
-        _record("fwd", h)
-        return o, lse
     count, idx, split, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, True, causal)
     grid = (triton.cdiv(Nq, bm), B * H)
     h = _fwd_kernel[grid](
@@ -890,8 +742,7 @@ def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
         smh, smr, H, Nq, Nk, sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
         CAUSAL=causal, SPARSE=block_mask is not None, MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec,
-        USE_TMA=(tma := _use_tma("fwd", q, k, v, o)), WARP_SPEC=tma and _OPTIONS["fwd_ws"] and block_mask is None,
-        num_warps=w, num_stages=s)
+        USE_TMA=_use_tma("fwd", q, k, v, o), num_warps=w, num_stages=s)
     _record("fwd", h)
     return o, lse
 
@@ -902,30 +753,6 @@ def _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D):
         dqa, dq, dq.stride(0), dq.stride(1), dq.stride(2), H, Nq, sm_scale,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=conv_m)
     return dq
-
-
-def _use_grouped(block_mask, rows: bool) -> bool:
-    """Grouped (several rows per program) block-sparse kernels for masks whose rows (columns)
-    keep few blocks on average, where a program per row would spend its time starting up."""
-    if block_mask is None:
-        return False
-    want = _OPTIONS["sparse_grouped"]
-    if want is not None:
-        return want
-    own = block_mask.n_heads * (block_mask.n_blocks_m if rows else block_mask.n_blocks_n)
-    return block_mask.nnz / own <= _GROUPED_MAX_AVG_BLOCKS
-
-
-def _grouped_args(block_mask, device, causal, rows, own_tile, other_tile):
-    """(grp_ptr, ent_info, ent_idx, head stride of grp_ptr, head stride of the entries, groups)."""
-    own_block = block_mask.block_m if rows else block_mask.block_n
-    other_block = block_mask.block_n if rows else block_mask.block_m
-    grp, info, ent = block_mask.grouped_lists(device, causal, rows=rows, split=own_block // own_tile,
-                                              other_split=other_block // other_tile,
-                                              group_entries=_OPTIONS["group_tiles"])
-    shared = grp.shape[0] == 1
-    return (grp, info, ent, 0 if shared else grp.stride(0), 0 if shared else info.stride(0),
-            grp.shape[1] - 1)
 
 
 def _deterministic_default(device: torch.device, head_dim: int, causal: bool) -> bool:
@@ -970,18 +797,6 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
     kind = "bwd" if fused else "dkdv"
     bm, bn, w, s = _launch_config(kind, q.device, D, block_mask, causal=causal, dtype=q.dtype)
     _check_tiles(bm, bn, block_mask)
-    if fused and _use_grouped(block_mask, rows=False):
-        grp, info, ent, sgh, seh, n_groups = _grouped_args(block_mask, q.device, causal, False, bn, bm)
-        h = _bwd_grouped_kernel[(n_groups, B * H)](
-            q, k, v, do, dk, dv, lse, delta, dqa, grp, info, ent,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            sgh, seh, H, Nq, Nk, qk_scale, sm_scale,
-            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
-            DOT_PREC=dot_prec, num_warps=w, num_stages=s)
-        _record("bwd", h)
-        return _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D), dk, dv
     count, idx, split, smh, smc, mbm, mbn = _mask_args(block_mask, q.device, False, causal)
     h = _bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * H)](
         q, k, v, do, dk, dv, lse, delta, dqa, count, idx, split,
@@ -991,7 +806,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
         smh, smc, H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, SPARSE=sparse,
         MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec, FUSED_DQ=_PROFILE_DQ_MODE if fused else 0,
-        USE_TMA=fused and _use_tma("bwd", q, do), DP_FIRST=_OPTIONS["dp_first"], num_warps=w, num_stages=s)
+        USE_TMA=fused and _use_tma("bwd", q, do), num_warps=w, num_stages=s)
     _record(kind, h)
 
     if fused:

@@ -25,8 +25,6 @@ The short tables are printed last; everything goes to the JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time
@@ -34,10 +32,11 @@ from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib as bl  # noqa: E402  (puts the repository root on sys.path)
+import benchlib as bl
 
 T0 = time.time()
 TOKENS = 131072
+PROFILE = False  # --profile
 
 
 def log(msg):
@@ -50,9 +49,6 @@ def V(name, det=False, tma=False, opts=None, **cfg):
     return {"name": name, "det": det, "tma": tma, "cfg": cfg, "opts": dict(opts or {})}
 
 
-WS = {"fwd_ws": True}
-DPF = {"dp_first": True}
-
 
 FWD_VARIANTS = {  # per head dim: the table's config first
     64: [V("fwd_tab"), V("fwd_64x64w4s3", fwd=(64, 64, 4, 3)), V("fwd_128x64w8s3", fwd=(128, 64, 8, 3))],
@@ -64,12 +60,9 @@ BWD_VARIANTS = {
           V("bwd_det_dkdv32x128w8s3", det=True, dkdv=(32, 128, 8, 3)),
           V("bwd_det_dkdv64x128w8s2", det=True, dkdv=(64, 128, 8, 2))],
 }
-GROUPED = {"sparse_grouped": True}
-SPARSE_VARIANTS = [V("sp_det", det=True, opts={"sparse_grouped": False}),
-                   V("sp_rows", opts={"sparse_grouped": False}),
-                   V("sp_grp16", opts={**GROUPED, "group_tiles": 16}),
-                   V("sp_grp32", opts={**GROUPED, "group_tiles": 32}),
-                   V("sp_default", det=None, tma=None)]
+PROFILE_VARIANTS = [  # --profile: the fused backward without its dQ product, and with plain (racy) stores
+    {**V("prof_no_dq"), "dq_mode": 0}, {**V("prof_dq_store"), "dq_mode": 2}]
+SPARSE_VARIANTS = [V("sp_det", det=True), V("sp_default", det=None, tma=None)]
 DENSE_CASES = [(64, True, 1024), (64, True, 2048), (64, True, 4096), (64, True, 16384), (64, True, 65536),
                (128, True, 2048), (128, True, 4096), (128, True, 16384), (128, False, 4096), (128, False, 16384)]
 SPARSE_CASES = [(layout, t) for layout in ("local", "bigbird") for t in ("1/8", "1/16", "1/32")]
@@ -79,7 +72,7 @@ SPARSE_N = 16384
 def apply_variant(v):
     from kernels import flash as F
     F._PROFILE_DQ_MODE = v.get("dq_mode", 1)
-    F._OPTIONS.update({"fwd_ws": False, "dp_first": False, "sparse_grouped": None, "group_tiles": 16})
+    F._OPTIONS["bwd_fused"] = None
     F._OPTIONS.update(v.get("opts", {}))
     F.clear_launch_config()
     for kind, cfg in v["cfg"].items():
@@ -108,6 +101,8 @@ def sparse_mask(layout, target, n, block=128):
 
 # ------------------------------------------------------------------------------- timing
 def timeit(fn, device, rep_ms=250.0):
+    if device == "cpu":  # the interpreter: a couple of calls show that the code runs, nothing more
+        return bl.time_fn(fn, device, warmup_ms=0.0, rep_ms=0.0, min_reps=2, max_reps=2)["ms"]
     r = bl.time_fn(fn, device, warmup_ms=30.0, rep_ms=rep_ms, min_reps=3, max_reps=100)
     return r["ms"]
 
@@ -186,7 +181,7 @@ def warm_up(jobs, workers, timeout_s):
     futs = [ex.submit(warm_job, j) for j in jobs]
     done, pending = cf.wait(futs, timeout=timeout_s)
     for f in done:
-        job, sec, err = f.result()
+        job, _, err = f.result()
         if err:
             errors.append({"job": job["label"], "error": err})
             log(f"  warm-up {job['label']}: {err}")
@@ -197,14 +192,13 @@ def warm_up(jobs, workers, timeout_s):
 
 # ------------------------------------------------------------------------------ checks
 CHECK_VARIANTS = [V("default", det=None, tma=None), V("det", det=True), V("fused", det=False),
-                  V("rows_tma", tma=True, opts={"sparse_grouped": False}), V("grouped", opts=GROUPED)]
+                  V("fused_tma", det=False, tma=True)]
 
 
 def check_cases(smoke):
     import torch
     if smoke:
-        return [(1, 70, 70, 2, 32, True, torch.float32, False), (1, 33, 90, 2, 16, True, torch.float32, False),
-                (1, 130, 130, 2, 32, True, torch.float32, True)]
+        return [(1, 33, 70, 1, 16, True, torch.float32, False), (1, 70, 70, 1, 16, True, torch.float32, True)]
     return [(2, 1000, 1000, 4, 64, True, torch.bfloat16, False), (1, 333, 777, 2, 128, True, torch.float16, False),
             (1, 777, 333, 2, 80, True, torch.float16, False), (2, 300, 300, 2, 40, False, torch.float32, False),
             (2, 512, 512, 2, 256, False, torch.bfloat16, False), (1, 2048, 2048, 4, 64, True, torch.bfloat16, True)]
@@ -212,6 +206,7 @@ def check_cases(smoke):
 
 def check_inputs(case, device, smoke):
     import torch
+
     import kernels
     B, Nq, Nk, H, D, causal, dtype, sparse = case
     mask = None
@@ -229,6 +224,7 @@ def check_inputs(case, device, smoke):
 
 def run_check(case, var, q, k, v, do, mask):
     import torch
+
     from kernels import flash_attention
     apply_variant(var)
     out = flash_attention(q, k, v, causal=case[5], block_mask=mask, deterministic=var["det"])
@@ -237,16 +233,17 @@ def run_check(case, var, q, k, v, do, mask):
 
 def strided_qkv(device, smoke):
     import torch
-    n = 128 if smoke else 2048
+    n, heads, d = (40, 1, 16) if smoke else (2048, 4, 64)
     g = torch.Generator(device=device).manual_seed(1)
-    qkv = torch.randn(2, n, 3, 4, 64, device=device, dtype=torch.float32 if smoke else torch.bfloat16,
+    qkv = torch.randn(2, n, 3, heads, d, device=device, dtype=torch.float32 if smoke else torch.bfloat16,
                       generator=g).requires_grad_()
-    do = torch.randn(2, n, 4, 64, device=device, dtype=qkv.dtype, generator=g)
+    do = torch.randn(2, n, heads, d, device=device, dtype=qkv.dtype, generator=g)
     return qkv, do
 
 
 def run_strided(var, qkv, do):
     import torch
+
     from kernels import flash_attention
     apply_variant(var)
     q, k, v = qkv.unbind(2)
@@ -255,6 +252,7 @@ def run_strided(var, qkv, do):
 
 def check_section(device, smoke):
     import torch
+
     from kernels import flash as F
     from kernels import reference_attention
     rows, bad = [], 0
@@ -285,7 +283,7 @@ def check_section(device, smoke):
         res = {var["name"]: [run_strided(var, qkv, do) for _ in range(2)] for var in CHECK_VARIANTS}
         det_bitwise = torch.equal(*res["det"])
         spread = bl.rel_err(res["fused"][0], res["fused"][1])
-        vs_det = max(bl.rel_err(res[n_][0], res["det"][0]) for n_ in ("default", "fused", "rows_tma"))
+        vs_det = max(bl.rel_err(res[n_][0], res["det"][0]) for n_ in ("default", "fused", "fused_tma"))
         ok = det_bitwise and vs_det < 1e-2
         bad += not ok
         rows.append({"case": "strided qkv", "det_bitwise": det_bitwise, "fused_run_to_run": spread,
@@ -323,10 +321,11 @@ def inspect_kernels():
 # ------------------------------------------------------------------------------- dense
 def dense_section(device, smoke, deadline, results):
     import torch
+
     from kernels import flash as F
-    cases = [(32, True, 128), (32, False, 128)] if smoke else DENSE_CASES
-    H = 2 if smoke else 16
-    tokens = 256 if smoke else TOKENS
+    cases = [(16, True, 64)] if smoke else DENSE_CASES
+    H = 1 if smoke else 16
+    tokens = 64 if smoke else TOKENS
     peers = [] if smoke else ["sdpa_cudnn", "sdpa_flash", "flex"]
     for D, causal, N in cases:
         if time.time() > deadline:
@@ -338,7 +337,7 @@ def dense_section(device, smoke, deadline, results):
         results.append(row)
         q, k, vv, do = make_inputs(B, N, H, D, torch.bfloat16 if not smoke else torch.float32, device)
         F._RECORD = {}
-        fv = FWD_VARIANTS.get(D, FWD_VARIANTS[64])
+        fv = FWD_VARIANTS.get(D, FWD_VARIANTS[64])[: 2 if smoke else None]
         ref_out, ref_grads = None, None
         for var in fv:
             if time.time() > deadline:
@@ -357,7 +356,7 @@ def dense_section(device, smoke, deadline, results):
             except Exception as exc:
                 row["fwd"][var["name"]] = {"error": bl.short(str(exc))}
             log(f"D={D} c={int(causal)} N={N} {var['name']:<18} {row['fwd'][var['name']]}")
-        bv = BWD_VARIANTS.get(D, BWD_VARIANTS[64])
+        bv = BWD_VARIANTS.get(D, BWD_VARIANTS[64]) + (PROFILE_VARIANTS if PROFILE else [])
         for var in bv:
             if time.time() > deadline:
                 break
@@ -415,10 +414,11 @@ def dense_section(device, smoke, deadline, results):
 LAT_SHAPE = (1, 256, 4, 64, True)
 
 
-def latency_section(device, smoke, res):
+def latency_section(device, smoke, res, res_shape):
     """Per-call time of a tiny problem: what the host-side work of a call costs (launches, checks)."""
     import torch
-    b, n, h, d, causal = (1, 64, 2, 32, True) if smoke else LAT_SHAPE
+    b, n, h, d, causal = (1, 32, 1, 16, True) if smoke else LAT_SHAPE
+    res_shape[:] = [b, n, h, d, causal]
     q, k, vv, do = make_inputs(b, n, h, d, torch.float32 if smoke else torch.bfloat16, device)
     apply_variant(V("default", det=None, tma=None))
     methods = [("ours_default", None)] + ([] if smoke else [("sdpa_cudnn", None), ("sdpa_flash", None)])
@@ -436,9 +436,9 @@ def latency_section(device, smoke, res):
 # ------------------------------------------------------------------------------ sparse
 def sparse_section(device, smoke, deadline, results, dense_rows):
     import torch
-    n = 512 if smoke else SPARSE_N
-    H, D = (2, 32) if smoke else (16, 64)
-    B = max(1, (256 if smoke else TOKENS) // n)
+    n = 128 if smoke else SPARSE_N
+    H, D = (1, 16) if smoke else (16, 64)
+    B = max(1, (128 if smoke else TOKENS) // n)
     ff = flops_fwd(B, H, n, D, True)
     q, k, vv, do = make_inputs(B, n, H, D, torch.float32 if smoke else torch.bfloat16, device)
     dense = next((r["fb"].get("ours_new", {}).get("fb_ms") for r in dense_rows
@@ -446,11 +446,11 @@ def sparse_section(device, smoke, deadline, results, dense_rows):
     if dense is None:
         apply_variant(V("default"))
         dense = timeit(fwd_bwd(ours_fwd(V("d"), q, k, vv, True), q, k, vv, do), device)
-    for layout, target in (SPARSE_CASES if not smoke else [("local", "1/4"), ("bigbird", "1/2")]):
+    for layout, target in (SPARSE_CASES if not smoke else [("local", "1/2")]):
         if time.time() > deadline:
             log(f"sparse {layout} {target}: skipped (time budget)")
             continue
-        mask = sparse_mask(layout, target, n, 64 if smoke else 128)
+        mask = sparse_mask(layout, target, n, 32 if smoke else 128)
         row = {"layout": layout, "target": target, "density": mask.causal_density, "N": n, "B": B,
                "dense_fb_ms": dense, "ms": {}}
         results.append(row)
@@ -486,7 +486,7 @@ def tables(res):
         for r in d:
             fb = r["fb"]
 
-            def g(m, key):
+            def g(m, key, fb=fb):
                 return fb.get(m, {}).get(key)
 
             def ratio(a_, b_, key):
@@ -497,7 +497,8 @@ def tables(res):
                         [ratio("ours_new", "sdpa_cudnn", "fb_tflops"), ratio("ours_new", "sdpa_cudnn", "fwd_tflops"),
                          ratio("ours_new", "flex", "fb_tflops"), ratio("ours_default", "sdpa_cudnn", "fb_tflops"),
                          r.get("new_variant", {}).get("name", "-")[4:-1]])
-        out.append("dense, bf16, TFLOP/s, F = forward, FB = forward+backward (B*N = 131072, H = 16)\n" +
+        out.append(f"dense, TFLOP/s, F = forward, FB = forward+backward (B*N = {d[0]['B'] * d[0]['N']}, "
+                   f"H = {d[0]['H']})\n" +
                    bl.text_table(hdr, rows))
         hdr2 = ["case"] + sorted({n_ for r in d for n_ in list(r["fwd"]) + list(r["bwd"])})
         rows2 = []
@@ -511,7 +512,8 @@ def tables(res):
         out.append("variants alone, TFLOP/s (fwd_*: forward; bwd_*: backward only)\n" + bl.text_table(hdr2, rows2))
     lat = res.get("latency", {})
     if lat:
-        out.append("latency (B=1, N=256, H=4, D=64, causal), ms per call: " + "; ".join(
+        b_, n_, h_, d_, _ = res.get("latency_shape", LAT_SHAPE)
+        out.append(f"latency (B={b_}, N={n_}, H={h_}, D={d_}, causal), ms per call: " + "; ".join(
             f"{k_} fwd {bl.fmt(v_.get('fwd_ms'), '.3f')} fwd+bwd {bl.fmt(v_.get('fb_ms'), '.3f')}"
             for k_, v_ in lat.items()))
     s = res.get("sparse", [])
@@ -530,7 +532,7 @@ def tables(res):
                         [bl.fmt(ms[n_], ".3g") for n_ in names] +
                         [bl.fmt(sp, ".1f") + f"x ({0.7 / r['density']:.1f}x)" if sp else "-",
                          bl.fmt(vf, ".2f") + "x" if vf else "-"])
-        out.append("block-sparse, causal, N=16384, bf16, fwd+bwd ms\n" + bl.text_table(hdr, rows))
+        out.append(f"block-sparse, causal, N={s[0]['N']}, B={s[0]['B']}, fwd+bwd ms\n" + bl.text_table(hdr, rows))
     return "\n\n".join(out)
 
 
@@ -545,7 +547,10 @@ def main(argv=None):
     p.add_argument("--dense-until-s", type=float, default=1e9, help="no new dense case after this")
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, toy sizes, no peers")
     p.add_argument("--inspect", action="store_true", help="print registers/spills/PTX counts per variant")
+    p.add_argument("--profile", action="store_true", help="also time the fused backward without dQ / with plain stores")
     a = p.parse_args(argv)
+    global PROFILE
+    PROFILE = a.profile
     sections = [s for s in a.sections.split(",") if s]
     bad_sec = [s for s in sections if s not in ("check", "dense", "sparse")]
     if bad_sec:
@@ -586,7 +591,7 @@ def main(argv=None):
                 for var in FWD_VARIANTS[D]:
                     jobs.append({"kind": "fwd", "variant": var, "shape": (1, N, 16, D, causal),
                                  "label": f"{var['name']} D{D} c{int(causal)}"})
-                for var in BWD_VARIANTS[D]:
+                for var in BWD_VARIANTS[D] + (PROFILE_VARIANTS if a.profile else []):
                     jobs.append({"kind": "bwd", "variant": var, "shape": (1, N, 16, D, causal),
                                  "label": f"{var['name']} D{D} c{int(causal)}"})
         if "dense" in sections:
@@ -611,7 +616,8 @@ def main(argv=None):
         save()
     res["latency"] = {}
     if "dense" in sections:
-        latency_section(device, a.smoke, res["latency"])
+        res["latency_shape"] = []
+        latency_section(device, a.smoke, res["latency"], res["latency_shape"])
     res["sparse"] = []
     if "sparse" in sections:
         sparse_section(device, a.smoke, deadline, res["sparse"], res["dense"])

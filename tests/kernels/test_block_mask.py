@@ -419,23 +419,3 @@ def test_show_layout_cli(tmp_path):
     assert mod.main(["--layout", "longformer", "--seq-len", "1024", "--block-size", "64",
                      "--global-tokens", "0,500", "--out", str(out)]) == 0
     assert out.stat().st_size > 0
-
-
-def test_grouped_lists_by_hand():
-    """Work lists of the grouped block-sparse kernels on a 3x3 causal layout with an empty row."""
-    import kernels as K
-    layout = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
-    m = K.BlockMask(layout, block_m=32, block_n=32, seq_q=80, seq_k=80, causal=True)
-    F, L, M, E = m.GROUP_FIRST, m.GROUP_LAST, m.GROUP_MASK, m.GROUP_EMPTY
-    grp, info, idx = m.grouped_lists("cpu", rows=True, group_entries=2)
-    # row 0: block 0 (diagonal, masked); row 1: empty; row 2: blocks 0, 1 (full), 2 (diagonal + seq end)
-    assert info[0].tolist() == [0 | F | L | M, 1 | F | L | M | E, 2 | F, 2, 2 | L | M]
-    assert idx[0].tolist() == [0, 0, 0, 1, 2]
-    assert grp[0].tolist() == [0, 2, 5]  # rows 0-1 (2 entries), then row 2
-    # columns, each query block cut into 2 tiles: column 0 keeps query blocks 0 and 2
-    grp, info, idx = m.grouped_lists("cpu", rows=False, split=2, group_entries=100)
-    assert grp[0].tolist() == [0, 8]
-    assert [i & 0xFFFFFF for i in info[0].tolist()] == [0, 0, 1, 1, 2, 3, 4, 5]
-    assert idx[0].tolist() == [0, 2, 0, 2, 2, 2, 2, 2]
-    assert info[0, 0] & M and not info[0, 1] & M  # the diagonal block is masked, the one below is not
-    assert info[0, 6] & M  # the last key block ends past seq_k (80 < 96)
