@@ -109,6 +109,10 @@ def check_task(tcfg) -> None:
             v = _get(tcfg, key)
             if not isinstance(v, int) or v < 1:
                 raise TaskError(f"task.{key}={v!r} must be a positive integer")
+        for p in pkgs:
+            if package_dir(str(p)) is None:
+                raise TaskError(f"task.packages: {p} is not installed here; list packages this Python has "
+                                f"(e.g. task.packages='[asyncio,email,unittest,xml,tkinter,idlelib]')")
 
 
 # ------------------------------------------------------------------------------- offline source
@@ -253,14 +257,53 @@ def offline_windows(streams: dict, tcfg) -> tuple[dict, dict]:
 
 
 # ------------------------------------------------------------------------------- other sources
+@contextlib.contextmanager
+def _offline_if_unreachable(timeout: float = 5.0):
+    """If the Hub cannot be reached (no DNS / no route, tried once with a timeout), run the block in
+    Hugging Face offline mode: load_dataset then answers from its cache, or fails at once, instead of
+    retrying for half a minute. The previous mode is restored afterwards."""
+    import socket
+    import sys
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    if reachable:
+        yield
+        return
+    saved_env = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for modules imported inside the block
+    patched = []
+    for mod, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                      ("datasets.config", "HF_DATASETS_OFFLINE")):
+        m = sys.modules.get(mod)
+        if m is not None and hasattr(m, attr):
+            patched.append((m, attr, getattr(m, attr)))
+            setattr(m, attr, True)
+    try:
+        yield
+    finally:
+        for m, attr, old in patched:
+            setattr(m, attr, old)
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
 def _hf_rows(tcfg, split: str):
     """(texts, raw labels, label names or None) of one split of a Hugging Face dataset."""
     path, name = str(_get(tcfg, "hf_path")), _get(tcfg, "hf_name")
     try:
-        import datasets
+        with _offline_if_unreachable():
+            import datasets
 
-        ds = datasets.load_dataset(path, name, split=split, revision=_get(tcfg, "hf_revision"),
-                                   cache_dir=_get(tcfg, "hf_cache_dir"))
+            ds = datasets.load_dataset(path, name, split=split, revision=_get(tcfg, "hf_revision"),
+                                       cache_dir=_get(tcfg, "hf_cache_dir"))
     except Exception as e:  # noqa: BLE001  (offline, unknown dataset, missing package: one answer)
         detail = " ".join(str(e).split())[:160]
         raise TaskError(f"could not download the Hugging Face dataset {path}{'/' + name if name else ''} "
@@ -410,8 +453,8 @@ def _build(tcfg, progress: bool) -> tuple[dict, dict, list[str], bool, dict]:
     top = _get(tcfg, "top_k_labels")
     names = sorted(counts, key=_sort_key) if not top else \
         sorted((n for n, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:int(top)]), key=_sort_key)
-    if len(names) < 2:
-        raise TaskError(f"{tcfg['train_file']}: needs at least 2 different labels, found {len(names)}")
+    if len(names) < (1 if multi else 2):
+        raise TaskError(f"{tcfg['train_file']}: needs at least {1 if multi else 2} different labels, found {len(names)}")
     labels = {s: _label_matrix(rows[s][1], names, str(tcfg[f"{s}_file"]), strict=not multi) for s in rows}
     docs = {s: _tokenize(rows[s][0], max_tokens, f"{name}: tokenizing {s}", progress) for s in rows}
     return docs, labels, names, multi, {"train_file": str(tcfg["train_file"]), "test_file": str(tcfg["test_file"])}
