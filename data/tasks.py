@@ -200,37 +200,54 @@ def offline_listing(tcfg) -> dict[str, list[tuple[str, Path]]]:
     return out
 
 
+def _read_stripped(path: str) -> str | None:
+    return strip_source(Path(path).read_text(encoding="utf-8", errors="replace"))
+
+
 def offline_texts(tcfg, listing, progress: bool = True):
-    """Per package and split, the stripped sources of its files in a seeded order.
+    """Per package and split, the stripped sources of its files.
 
     Files are split train/test by a seeded hash of their path: the test files take about
     task.test_fraction of the package's bytes. Returns {package: {"train": [texts], "test": [texts]}}.
+    Stripping (ast) runs in task.num_proc processes (null: up to 8, one per core).
     """
     from tqdm.auto import tqdm
 
     seed, frac = int(_get(tcfg, "split_seed", 0)), float(_get(tcfg, "test_fraction", 0.3))
     if not 0 < frac < 1:
         raise TaskError(f"task.test_fraction={frac} must be in (0, 1)")
-    total = sum(len(v) for v in listing.values())
-    out = {}
-    with tqdm(total=total, unit="file", desc="offline task: stripping sources", disable=not progress) as bar:
-        for name, files in listing.items():
-            texts = []
-            for rel, p in files:
-                s = strip_source(p.read_text(encoding="utf-8", errors="replace"))
+    jobs = [(name, rel, str(p)) for name, files in listing.items() for rel, p in files]
+    procs = int(_get(tcfg, "num_proc", 0) or min(8, os.cpu_count() or 1))
+    with tqdm(total=len(jobs), unit="file", desc="offline task: stripping sources", disable=not progress) as bar:
+        if procs > 1 and len(jobs) > 100:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(procs) as pool:
+                stripped = []
+                for s in pool.map(_read_stripped, [j[2] for j in jobs], chunksize=8):
+                    stripped.append(s)
+                    bar.update(1)
+        else:
+            stripped = []
+            for j in jobs:
+                stripped.append(_read_stripped(j[2]))
                 bar.update(1)
-                if s and len(s) > 200:
-                    texts.append((rel, s))
-            ranked = sorted(texts, key=lambda t: (_unit_hash(seed, "test", t[0]), t[0]))
-            target, taken, test = frac * sum(len(s) for _, s in texts), 0, []
-            for rel, s in ranked[:-1]:  # at least one train file
-                if test and taken >= target:
-                    break
-                test.append((rel, s))
-                taken += len(s)
-            test_keys = {r for r, _ in test}
-            train = [t for t in ranked if t[0] not in test_keys]
-            out[name] = {"train": [s for _, s in train], "test": [s for _, s in test]}
+    by_pkg: dict[str, list] = {name: [] for name in listing}
+    for (name, rel, _), s in zip(jobs, stripped):
+        if s and len(s) > 200:
+            by_pkg[name].append((rel, s))
+    out = {}
+    for name, texts in by_pkg.items():
+        ranked = sorted(texts, key=lambda t: (_unit_hash(seed, "test", t[0]), t[0]))
+        target, taken, test = frac * sum(len(s) for _, s in texts), 0, []
+        for rel, s in ranked[:-1]:  # at least one train file
+            if test and taken >= target:
+                break
+            test.append((rel, s))
+            taken += len(s)
+        test_keys = {r for r, _ in test}
+        train = [t for t in ranked if t[0] not in test_keys]
+        out[name] = {"train": [s for _, s in train], "test": [s for _, s in test]}
     return out
 
 
@@ -465,7 +482,7 @@ def _fingerprint(tcfg) -> dict:
     from .tokenizer import tokenizer_fingerprint
 
     fp = {"version": CACHE_VERSION, "task": {k: v for k, v in sorted(_plain(tcfg).items())
-                                             if k not in ("hf_cache_dir", "progress")},
+                                             if k not in ("hf_cache_dir", "progress", "num_proc")},
           "tokenizer": tokenizer_fingerprint()}
     name = str(tcfg["name"])
     if name == "offline":

@@ -217,6 +217,40 @@ def majority_baseline(train_labels, test_labels) -> dict:
     return {"majority_micro_f1": s["micro_f1"], "majority_macro_f1": s["macro_f1"], "majority_accuracy": s["accuracy"]}
 
 
+def single_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy; labels is the (docs, labels) one-hot boolean matrix."""
+    return F.cross_entropy(logits.float(), labels.float().argmax(dim=1), reduction="sum")
+
+
+def multi_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed binary cross-entropy over every (document, label)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum")
+
+
+def finetune_step(model, micro_batches, optimizer, prec, loss_fn, denom: int, grad_clip):
+    """One optimizer step of fine-tuning (what eval_longdoc runs, and what bench_longdoc.py times).
+
+    micro_batches yields (ids (S, N), lengths (S,), doc (S,) or None, n_docs, labels (n_docs, C));
+    each micro-batch's summed loss is divided by denom (this rank's documents per step, so that after
+    the gradient average over ranks the step minimises the mean loss of the global batch); gradients
+    are reduced over ranks on the last micro-batch only. Returns (loss tensor, grad norm tensor, tokens)."""
+    loss_sum, tokens = None, 0
+    batches = list(micro_batches) if not isinstance(micro_batches, list) else micro_batches
+    for m, (x, lengths, doc, n_docs, y) in enumerate(batches):
+        with grad_sync(model, m == len(batches) - 1):
+            with prec.autocast():
+                logits = model(x, lengths, doc, n_docs)
+            loss = loss_fn(logits, y) / denom
+            prec.backward(loss)
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        tokens += x.numel()
+    prec.unscale(optimizer)
+    grad_norm = clip_grad_norm(model, grad_clip)
+    prec.step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, tokens
+
+
 def run_length(cfg, task, seq_len: int, source, dist, logger, wandb_step: int, train_ids, test_ids) -> dict:
     """Fine-tune at seq_len and score the test split; returns the results row (on every rank)."""
     from model import build_model
@@ -254,43 +288,40 @@ def run_length(cfg, task, seq_len: int, source, dist, logger, wandb_step: int, t
     log.info(f"seq_len {seq_len}: {len(train_ids)} train docs, {steps} steps of {B} docs "
              f"(micro-batch {micro} x accum {accum} x {world} GPUs), head over {task.num_labels} labels")
 
-    def loss_of(logits, labels):
-        if multi:
-            return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum")
-        return F.cross_entropy(logits.float(), labels.float().argmax(dim=1), reduction="sum")
+    loss_fn = multi_label_loss if multi else single_label_loss
+
+    def micro_batches(step: int):
+        mine = step_examples(step, B, len(train_ids), int(cfg.seed))[rank::world]
+        for m in range(accum):
+            ids = [train_ids[i] for i in mine[m * micro:(m + 1) * micro]]
+            x, lengths, doc = make_batch([task.train.docs[i] for i in ids], seq_len, str(cfg.long_docs),
+                                         int(cfg.max_chunks))
+            y = torch.as_tensor(task.train.labels[ids])
+            yield (x.to(dist.device), lengths.to(dist.device), None if doc is None else doc.to(dist.device),
+                   len(ids), y.to(dist.device))
 
     model.train()
+    t_begin = time.perf_counter()
     tokens = torch.zeros((), dtype=torch.float64)
     t_start = t_last = time.perf_counter()
     last_step, row = 0, {}
     for step in range(steps):
         lr = schedule.apply(optimizer, step)
-        mine = step_examples(step, B, len(train_ids), int(cfg.seed))[rank::world]
-        loss_sum = torch.zeros((), device=dist.device)
-        for m in range(accum):
-            ids = mine[m * micro:(m + 1) * micro]
-            with grad_sync(model, m == accum - 1):
-                x, lengths, doc = make_batch([task.train.docs[train_ids[i]] for i in ids], seq_len,
-                                             str(cfg.long_docs), int(cfg.max_chunks))
-                y = torch.as_tensor(task.train.labels[[train_ids[i] for i in ids]])
-                x, lengths, y = x.to(dist.device), lengths.to(dist.device), y.to(dist.device)
-                doc = doc.to(dist.device) if doc is not None else None
-                with prec.autocast():
-                    logits = model(x, lengths, doc, len(ids))
-                loss = loss_of(logits, y) / per_rank  # the mean over the global batch, after the gradient average
-                prec.backward(loss)
-            loss_sum += loss.detach()
-            tokens += x.numel()
-        prec.unscale(optimizer)
-        grad_norm = clip_grad_norm(model, t.grad_clip)
-        prec.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, grad_norm, n_tok = finetune_step(model, micro_batches(step), optimizer, prec, loss_fn, per_rank,
+                                                   t.grad_clip)
+        tokens += n_tok
         done = step + 1
+        if step == 0 and steps > 1:  # tokens/s leaves out the first step (kernel compilation / autotuning)
+            if dist.device.type == "cuda":
+                torch.cuda.synchronize(dist.device)
+            tokens.zero_()
+            t_start = t_last = time.perf_counter()
+            last_step = 1
         if done == steps or (cfg.log_every and done % int(cfg.log_every) == 0):
             all_reduce(loss_sum, "avg")
             now = time.perf_counter()
             tok = all_reduce(tokens.clone().to(dist.device), "sum").item()
-            tps = tok / max(now - t_start, 1e-9)
+            tps = tok / max(now - t_start, 1e-9) if tok else 0.0
             row = {"step": done, "loss": loss_sum.item(), "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_s": tps, "mfu": flops_tok * tps / (peak * world) if peak and flops_tok else None,
                    "mem_gb": torch.cuda.max_memory_allocated(dist.device) / 1e9 if dist.device.type == "cuda" else None,
@@ -301,7 +332,8 @@ def run_length(cfg, task, seq_len: int, source, dist, logger, wandb_step: int, t
                        step=wandb_step + done)
     if dist.device.type == "cuda":
         torch.cuda.synchronize(dist.device)
-    train_s = time.perf_counter() - t_start
+    timed_s = time.perf_counter() - t_start  # steps 2.. (all of them when there is only one)
+    train_s = time.perf_counter() - t_begin
     total_tokens = all_reduce(tokens.clone().to(dist.device), "sum").item()
 
     # ---- score the test split: each rank a share, padded to equal size (FSDP needs every rank in every forward)
@@ -340,7 +372,7 @@ def run_length(cfg, task, seq_len: int, source, dist, logger, wandb_step: int, t
         result["accuracy"] = s["accuracy"]
     result.update({
         "train_examples": len(train_ids), "test_examples": len(test_ids), "steps": steps, "batch_size": B,
-        "final_train_loss": row.get("loss"), "tokens_per_s": total_tokens / train_s, "train_s": train_s,
+        "final_train_loss": row.get("loss"), "tokens_per_s": total_tokens / timed_s, "train_s": train_s,
         "eval_s": eval_s, "peak_mem_gb": mem, "world_size": world, "micro_batch": micro,
         "test_tokens_mean": float(lens.clamp(max=cap).float().mean()),
         "test_truncated_frac": float((lens > cap).float().mean()),
