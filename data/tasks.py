@@ -123,7 +123,7 @@ def package_dir(name: str) -> Path | None:
     if spec is None:
         return None
     if spec.submodule_search_locations:
-        base = Path(list(spec.submodule_search_locations)[0])
+        base = Path(next(iter(spec.submodule_search_locations)))
     elif spec.origin and spec.origin.endswith(".py"):
         return Path(spec.origin) if len(parts) == 1 else None
     else:
@@ -429,8 +429,10 @@ def _build(tcfg, progress: bool) -> tuple[dict, dict, list[str], bool, dict]:
         tok = get_tokenizer()
         fast = getattr(tok, "encode_batch_fast", tok.encode_batch)
         seed = int(_get(tcfg, "split_seed", 0))
+        from tqdm.auto import tqdm
+
         streams = {}
-        for pkg, splits in texts.items():
+        for pkg, splits in tqdm(texts.items(), unit="package", desc="offline task: tokenizing", disable=not progress):
             streams[pkg] = {}
             for split, ts in splits.items():
                 ts = list(ts)

@@ -220,7 +220,7 @@ class GPT(nn.Module):
     # Hugging Face GPT-2 interop lives in model/hf.py (weight mapping, padding rows, position extension).
     @classmethod
     def from_pretrained(cls, name_or_dir, seq_len: int | None = None, extend: str = "tile",
-                        attn_impl: str = "flash", dropout: float = 0.0) -> "GPT":
+                        attn_impl: str = "flash", dropout: float = 0.0) -> GPT:
         """Load a Hugging Face GPT-2 checkpoint: a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a
         local folder with config.json + model.safetensors / pytorch_model.bin. Sizes come from its
         config; seq_len beyond its n_positions extends the position table (extend: tile | interpolate)."""

@@ -60,6 +60,7 @@ def build(impl: str, sizes: dict, seq_len: int, num_labels: int, attention: str)
 def bench_case(impl: str, sizes: dict, seq_len: int, micro_batch: int, steps: int, warmup: int,
                device: torch.device, attention: str = "flash", num_labels: int = 10) -> dict:
     from eval_longdoc import finetune_step, single_label_loss
+
     from trainer.optim import Precision
 
     row = {"impl": impl, "seq_len": seq_len, "micro_batch": micro_batch}

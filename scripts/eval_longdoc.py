@@ -34,14 +34,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer import ConfigError  # noqa: E402
-from trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, is_distributed  # noqa: E402
-from trainer.init import apply_init_from, load_init  # noqa: E402
-from trainer.logger import build_logger, resolve_mode  # noqa: E402
-from trainer.metrics import peak_flops, progress_line  # noqa: E402
-from trainer.optim import Precision, build_optimizer  # noqa: E402
-from trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize  # noqa: E402
-from trainer.schedule import build_schedule  # noqa: E402
+from trainer import ConfigError
+from trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, is_distributed
+from trainer.init import apply_init_from, load_init
+from trainer.logger import build_logger, resolve_mode
+from trainer.metrics import peak_flops, progress_line
+from trainer.optim import Precision, build_optimizer
+from trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize
+from trainer.schedule import build_schedule
 
 log = logging.getLogger("eval_longdoc")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer import ConfigError  # noqa: E402
+from trainer import ConfigError
 
 
 def export(path: str | Path, out_dir: str | Path) -> Path:

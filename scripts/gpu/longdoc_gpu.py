@@ -32,7 +32,7 @@ def run(name: str, cmd: list[str], out: Path, timeout: float) -> int:
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     with open(out / f"{name}.log", "w") as f:
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            proc = subprocess.run(cmd, check=False, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = 124

@@ -2,9 +2,6 @@
 export of a training checkpoint, train.py init_from, and the one-line errors."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -170,9 +167,10 @@ def test_train_init_from_hf_dir_and_run_dir(corpus_eval, hf_dir, tiny_run, tmp_p
     from trainer.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(tiny_run / "checkpoints")
-    from trainer.checkpoint import load_model_only
     from omegaconf import OmegaConf
+
     from model import build_model
+    from trainer.checkpoint import load_model_only
 
     cfg = OmegaConf.load(ckpt / "config.yaml")
     cfg.attention.impl = "sdpa"
@@ -183,18 +181,28 @@ def test_train_init_from_hf_dir_and_run_dir(corpus_eval, hf_dir, tiny_run, tmp_p
     assert len(read_rows(tmp_path / "b")) == 1
 
 
-def test_train_init_from_conflicting_model_cli(hf_dir, tmp_path):
-    """`python train.py init_from=<2-layer GPT-2> model=gpt2_small`: one line, no run dir."""
-    import os
+def test_train_init_from_conflicting_model_one_line(hf_dir, tmp_path):
+    """`python train.py init_from=<2-layer GPT-2> model=gpt2_small`: the model= given on the command line
+    conflicts (read from Hydra's overrides, as in a CLI run); nothing is written."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"init_from={hf_dir}", "model=gpt2_small",
-                           f"run_dir={tmp_path / 'r'}", "logger=none", "device=cpu"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "n_layer=12 vs 2" in lines[0] and "leave model= out" in lines[0]
+    import train as train_mod
+    from trainer import ConfigError
+
+    overrides = [f"init_from={hf_dir}", "model=gpt2_small", f"run_dir={tmp_path / 'r'}", "logger=none", "device=cpu"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # what @hydra.main does before calling train.main
+    try:
+        with pytest.raises(ConfigError) as e:
+            train_mod.train(cfg, run_dir=tmp_path / "r")
+    finally:
+        HydraConfig.instance().cfg = None
+    msg = str(e.value)
+    assert "n_layer=12 vs 2" in msg and "leave model= out" in msg and "\n" not in msg
     assert not (tmp_path / "r").exists()
 
 
