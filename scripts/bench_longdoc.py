@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
-    ap.add_argument("--smoke", action="store_true", help="CPU-sized: 2 layers, width 64, lengths 64,128, 2 steps")
+    ap.add_argument("--smoke", action="store_true", help="CPU-sized: 2 layers, width 64, length 64, 2 steps")
     args = ap.parse_args(argv)
 
     import yaml
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         sizes = {"n_layer": 2, "n_head": 2, "n_embd": 64}
-        lens, args.micro_batch_tokens, args.steps, args.warmup = [64, 128], 256, 2, 1
+        lens, args.micro_batch_tokens, args.steps, args.warmup = [64], 256, 2, 1
         if device.type == "cpu":
             args.attention = "sdpa"
     rows = []

@@ -535,17 +535,22 @@ def main(cfg: DictConfig) -> None:
         destroy()
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    import train as _train  # the one-line check of group options (model=gpt2_huge) that train.py uses
+def check_cli_choices(argv: list[str]) -> None:
+    """`task=imdb` / `model=gpt2_huge` on the command line: one line naming the options (before Hydra's
+    longer message). train.py's check covers model / attention / parallel / logger."""
+    import train as train_mod
 
+    train_mod.check_group_choices([a for a in argv if not a.lstrip("+").startswith("task=")])
+    options = sorted(p.stem for p in (ROOT / "configs" / "task").glob("*.yaml"))
+    for a in argv:
+        key, _, value = a.lstrip("+").partition("=")
+        if key == "task" and value not in options:
+            raise ConfigError(f"task={value} is not a task; choose one of: {', '.join(options)}")
+
+
+if __name__ == "__main__":
     try:
-        _train.check_group_choices([a for a in sys.argv[1:] if not a.startswith("task=")])
-        for a in sys.argv[1:]:
-            if a.startswith("task="):
-                options = sorted(p.stem for p in (ROOT / "configs" / "task").glob("*.yaml"))
-                if a.split("=", 1)[1] not in options:
-                    raise ConfigError(f"{a} is not a task; choose one of: {', '.join(options)}")
+        check_cli_choices(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a task setting")
     ap.add_argument("--seq-lens", default="128,256,512,1024,2048,4096,8192")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--iters", type=int, default=200, help="L-BFGS iterations per length")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     rows = []
     print(f"task {task.name}: {len(task.train)} train / {len(task.test)} test docs, {task.num_labels} labels")
     for n in (int(v) for v in args.seq_lens.split(",")):
-        r = bow_scores(task, n)
+        r = bow_scores(task, n, iters=args.iters)
         rows.append(r)
         print(f"seq_len {n:6d}: micro-F1 {100 * r['micro_f1']:.1f}  macro-F1 {100 * r['macro_f1']:.1f}  "
               f"accuracy {100 * r['accuracy']:.1f}", flush=True)

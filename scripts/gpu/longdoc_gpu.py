@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         common += ["task.packages=[json,http,logging,urllib]", "task.doc_tokens=256", "task.max_doc_tokens=256"]
         bench.append("--smoke")
         init = str(out / "tiny_hf")
-        tiny_hf(Path(init))
+        if "pretrained" in args.steps.split(","):
+            tiny_hf(Path(init))
     plan = [("bench", bench)]
     if init.lower() != "none":
         plan.append(("pretrained", [py, "scripts/eval_longdoc.py", *common, f"init_from={init}",

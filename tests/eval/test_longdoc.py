@@ -271,6 +271,11 @@ def test_eval_longdoc_from_our_run_dir_extends_positions(tiny_run, tmp_path, mon
     assert rows[0]["seq_len"] == 64 and rows[0]["init"] == str(tiny_run) and rows[0]["steps"] == 1
     with pytest.raises(ConfigError, match="seq_len 64 is past the 32 positions of init_from"):
         ev.evaluate(compose_eval(dict(o, init_positions="none", out_dir=str(tmp_path / "o2"))))
+    # long_docs=chunk: the 128-token documents as 2 chunks of 32 (positions of the run, no extension)
+    rows = ev.evaluate(compose_eval(dict(o, long_docs="chunk", max_chunks=2, init_positions="none",
+                                         seq_lens="[32]", out_dir=str(tmp_path / "o3"))))
+    assert rows[0]["test_tokens_mean"] == 64 and rows[0]["test_truncated_frac"] == 1.0
+    assert rows[0]["setup"]["max_chunks"] == 2
 
 
 @pytest.mark.parametrize("kw, expect", [
@@ -298,13 +303,16 @@ def test_eval_longdoc_bad_input_one_line(tmp_path, monkeypatch, kw, expect):
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-def test_eval_longdoc_cli_unknown_task_and_other_settings(tmp_path):
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_longdoc.py"), "task=imdb"],
-                          check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip() == \
-        "error: task=imdb is not a task; choose one of: arxiv, ecthr_a, local, mimic, offline"
+def test_eval_longdoc_unknown_group_options_one_line():
+    from trainer import ConfigError
+
+    ev = _eval_module()
+    with pytest.raises(ConfigError) as e:
+        ev.check_cli_choices(["task=imdb", "seq_lens=[512]"])
+    assert str(e.value) == "task=imdb is not a task; choose one of: arxiv, ecthr_a, local, mimic, offline"
+    with pytest.raises(ConfigError, match="model=gpt2_huge is not an option"):
+        ev.check_cli_choices(["task=offline", "model=gpt2_huge"])
+    ev.check_cli_choices(["task=ecthr_a", "model=gpt2_tiny", "attention=sdpa"])
 
 
 def test_longdoc_bow_toy(tmp_path):
@@ -316,7 +324,7 @@ def test_longdoc_bow_toy(tmp_path):
     spec.loader.exec_module(bow)
     sets = [x for k, v in SMALL.items() for x in ("--set", f"{k.removeprefix('task.')}={v}")]
     out = tmp_path / "bow.json"
-    assert bow.main(["--task", "offline", *sets, "--seq-lens", "32,128", "--cache-dir",
+    assert bow.main(["--task", "offline", *sets, "--seq-lens", "32,128", "--iters", "30", "--cache-dir",
                      str(tmp_path.parent / "longdoc_cache"), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["seq_len"] for r in rows] == [32, 128]
@@ -334,7 +342,7 @@ def test_gpu_driver_smoke_bench_step(tmp_path):
                           check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert {(r["impl"], r["seq_len"]) for r in rows} == {(i, n) for i in ("ours", "hf_sdpa") for n in (64, 128)}
+    assert {(r["impl"], r["seq_len"]) for r in rows} == {("ours", 64), ("hf_sdpa", 64)}
     assert all(r["tokens_per_s"] > 0 and r["loss"] == r["loss"] for r in rows)
     assert "| 64 | 4 |" in proc.stdout and "ours / hf_sdpa" in proc.stdout
     summary = json.loads((tmp_path / "out" / "longdoc_gpu.json").read_text())
