@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Long-document classification on one GPU, end to end in about 6 minutes (H200, gpt2_small).
+"""Long-document classification on one GPU, end to end, sized to finish within 8 minutes (H200, gpt2_small).
 
     python scripts/gpu/longdoc_gpu.py RUN_DIR --out OUT      # RUN_DIR: a train.py run (init_from), or none
     python scripts/gpu/longdoc_gpu.py none --out OUT --smoke # toy sizes (checks the code path; GPU or CPU)
