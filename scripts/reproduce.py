@@ -102,7 +102,10 @@ SMOKE_DATA = ["data=stdlib", "data.max_files=40", "data.progress=false"]
 # scripts/eval_longdoc.py task names (the long-document issue): an offline task built from source
 # files that runs anywhere, and the paper's sets for users who have them.
 LONGDOC_OFFLINE_TASK = "offline"
-LONGDOC_PAPER_TASKS = ("ecthr", "mimic")
+LONGDOC_PAPER_TASKS = ("ecthr_a", "mimic")  # mimic needs the user's MIMIC-III files (task.train_file=...)
+# smoke: two torch sub-packages as classes, a few short documents, two optimizer steps per length
+LONGDOC_SMOKE = [*SMOKE_MODEL, "device=cpu", "logger=none", "task.packages=[torch.fx,torch.utils]",
+                 "task.train_per_class=8", "task.test_per_class=4", "max_steps=2"]
 
 CORPUS_CAP_BYTES = 150e6     # site-packages Python beyond this is subsampled (data.max_files)
 CORPUS_MIN_BYTES = 60e6      # below this the standard library (data=stdlib) is used instead
@@ -416,7 +419,7 @@ def _plt():
 # ------------------------------------------------------------------------------ table 4
 class Table4(Table):
     name = "table4"
-    title = "Table 4 in miniature: perplexity vs context length at the same token budget"
+    title = "Table 4: perplexity vs context length at the same token budget"
 
     def sizes(self, ctx: Ctx) -> dict:
         if ctx.scale == "smoke":
@@ -532,7 +535,7 @@ class Table4(Table):
 # ------------------------------------------------------------------------------ table 2
 class Table2(Table):
     name = "table2"
-    title = "Table 2 in miniature: training speed vs Hugging Face GPT-2 (same trainer, data and batch)"
+    title = "Table 2: training speed vs Hugging Face GPT-2 (same trainer, data and batch)"
     BACKENDS = ("ours", "hf_eager", "hf_sdpa")
 
     def sizes(self, ctx: Ctx) -> dict:
@@ -932,11 +935,9 @@ class Table5(Table):
 
     def tasks(self, ctx: Ctx) -> list[tuple[str, list[str], list[int], float]]:
         if ctx.scale == "smoke":
-            return [(LONGDOC_OFFLINE_TASK, ["model=gpt2_tiny", "device=cpu"], [64, 128], 60)]
-        if ctx.scale == "small":
-            init = ctx.run_dir("table4", "ctx16384")  # a model of this project, positions up to 16k
-            model = [f"init_from={init}"] if (init / "checkpoints").is_dir() else ["model=gpt2_small"]
-            return [(LONGDOC_OFFLINE_TASK, model, [512, 1024, 2048, 4096], 240)]
+            return [(LONGDOC_OFFLINE_TASK, LONGDOC_SMOKE, [64, 128], 60)]
+        if ctx.scale == "small":  # random init; the script also takes init_from=<a train.py run dir>
+            return [(LONGDOC_OFFLINE_TASK, ["model=gpt2_small", "logger=none"], [512, 1024, 2048, 4096], 240)]
         lens = PAPER["table5"]["seq_lens"]
         return [(t, ["init_from=gpt2"], lens, 3600) for t in LONGDOC_PAPER_TASKS]
 
@@ -1156,13 +1157,16 @@ class Runner:
                 return state
         return {"table": table.name, "title": table.title, "scale": self.ctx.scale, "created": now_iso(), "rows": {}}
 
-    def save(self, table: Table, state: dict) -> None:
+    def save(self, table: Table, state: dict, plot: bool = False) -> None:
+        """JSON and markdown after every row (atomic); the PNG once the table's rows have run."""
         d = self.ctx.table_dir(table.name)
         state.update(updated=now_iso(), env=self.ctx.env, protocol=table.protocol(self.ctx),
                      paper=PAPER.get(table.name), notes={k: v for k, v in self.ctx.notes.items()},
                      commands=[r["command"] for r in state["rows"].values() if r.get("command")])
         write_json(d / f"{table.name}.json", state)
         write_atomic(d / f"{table.name}.md", self.render(table, state))
+        if not plot:
+            return
         try:
             why = table.plot(state, d / f"{table.name}.png")
         except Exception as e:  # a plot problem must not lose the run's results
@@ -1209,6 +1213,8 @@ class Runner:
                             log(f"{name}/{row.key}: its command changed since it ran; running it again")
                         st["status"] = "pending"
                         shutil.rmtree(self.ctx.run_dir(name, row.key), ignore_errors=True)
+                        if row.result_json is not None:  # the script's own results of the old settings
+                            shutil.rmtree(row.result_json.parent, ignore_errors=True)
                     st["command"] = shell_join(row.argv)
                     st["signature"] = sig
             state["rows"] = {r.key: state["rows"][r.key] for r in rows}  # table order, no stale rows
@@ -1226,6 +1232,7 @@ class Runner:
             for i, row in enumerate(rows, 1):
                 self.run_row(table, row, i, len(rows), state, todo)
                 self.save(table, state)
+            self.save(table, state, plot=True)
         return self.finish(plans)
 
     def run_row(self, table: Table, row: Row, i: int, n: int, state: dict, todo: list) -> None:
@@ -1267,8 +1274,6 @@ class Runner:
                 shutil.rmtree(run_dir)  # a start that left no checkpoint: begin again, cleanly
             elif run_dir.exists():
                 log(f"{where}: continuing from its newest checkpoint (resume=auto)")
-        if row.result_json is not None and row.result_json.exists():
-            row.result_json.unlink()  # a result must come from this run
         script = ROOT / argv[1] if len(argv) > 1 and argv[1].endswith(".py") else None
         st["attempts"] = st.get("attempts", 0) + 1
         t = time.time()

@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 
 pytest.importorskip("transformers")
 
-from model import build_model  # noqa: E402
-from model.hf_baseline import HFGPT  # noqa: E402
-from trainer.distributed import DistInfo  # noqa: E402
-from trainer.parallelize import parallelize  # noqa: E402
+from model import build_model
+from model.hf_baseline import HFGPT
+from trainer.distributed import DistInfo
+from trainer.parallelize import parallelize
 
 ROOT = Path(__file__).resolve().parents[2]
 
