@@ -87,12 +87,16 @@ PAPER = {
                               "dense (no GPT-2 numbers published)"},
 }
 
-# Training throughput of our gpt2_small on one H200 (tokens/s, docs/benchmarks.md section 3), used
-# only to size --scale small and to estimate durations; the run itself measures everything.
-H200_TOKS = {"ours": {1024: 342e3, 2048: 321e3, 4096: 285e3, 8192: 233e3, 16384: 173e3},
-             "hf_eager": {1024: 100e3}, "hf_sdpa": {1024: 154e3}}
+# Training throughput of gpt2_small through train.py on one H200 (tokens/s; docs/benchmarks.md and
+# this script's GPU check of 2026-11-22: ours 344k at 1k, 177k at 16k, HF eager 119k at 1k, BigBird
+# 323k at 8k), used only to size --scale small and to estimate durations; rows measure everything.
+H200_TOKS = {"ours": {1024: 344e3, 2048: 321e3, 4096: 285e3, 8192: 233e3, 16384: 177e3},
+             "hf_eager": {1024: 119e3}, "hf_sdpa": {1024: 150e3}}
+SPARSE_SPEEDUP = 1.35  # block-sparse (local, BigBird) over dense at 8k, measured 1.39 for BigBird
 MEDIUM_SLOWDOWN = 2.9  # gpt2_medium / gpt2_small step time at equal tokens (355M vs 124M params)
-ROW_OVERHEAD_S = {"smoke": 8.0, "small": 25.0, "paper": 300.0}  # start-up, JIT, eval, checkpoints
+# start-up, kernel compilation, evaluation and checkpoints of one row (measured 14-18 s on the H200;
+# the first row of a machine also tokenises the corpus: 18.5 s for 150 MB of site-packages)
+ROW_OVERHEAD_S = {"smoke": 8.0, "small": 20.0, "paper": 300.0}
 
 # Tiny model for --scale smoke: gpt2_tiny narrowed to 2 layers of width 64 (3.3M params, most of
 # them the embedding); the point is the plumbing, not the numbers.
@@ -313,7 +317,7 @@ def small_corpus(eval_tokens: int) -> Corpus:
         return Corpus(["data=stdlib", "data.progress=false"],
                       f"data=stdlib (the standard library's .py files): site-packages holds only "
                       f"{size / 1e6:.0f} MB of Python, less than {CORPUS_MIN_BYTES / 1e6:.0f} MB")
-    paths = ",".join(f"'{d}/**/*.py'" for d in dirs)
+    paths = ",".join(f'"{d}/**/*.py"' for d in dirs)
     over = ["data=local", f"data.paths=[{paths}]", "data.progress=false"]
     used = size
     if size > CORPUS_CAP_BYTES:
@@ -427,9 +431,9 @@ class Table4(Table):
                         extra=["train.lr=3e-3", "train.min_lr=3e-4", "train.warmup_steps=1", "ckpt_every=0",
                                "log_every=1"])
         if ctx.scale == "small":
-            # 152 steps x 131072 tokens = 19.9M tokens per context; all five contexts ~9 min on an H200
+            # 136 steps x 131072 tokens = 17.8M tokens per context; all five contexts ~7.5 min on an H200
             return dict(seq_lens=[1024, 2048, 4096, 8192, 16384], model=["model=gpt2_small"], batch=131072,
-                        steps=152, eval=524288,
+                        steps=136, eval=524288,
                         extra=["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=15", "ckpt_every=40",
                                "ckpt_keep=1", "log_every=4"])
         return dict(seq_lens=[1024, 2048, 4096, 8192, 16384], presets=True, eval=2097152, steps=400000,
@@ -648,7 +652,7 @@ class Table2(Table):
 # the memory model of the probe: bytes per parameter that do not scale with tokens
 # (fp32 weights 4 + gradients 4 + AdamW moments 8 + the bf16 autocast copies 2)
 BYTES_PER_PARAM = 18
-USABLE_MEMORY = 0.92  # share of the GPU's memory a run may plan to fill (allocator slack)
+USABLE_MEMORY = 0.88  # share of the GPU's memory a run may plan to fill (allocator slack, CUDA context)
 
 
 def gpt2_params(n_layer: int, n_embd: int, seq_len: int, padded_vocab: int = 50304) -> int:
@@ -709,7 +713,7 @@ class BlockSparse(Table):
                 over = [*s["model"], *attn, *extra, *(ctx.corpus.overrides if ctx.corpus else []),
                         f"seq_len={s['seq']}", f"max_steps={s['steps']}", f"train.global_batch_tokens={s['batch']}",
                         f"eval_tokens={s['eval']}", "eval_every=0", *s["extra"]]
-                tok_s = H200_TOKS["ours"][8192] * (1.0 if layout == "dense" else 1.25)
+                tok_s = H200_TOKS["ours"][8192] * (1.0 if layout == "dense" else SPARSE_SPEEDUP)
                 est = est_train_s(ctx.scale, s["steps"] * s["batch"], tok_s if ctx.scale == "small" else 2e3)
             rows.append(Row(layout, {"layout": layout, "seq_len": s["seq"]}, "train", est,
                             argv=ctx.train_argv(self.name, layout, over), max_steps=s["steps"]))
@@ -734,11 +738,10 @@ class BlockSparse(Table):
                                        s["n_layer"], s["n_embd"], gpu_bytes)
             n = est["probe_len"]
             ctx.notes[key] = {"method": "estimated from the training row's peak memory", **est}
-            over = [*base, *attn, *extra, *(ctx.corpus.overrides if ctx.corpus else []), f"seq_len={n}",
-                    "max_steps=1", f"train.global_batch_tokens={n}", "train.micro_batch=1", "eval_tokens=0",
-                    "train.warmup_steps=0", "log_every=1", "ckpt_every=0", "parallel=single"]
-            return [sys.executable, "train.py", *over, "logger=none", f"run_dir={ctx.run_dir(self.name, key)}",
-                    *ctx.sets], None
+            over = [*base, *attn, *extra, *(ctx.corpus.overrides if ctx.corpus else []), *ctx.sets,
+                    f"seq_len={n}", "max_steps=1", f"train.global_batch_tokens={n}", "train.micro_batch=1",
+                    "eval_tokens=0", "train.warmup_steps=0", "log_every=1", "ckpt_every=0", "parallel=single"]
+            return [sys.executable, "train.py", *over, "logger=none", f"run_dir={ctx.run_dir(self.name, key)}"], None
 
         def oom(text: str):
             return {"fits": False, "error": error_line(text)} if is_oom(text) else None
@@ -1222,6 +1225,12 @@ class Runner:
             if not self.args.dry_run:
                 self.save(table, state)
 
+        if self.args.only:
+            unknown = self.args.only - {r.key for _, rows, _ in plans for r in rows}
+            if unknown:
+                raise SystemExit(f"error: --only {','.join(sorted(unknown))}: no such row in "
+                                 f"{', '.join(names)} (see --dry-run for the row keys)")
+            plans = [(t, [r for r in rows if r.key in self.args.only], s) for t, rows, s in plans]
         if self.args.dry_run:
             return self.dry_run(plans)
         todo = [(t, r) for t, rows, s in plans for r in rows if s["rows"][r.key].get("status") != "done"]
@@ -1312,7 +1321,8 @@ class Runner:
 
     def collect(self, table: Table, row: Row, argv: list[str]) -> dict:
         if row.kind == "train":
-            res = train_summary(self.ctx.run_dir(table.name, row.key), row.max_steps,
+            max_steps = _arg_int(argv, "max_steps") or row.max_steps  # --set max_steps=... wins
+            res = train_summary(self.ctx.run_dir(table.name, row.key), max_steps,
                                 need_eval=not row.label.get("probe"))
             if row.label.get("probe"):
                 res = {"fits": True, "seq_len": _arg_int(argv, "seq_len"), "mem_gb": res.get("mem_gb"),
@@ -1373,7 +1383,8 @@ class Runner:
 
 
 def _arg_int(argv: list[str], key: str) -> int | None:
-    for a in argv:
+    """The value of `key=` in a train.py command: the last one wins, as in Hydra."""
+    for a in reversed(argv):
         if a.startswith(key + "="):
             try:
                 return int(a.split("=", 1)[1])
@@ -1409,6 +1420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-checkpoints", action=argparse.BooleanOptionalAction, default=None,
                    help="delete a training row's checkpoints once its results are recorded, so the out dir "
                         "stays a few MB (default: on, except at --scale paper)")
+    p.add_argument("--only", default=None, metavar="ROW,ROW",
+                   help="run only these rows (keys as in the table's JSON, e.g. ctx1024,small_hf_eager)")
     p.add_argument("--fresh", action="store_true", help="delete the named tables' folders first and start over")
     p.add_argument("--dry-run", action="store_true", help="print every row's command and estimate; run nothing")
     return p
@@ -1426,6 +1439,7 @@ def parse_args(argv: list[str] | None):
         else:
             p.error(f"unknown table {t!r}: choose from {', '.join(TABLE_ORDER)}, all")
     a.names = list(dict.fromkeys(names))
+    a.only = {k for k in (a.only or "").replace(",", " ").split() if k} or None
     if a.nproc is None:
         a.nproc = 8 if a.scale == "paper" else 1
     if a.nproc < 1:

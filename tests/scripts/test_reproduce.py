@@ -202,6 +202,20 @@ def test_probe_estimate_and_failure_lines():
     assert reproduce.error_line("x\nTraceback\n  File y\nValueError: bad thing\n\n") == "ValueError: bad thing"
 
 
+def test_metrics_summary_and_overrides(tmp_path):
+    """train_summary against hand-computed values; `--set max_steps=N` (the last key=) is what a row reaches."""
+    rows = [{"step": 2, "loss": 5.0, "tokens": 200, "tokens_per_s": 10.0, "mfu": None, "mem_gb": 1.5},
+            {"step": 4, "loss": 4.0, "tokens": 400, "tokens_per_s": 20.0, "mfu": None, "mem_gb": 2.5,
+             "val_loss": 4.5, "val_ppl": 90.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
+    s = reproduce.train_summary(tmp_path, 4)
+    assert s["train_s"] == pytest.approx(200 / 10 + 200 / 20)  # 2 steps of 100 tokens at each speed
+    assert s["tokens_per_s"] == 20.0 and s["mem_gb"] == 2.5 and s["val_ppl"] == 90.0 and s["tokens"] == 400
+    with pytest.raises(reproduce.RowError, match="stopped at step 4 of 6"):
+        reproduce.train_summary(tmp_path, 6)
+    assert reproduce._arg_int(["x", "max_steps=136", "log_every=4", "max_steps=3"], "max_steps") == 3
+
+
 def test_bad_input_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         reproduce.main(["table9", "--scale", "smoke"])
