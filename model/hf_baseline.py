@@ -29,8 +29,8 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 log = logging.getLogger(__name__)
 BACKENDS = {"hf_eager": "eager", "hf_sdpa": "sdpa"}  # model.backend -> transformers attn_implementation

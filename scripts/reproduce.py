@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import math
 import os
@@ -120,7 +121,7 @@ BYTES_PER_TOKEN = 2.2        # GPT-2 BPE on Python source (measured on torch's .
 def fmt_s(s: float | None) -> str:
     if s is None or not math.isfinite(s):
         return "?"
-    s = int(round(s))
+    s = round(s)
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
@@ -472,8 +473,8 @@ class Table4(Table):
 
     def markdown(self, state: dict, ctx: Ctx) -> str:
         p = PAPER["table4"]
-        lines = ["| context | val ppl (ours) | val loss | tokens | train time | tokens/s | MFU | peak mem "
-                 "| paper: context, ppl, days (8xA100) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines = [("| context | val ppl (ours) | val loss | tokens | train time | tokens/s | MFU | peak mem "
+                 "| paper: context, ppl, days (8xA100) |"), "|---|---|---|---|---|---|---|---|---|"]
         for key, r in state["rows"].items():
             n, pn = r["label"]["seq_len"], r["label"].get("paper_ctx", r["label"]["seq_len"])
             paper = (f"{pn}, {p['ppl'][pn]}, {p['days'][pn]}" if pn in p["ppl"] else f"{pn}, -, -",)
@@ -486,8 +487,8 @@ class Table4(Table):
                          f"{fmt_s(x['train_s'])} | {fmt_tok(x['tokens_per_s'])} | "
                          f"{pct(x.get('mfu'))} | "
                          f"{gb(x.get('mem_gb'))} | {paper[0]} |")
-        lines += ["", f"Paper: {p['source']}; Megatron-LM at 1k: {p['megatron_1k_days']} days. Beyond 4k the "
-                      f"paper has no GPT-2 numbers.", "", self.verdict(state)]
+        lines += ["", (f"Paper: {p['source']}; Megatron-LM at 1k: {p['megatron_1k_days']} days. Beyond 4k the "
+                      f"paper has no GPT-2 numbers."), "", self.verdict(state)]
         return "\n".join(lines)
 
     @staticmethod
@@ -495,8 +496,8 @@ class Table4(Table):
         res = sorted((r["label"]["seq_len"], r["result"]["val_ppl"]) for r in _done(state).values())
         if len(res) < 2:
             return "Trend: needs at least two finished contexts."
-        falls = [b[1] < a[1] for a, b in zip(res, res[1:])]
-        steps = ", ".join(f"{a[0]}->{b[0]}: {b[1] - a[1]:+.2f}" for a, b in zip(res, res[1:]))
+        falls = [b[1] < a[1] for a, b in itertools.pairwise(res)]
+        steps = ", ".join(f"{a[0]}->{b[0]}: {b[1] - a[1]:+.2f}" for a, b in itertools.pairwise(res))
         if all(falls):
             return f"Trend: perplexity falls with every longer context ({steps})."
         return (f"Trend: perplexity does NOT fall at every step ({steps}); at this token budget the longer "
@@ -594,8 +595,8 @@ class Table2(Table):
 
     def markdown(self, state: dict, ctx: Ctx) -> str:
         p = PAPER["table2"]
-        lines = ["| model | backend | tokens | time at steady speed | tokens/s | MFU | peak mem | val loss "
-                 "| speed-up of ours | paper: days (speed-up of FlashAttention) |",
+        lines = [("| model | backend | tokens | time at steady speed | tokens/s | MFU | peak mem | val loss "
+                 "| speed-up of ours | paper: days (speed-up of FlashAttention) |"),
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for key, r in state["rows"].items():
             model, backend = r["label"]["model"], r["label"]["backend"]
@@ -615,8 +616,8 @@ class Table2(Table):
             lines.append(f"| {model} | {backend} | {fmt_tok(x['tokens'])} | {fmt_s(x['tokens'] / x['tokens_per_s'])} "
                          f"| {fmt_tok(x['tokens_per_s'])} | {pct(x.get('mfu'))} | "
                          f"{gb(x.get('mem_gb'))} | {x['val_loss']:.3f} | {speedup} | {paper} |")
-        lines += ["", f"Paper: {p['source']}; Megatron-LM took {p['gpt2_small']['megatron_days']} days for "
-                      f"GPT-2 small. The paper's Hugging Face runs used its eager attention."]
+        lines += ["", (f"Paper: {p['source']}; Megatron-LM took {p['gpt2_small']['megatron_days']} days for "
+                      f"GPT-2 small. The paper's Hugging Face runs used its eager attention.")]
         return "\n".join(lines)
 
     def plot(self, state: dict, path: Path) -> str | None:
@@ -764,8 +765,8 @@ class BlockSparse(Table):
                 f"at that length rounded down to a multiple of 8192: 'fits' with its measured peak, or OOM.")
 
     def markdown(self, state: dict, ctx: Ctx) -> str:
-        lines = ["| layout | causal density | val ppl | val loss | tokens/s | speed vs dense | peak mem "
-                 "| longest context (est.) | one step at that length |",
+        lines = [("| layout | causal density | val ppl | val loss | tokens/s | speed vs dense | peak mem "
+                 "| longest context (est.) | one step at that length |"),
                  "|---|---|---|---|---|---|---|---|---|"]
         dense = _res(state, "dense")
         for layout in self.LAYOUTS:
@@ -970,8 +971,8 @@ class Table5(Table):
 
     def markdown(self, state: dict, ctx: Ctx) -> str:
         p = PAPER["table5"]
-        lines = ["| task | length | micro-F1 | macro-F1 | majority-class micro-F1 | train / test examples "
-                 "| paper micro-F1 (MIMIC-III / ECtHR) |", "|---|---|---|---|---|---|---|"]
+        lines = [("| task | length | micro-F1 | macro-F1 | majority-class micro-F1 | train / test examples "
+                 "| paper micro-F1 (MIMIC-III / ECtHR) |"), "|---|---|---|---|---|---|---|"]
         for key, r in state["rows"].items():
             bad = _status_cell(state, key)
             if bad:
@@ -1182,9 +1183,9 @@ class Runner:
     def render(self, table: Table, state: dict) -> str:
         env = self.ctx.env
         head = [f"# {table.title}", "",
-                f"Scale `{self.ctx.scale}`; updated {state.get('updated', now_iso())}; "
+                (f"Scale `{self.ctx.scale}`; updated {state.get('updated', now_iso())}; "
                 f"GPU {env.get('gpu') or 'none (CPU)'}; torch {env.get('torch')}, triton {env.get('triton')}, "
-                f"transformers {env.get('transformers')}, Python {env.get('python')}, commit {env.get('git_commit')}.",
+                f"transformers {env.get('transformers')}, Python {env.get('python')}, commit {env.get('git_commit')}."),
                 "", table.markdown(state, self.ctx), "", "## Protocol", "", table.protocol(self.ctx), "",
                 "## Commands (run from the repository root)", ""]
         for key, r in state["rows"].items():

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import reproduce  # noqa: E402
+import reproduce
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
