@@ -436,7 +436,7 @@ class Table4(Table):
             return dict(seq_lens=[1024, 2048, 4096, 8192, 16384], model=["model=gpt2_small"], batch=131072,
                         steps=136, eval=524288,
                         extra=["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=15", "ckpt_every=40",
-                               "ckpt_keep=1", "log_every=4"])
+                               "ckpt_keep=1", "log_every=4", "compile=false"])
         return dict(seq_lens=[1024, 2048, 4096, 8192, 16384], presets=True, eval=2097152, steps=400000,
                     batch=524288)
 
@@ -561,7 +561,9 @@ class Table2(Table):
         for model, s in self.sizes(ctx).items():
             for backend in self.BACKENDS:
                 key = f"{model.removeprefix('gpt2_')}_{backend}"
-                bk = [] if backend == "ours" else [f"model.backend={backend}"]
+                # ours runs the trainer's default (its fastest path); Hugging Face runs as users run it,
+                # uncompiled, like the paper's Hugging Face baseline
+                bk = [] if backend == "ours" else [f"model.backend={backend}", "compile=false"]
                 if "preset" in s:
                     over = [f"experiment={s['preset']}", *bk] + (["parallel=fsdp"] if ctx.nproc > 1 else [])
                     est = s["steps"] * s["batch"] / (H200_TOKS[backend][1024] * 0.6 * ctx.nproc)
@@ -698,7 +700,7 @@ class BlockSparse(Table):
             return dict(model=["model=gpt2_small"], n_layer=12, n_embd=768, seq=8192, batch=131072, steps=32,
                         eval=262144, layout_extra=[],
                         extra=["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=4", "log_every=4",
-                               "ckpt_every=0"])
+                               "ckpt_every=0", "compile=false"])
         return dict(preset="gpt2_small_owt_16k", n_layer=12, n_embd=768, seq=16384, batch=524288, steps=400000,
                     layout_extra=[])
 
@@ -741,7 +743,8 @@ class BlockSparse(Table):
             ctx.notes[key] = {"method": "estimated from the training row's peak memory", **est}
             over = [*base, *attn, *extra, *(ctx.corpus.overrides if ctx.corpus else []), *ctx.sets,
                     f"seq_len={n}", "max_steps=1", f"train.global_batch_tokens={n}", "train.micro_batch=1",
-                    "eval_tokens=0", "train.warmup_steps=0", "log_every=1", "ckpt_every=0", "parallel=single"]
+                    "eval_tokens=0", "train.warmup_steps=0", "log_every=1", "ckpt_every=0", "parallel=single",
+                    "compile=false"]
             return [sys.executable, "train.py", *over, "logger=none", f"run_dir={ctx.run_dir(self.name, key)}"], None
 
         def oom(text: str):
