@@ -243,6 +243,9 @@ def build_model(cfg) -> GPT:
     """
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
+    if cfg.model.get("backend", "ours") != "ours":  # Hugging Face GPT-2 baseline: model/hf_baseline.py
+        from .hf_baseline import build_hf_model
+        return build_hf_model(cfg)
     m, attn = cfg.model, cfg.attention
     gcfg = GPTConfig(
         seq_len=int(cfg.seq_len), vocab_size=int(m.vocab_size),
