@@ -118,6 +118,9 @@ def check_settings(cfg, world_size: int):
         raise ConfigError(f"train.precision={cfg.train.precision!r}: use bf16, fp16 or fp32")
     if str(cfg.logger.get("name")) == "wandb":
         resolve_mode(str(cfg.logger.get("mode", "auto")))
+    if str(cfg.model.get("backend", "ours")) != "ours":
+        raise ConfigError(f"model.backend={cfg.model.backend}: eval_longdoc fine-tunes our GPT (model.backend=ours); "
+                          f"scripts/bench_longdoc.py compares against Hugging Face's GPT2ForSequenceClassification")
     positions = str(cfg.init_positions)
     if positions not in ("tile", "interpolate", "none"):
         raise ConfigError(f"init_positions={positions!r}: use tile, interpolate or none")

@@ -118,6 +118,9 @@ def apply_init_from(cfg, explicit: set[str] | None = None) -> InitSource | None:
     if source is None:
         return None
     positions_mode(cfg)
+    if str(cfg.model.get("backend", "ours")) != "ours":
+        raise ConfigError(f"init_from loads weights into our GPT; model.backend={cfg.model.backend} is the "
+                          f"Hugging Face baseline: use model.backend=ours (or leave init_from out)")
     explicit = explicit_model_keys() if explicit is None else explicit
     keys = SIZE_KEYS if explicit is None else [k for k in SIZE_KEYS if k in explicit]
     diff = [(k, cfg.model.get(k), source.model.get(k)) for k in keys if k in cfg.model

@@ -287,6 +287,7 @@ def test_eval_longdoc_from_our_run_dir_extends_positions(tiny_run, tmp_path, mon
     ({"train.batch_size": 0}, "train.batch_size=0"),
     ({"init_from": "gpt2"}, "could not be downloaded from the Hugging Face Hub"),
     ({"task.packages": "[json,no_such_pkg_xyz]"}, "no_such_pkg_xyz is not installed here"),
+    ({"model.backend": "hf_sdpa"}, "eval_longdoc fine-tunes our GPT"),
 ])
 def test_eval_longdoc_bad_input_one_line(tmp_path, monkeypatch, kw, expect):
     from trainer import ConfigError
