@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer import ConfigError
 from trainer.checkpoint import check_compatible, load_checkpoint, read_meta, resolve_resume, save_checkpoint
 from trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, require_torchrun
+from trainer.init import apply_init_from, load_init
 from trainer.logger import build_logger, resolve_mode
 from trainer.metrics import MetricsFile, Throughput, batch_arithmetic, eval_line, peak_flops, progress_line
 from trainer.optim import Precision, build_optimizer
@@ -99,6 +100,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     # ---- settings: every check before any work ---------------------------------------------------
     micro_batch, accum = check_config(cfg, dist.world_size)
+    init = apply_init_from(cfg)  # init_from=: model sizes come from that checkpoint (one line on a conflict)
     resume_from = resolve_resume(cfg.resume, run_dir)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if resume_from is not None:
@@ -139,7 +141,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     log.info(f"data: {cfg.data.get('name', '?')}, {len(data.train):,} train / {len(data.val):,} val tokens")
 
     # ---- model, parallelism, optimizer -----------------------------------------------------------
-    model = build_model(cfg).to(dist.device)
+    model = build_model(cfg)
+    if resume_from is None:
+        load_init(model, init, cfg)  # init_from= weights, positions extended to seq_len (no-op without it)
+    model = model.to(dist.device)
     n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.seq_len)
     log.info(f"model: {cfg.model.get('name', '?')}, {n_params / 1e6:.1f}M params, attention={cfg.attention.get('impl')}, "
              f"{flops_per_token / 1e9:.2f} GFLOP/token, parallel={parallel_name(cfg)}, device={dist.device}")
