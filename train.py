@@ -10,6 +10,9 @@ The loop, top to bottom:
        for each micro-step: (x, y) = data.train_batch(step, ...); loss = model(x, y) / accum; backward
        (gradients are reduced over ranks on the last micro-step only)
        clip -> optimizer step -> log -> evaluate every eval_every -> checkpoint every ckpt_every
+  -> summary (console, train.log, <run_dir>/summary.json: losses, speed, paths, next commands)
+`run()` wraps it for the command line: `error: <one line>` for bad input, and a run stopped by a
+config or data error leaves no run dir behind (trainer/cli.py).
 Supporting pieces live in trainer/ (one job per file).
 """
 from __future__ import annotations
@@ -155,7 +158,7 @@ def evaluate(model, data, cfg, micro_batch: int, dist, prec: Precision) -> tuple
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Run training as configured; returns the end-of-run summary (what summary.json holds: step,
     loss, val_loss, val_ppl, tokens/s, paths, next commands; rank 0 only, {} elsewhere)."""
-    from data import CacheError, DataError, load_data, prepare_data  # imported per call: tests patch them
+    from data import CacheError, DataError, TokenData, load_data, prepare_data  # per call: tests patch them
     from model import build_model
 
     t_start = time.perf_counter()
@@ -189,17 +192,17 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     # ---- seed, data ------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     data_errors = (ValueError, DataError, CacheError)  # bad data settings, missing/corrupt cache, offline
-    problem = None
+    problem = folder = None
     if dist.is_main:
         try:
-            prepare_data(cfg.data)  # tokenises once and caches; the other ranks wait for the result
+            folder = prepare_data(cfg.data)  # tokenises once and caches; the other ranks wait for the result
         except data_errors as e:
             problem = str(e)
     problem = broadcast_object(problem)  # also the barrier: every rank stops on rank 0's data error
     if problem:
         raise ConfigError(problem)
     try:
-        data = load_data(cfg.data)
+        data = TokenData(folder) if folder is not None else load_data(cfg.data)  # (rank 0 just checked it)
         if cfg.eval_tokens:  # the validation span and the windows fit the prepared splits
             data.val_plan(cfg.seq_len, micro_batch, cfg.eval_tokens, dist.rank, dist.world_size)
         data.train_batch(0, seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=1)

@@ -2,7 +2,7 @@
 docs/*.md and the configs' comments, and how tests run them at toy size.
 
 A command keeps its groups and options; only sizes and step counts are shrunk by overrides
-appended after its own (SHRINK: a 2-layer width-64 model, seq_len 64, a few steps of 256 tokens,
+appended after its own (SHRINK: a 2-layer width-64 model, seq_len 64, a few steps of 2 x 64 tokens per process,
 a small slice of the corpus, device=cpu, logger=none). `max_steps=N` in a command becomes
 ceil(N / 1000) so that resume chains (2000 -> 4000 -> 4100) still resume. torchrun commands run on
 2 CPU processes (gloo) whatever --nproc_per_node says.
@@ -13,6 +13,7 @@ process group lifetime each (tests/test_docs_commands.py uses it; one launch for
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 TORCHRUN_PROCS = 2  # CPU processes for every torchrun command
 SHRINK = {
     "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 64,
-    "seq_len": 64, "train.global_batch_tokens": 256, "train.micro_batch": "auto",
+    "seq_len": 64, "train.global_batch_tokens": 128, "train.micro_batch": "auto",
     "train.warmup_steps": 1, "eval_every": 0, "eval_tokens": 128, "ckpt_every": 0, "log_every": 1,
     "device": "cpu", "data.progress": "false", "data.num_proc": 1,
 }
@@ -44,6 +45,13 @@ class Command:
     overrides: list[str]
     nnodes: int = 1
     extra: list[str] = field(default_factory=list)  # the shrinking overrides appended
+    multirun: bool = False  # -m / --multirun: a Hydra sweep (see sweep_jobs)
+
+    @property
+    def template(self) -> bool:
+        """A pattern shown in prose, not a command: a placeholder value (`seq_len=N`, `layout=...`)
+        or alternatives (`model.backend=ours|hf_eager|hf_sdpa`)."""
+        return any(re.fullmatch(r"[A-Z]|\.\.\.|.*\|.*", o.split("=", 1)[-1]) for o in self.overrides)
 
     @property
     def world(self) -> int:
@@ -89,6 +97,25 @@ def documented_commands() -> list[Command]:
     return cmds
 
 
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The jobs of a Hydra -m sweep (a,b / choice / range / glob), as plain override lists."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    parser, axes = OverridesParser.create(), []
+    for o in overrides:
+        ov = parser.parse_override(o)
+        key = ov.get_key_element()
+        if not ov.is_sweep_override():
+            axes.append([o])
+        elif ov.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            axes.append([f"{key}={v}" for v in ov.value().filter(
+                sorted(p.stem for p in (ROOT / "configs" / key).glob("*.yaml")))])
+        else:
+            axes.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
+    return [list(job) for job in itertools.product(*axes)]
+
+
 def parse(text: str, source: str = "") -> Command:
     tokens = [t for t in shlex.split(text) if t != "..."]  # "..." stands for "your other settings"
     launcher = {"python": "python", "python3": "python", "torchrun": "torchrun", "sbatch": "sbatch"}[tokens[0]]
@@ -99,7 +126,10 @@ def parse(text: str, source: str = "") -> Command:
             nnodes = int(t.split("=")[1].split(":")[-1])
         if launcher == "sbatch" and t.startswith("--nodes="):
             nnodes = int(t.split("=")[1])
-    return Command(source, text, launcher, tokens[script + 1:], nnodes)
+    args = tokens[script + 1:]
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    return Command(source, text, launcher, [a for a in args if a not in ("-m", "--multirun")], nnodes,
+                   multirun=multirun)
 
 
 def _get(overrides: list[str], key: str):
@@ -110,13 +140,16 @@ def _get(overrides: list[str], key: str):
 def shrink(cmd: Command, cache_dir: str, run_dir: str | None = None) -> list[str]:
     """The command's overrides plus the ones that make it toy-sized (see the module docstring)."""
     extra = {**SHRINK, "data.cache_dir": cache_dir}
-    extra["train.global_batch_tokens"] = 256 * cmd.world
+    extra["train.global_batch_tokens"] = 128 * cmd.world  # 2 sequences of 64 per process and step
     steps = _get(cmd.overrides, "max_steps")
     extra["max_steps"] = max(1, math.ceil(int(steps) / 1000)) if steps else 2
     if not any(o.startswith("logger=") for o in cmd.overrides):
         extra["logger"] = "none"  # the default logger=wandb would try to reach W&B
     if _get(cmd.overrides, "run_dir") is None and run_dir:
         extra["run_dir"] = run_dir  # (outputs/<time> would be shared by runs started in the same second)
+    for key in ("eval_every", "eval_tokens", "ckpt_every", "log_every"):  # already small where a command sets them
+        if _get(cmd.overrides, key) is not None:
+            del extra[key]
     cmd.extra = [f"{k}={v}" for k, v in extra.items()]
     return cmd.overrides + cmd.extra
 

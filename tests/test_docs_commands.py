@@ -18,30 +18,41 @@ from pathlib import Path
 
 import pytest
 
+import train as train_mod
 from tests import commands as C
 
 ROOT = C.ROOT
 GROUPS = ("model", "data", "attention", "parallel", "logger", "experiment")
 LAYOUTS = ("dense", "local", "strided", "fixed", "butterfly", "bigbird", "longformer")
-LAYOUT_TOY = "attention.window_blocks=1 attention.stride=2 attention.random_blocks=1"
+LAYOUT_TOY = "attention.window_blocks=1 attention.stride=2 attention.random_blocks=1 max_steps=1 eval_tokens=0"
 
+OWT = "data=openwebtext (internet); the offline one-line error is checked"
 # (a part of the command, why it is only composed here)
 COMPOSE_ONLY = [
     ("python train.py data=openwebtext", "downloads OpenWebText (internet); the offline one-line error is checked"),
-    ("experiment=gpt2_small_owt_1k", "data=openwebtext (internet); the offline one-line error is checked"),
-    ("experiment=gpt2_small_owt_2k", "data=openwebtext (internet); the offline one-line error is checked"),
-    ("experiment=gpt2_small_owt_4k", "data=openwebtext (internet); the offline one-line error is checked"),
-    ("experiment=gpt2_medium_owt", "data=openwebtext (internet); the offline one-line error is checked"),
+    ("experiment=gpt2_small_owt_1k", OWT),
+    ("experiment=gpt2_small_owt_2k", OWT),
+    ("experiment=gpt2_small_owt_4k", OWT),
+    ("experiment=gpt2_small_owt_8k", OWT),
+    ("experiment=gpt2_small_owt_16k", OWT),
+    ("experiment=gpt2_medium_owt", OWT),
+    ("init_from=gpt2 ", "downloads GPT-2's weights from the Hugging Face Hub (internet)"),
     ("torchrun --nnodes=2", "two nodes meeting at a rendezvous host (node001:29500)"),
     ("sbatch ", "a SLURM cluster (scripts/slurm_train.sh runs torchrun on each node)"),
+    (" -m ", ("a Hydra multirun: every job is composed here; tests/trainer/test_sweeps.py runs -m sweeps "
+              "(a,b / choice / range / glob) through train.py")),
 ]
+# shown in prose as patterns with a placeholder, not as commands to type
+TEMPLATES = {"python train.py ... seq_len=N", "python train.py ... model.backend=ours|hf_eager|hf_sdpa",
+             "python train.py ... attention=flash|block_sparse attention.layout=..."}
 OPENWEBTEXT = {("data", "openwebtext"), ("experiment", "gpt2_small_owt_1k"), ("experiment", "gpt2_small_owt_2k"),
-               ("experiment", "gpt2_small_owt_4k"), ("experiment", "gpt2_medium_owt")}
+               ("experiment", "gpt2_small_owt_4k"), ("experiment", "gpt2_small_owt_8k"),
+               ("experiment", "gpt2_small_owt_16k"), ("experiment", "gpt2_medium_owt")}
 OFFLINE_LINE = "could not download the Hugging Face dataset 'Skylion007/openwebtext'"
 
 
 def _reason(cmd: C.Command) -> str | None:
-    hits = [why for part, why in COMPOSE_ONLY if part in " ".join(cmd.text.split())]
+    hits = [why for part, why in COMPOSE_ONLY if part in " ".join(cmd.text.split()) + " "]
     assert len(hits) <= 1, f"{cmd.source}: matches several COMPOSE_ONLY entries"
     return hits[0] if hits else None
 
@@ -49,7 +60,7 @@ def _reason(cmd: C.Command) -> str | None:
 def _unique(cmds: list[C.Command]) -> list[C.Command]:
     seen, out = set(), []
     for c in cmds:
-        key = (c.launcher, c.nnodes, tuple(c.overrides))
+        key = (c.launcher, c.nnodes, c.multirun, tuple(c.overrides))
         if key not in seen:
             seen.add(key)
             out.append(c)
@@ -90,18 +101,22 @@ def work(tmp_path_factory):
     os.chdir(base)
     os.environ.pop("TRITON_INTERPRET", None)  # a CPU user: flash/block_sparse take their CPU fallbacks
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    out = {"docs": [], "layouts": {}, "composed": [], "same_as": [], "base": base}
+    out = {"docs": [], "layouts": {}, "composed": [], "same_as": [], "templates": [], "base": base}
     try:
         docs = _unique(C.documented_commands())
         runnable = []
         for cmd in docs:
             why = _reason(cmd)
+            if cmd.template:
+                out["templates"].append(cmd)
+                continue
             if why is None:
                 runnable.append(cmd)
                 continue
             overrides = cmd.overrides + (["parallel=fsdp"] if cmd.launcher == "sbatch" else [])
-            cfg, _, _ = C.toy_config(C.parse(f"python train.py {' '.join(overrides)}", cmd.source), cache)
-            out["composed"].append({"cmd": cmd, "why": why, "data": cfg.data.name})
+            for job in C.sweep_jobs(overrides) if cmd.multirun else [overrides]:  # as documented, not shrunk
+                train_mod.check_group_choices(job)
+                out["composed"].append({"cmd": cmd, "why": why, "data": C.compose(job).data.name})
 
         explicit = [C._get(c.overrides, "run_dir") for c in runnable]
         shared = {d for d in explicit if d and explicit.count(d) > 1}
@@ -196,11 +211,15 @@ def test_torchrun_commands_run(work):
 
 
 def test_compose_only_commands(work):
-    """Listed in COMPOSE_ONLY: composed (above, a typo would have failed) and never silently dropped."""
+    """Listed in COMPOSE_ONLY: composed (above, a typo would have failed) and never silently dropped;
+    the prose patterns with placeholders are exactly TEMPLATES."""
     composed = {" ".join(c["cmd"].text.split()) for c in work["composed"]}
     docs = _unique(C.documented_commands())
-    assert {" ".join(c.text.split()) for c in docs if _reason(c)} == composed
+    assert {" ".join(c.text.split()) for c in docs if _reason(c) and not c.template} == composed
     assert any(c["data"] == "openwebtext" for c in work["composed"])
+    sweeps = [c for c in work["composed"] if c["cmd"].multirun]
+    assert len(sweeps) == 3 + 3 + 1 * 2 * 3  # README's 3 seq_lens, reproduce.md's 3 and glob(gpt2_s*) x 2 x 3 seeds
+    assert {" ".join(c.text.replace("\\|", "|").split()) for c in work["templates"]} == TEMPLATES
 
 
 def test_every_group_option_runs(work):

@@ -69,6 +69,16 @@ def test_missing_and_corrupt_data_cache(corpus, tmp_path):
     train_bin.write_bytes(train_bin.read_bytes()[:-10])
     msg = _config_error(corpus, tmp_path / "r2", **{"data.cache_dir": str(tmp_path / "c"), "data.rebuild": "never"})
     assert "train.bin" in msg
+    # bytes changed inside val.bin (size unchanged) and an id above the vocabulary in train.bin: found
+    # before training (never: one line; auto: rebuilt, and the run trains and evaluates)
+    run_inprocess(corpus, tmp_path / "r3", max_steps=1, eval_tokens=0, **{"data.cache_dir": str(tmp_path / "c")})
+    val_bin = next((tmp_path / "c").glob("*/val.bin"))
+    good = val_bin.read_bytes()
+    val_bin.write_bytes(good[:300] + bytes([good[300] ^ 0xFF]) + good[301:])
+    msg = _config_error(corpus, tmp_path / "r4", **{"data.cache_dir": str(tmp_path / "c"), "data.rebuild": "never"})
+    assert "val.bin: checksum mismatch in bytes 256.." in msg and "data.rebuild=auto" in msg
+    run_inprocess(corpus, tmp_path / "r5", max_steps=1, **{"data.cache_dir": str(tmp_path / "c")})
+    assert val_bin.read_bytes() == good
 
 
 def test_dataset_not_downloadable_offline(corpus, tmp_path, monkeypatch):

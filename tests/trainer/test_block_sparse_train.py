@@ -9,7 +9,7 @@ from .conftest import read_rows, run_inprocess
 
 KW = {"attention": "block_sparse", "attention.layout": "bigbird", "attention.block_size": 16,
       "attention.window_blocks": 0, "attention.random_blocks": 1, "attention.global_blocks": 1,
-      "seq_len": 56, "max_steps": 2, "train.global_batch_tokens": 56, "train.micro_batch": 1,
+      "seq_len": 56, "max_steps": 1, "train.global_batch_tokens": 56, "train.micro_batch": 1,
       "eval_tokens": 56, "eval_every": 0, "ckpt_every": 0, "model.n_layer": 1}  # (the interpreter is slow)
 
 
@@ -31,7 +31,7 @@ def test_kernel_path_equals_cpu_fallback(corpus, tmp_path, monkeypatch, caplog):
         run_inprocess(corpus, tmp_path / "fallback", **KW)
     assert "using the reference attention with the same block mask" in caplog.text  # the CPU path says so
     k, f = read_rows(tmp_path / "kernel"), read_rows(tmp_path / "fallback")
-    assert [r["step"] for r in k] == [r["step"] for r in f] == [1, 2]
+    assert [r["step"] for r in k] == [r["step"] for r in f] == [1]
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in k] == pytest.approx([r[key] for r in f], rel=1e-4), key
     assert k[-1]["val_loss"] == pytest.approx(f[-1]["val_loss"], rel=1e-4)

@@ -11,6 +11,9 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+from trainer import ConfigError
+from trainer.cli import check_run_dir_writable
+
 from .conftest import ROOT, base_overrides, compose_cfg, run_cli
 
 
@@ -64,10 +67,17 @@ def test_data_error_leaves_nothing(corpus, tmp_path):
     line = _one_error_line(run_cli(args))
     assert "need at least 2 non-empty documents to make a train and a validation split, found 0" in line
     assert not (tmp_path / "run").exists() and not cache.exists()
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "metrics.jsonl").write_text("{}\n")
-    _one_error_line(run_cli(args[:-1] + [f"run_dir={tmp_path / 'old'}"]))
-    assert (tmp_path / "old" / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_refused_run_keeps_an_earlier_runs_folder(corpus, tmp_path, capsys):
+    import train as train_mod
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text("{}\n")
+    cfg = compose_cfg(base_overrides(corpus, old, **{"train.lr": -1}))
+    assert train_mod.run(cfg, str(old)) == 2 and "train.lr=-1" in capsys.readouterr().err
+    assert [p.name for p in old.iterdir()] == ["metrics.jsonl"]
 
 
 def _make_unwritable(path) -> str:
@@ -84,13 +94,14 @@ def test_run_dir_not_writable(corpus, tmp_path):
     ro.mkdir()
     how = _make_unwritable(ro)
     try:
-        for run_dir in (ro, ro / "sub" / "run"):  # the folder itself, or a new one inside it
-            line = _one_error_line(run_cli(base_overrides(corpus, run_dir)))
-            assert f"run_dir={run_dir}: cannot write in {ro}" in line and "pick a writable folder" in line, how
+        line = _one_error_line(run_cli(base_overrides(corpus, ro)))  # through Hydra: nothing else printed
+        assert f"run_dir={ro}: cannot write in {ro}" in line and "pick a writable folder" in line, how
+        with pytest.raises(ConfigError, match=f"run_dir={ro / 'sub' / 'run'}: cannot write in {ro} "):
+            check_run_dir_writable([f"run_dir={ro / 'sub' / 'run'}"])  # a new folder inside it
         assert list(ro.iterdir()) == []
     finally:
         subprocess.run(["chattr", "-i", str(ro)], capture_output=True, check=False)
         ro.chmod(0o755)
     (tmp_path / "file").write_text("x")
-    line = _one_error_line(run_cli(base_overrides(corpus, tmp_path / "file" / "run")))
-    assert f"{tmp_path / 'file'} is a file, not a folder" in line
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'file'} is a file, not a folder"):
+        check_run_dir_writable([f"run_dir={tmp_path / 'file' / 'run'}"])
