@@ -112,7 +112,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input/output embedding
         self.block_mask = None  # plain attribute: not a parameter, not in the state dict
-        self.loss_chunk_tokens = CHUNK_TOKENS  # tokens per logits chunk of the loss (model/loss.py)
+        # tokens per logits chunk of the loss (model/loss.py); 0 = the plain loss over full logits
+        self.loss_chunk_tokens = CHUNK_TOKENS
         self.compile_loss = False  # torch.compile the loss's per-chunk math (set by trainer/parallelize.py)
 
         # GPT-2 init: N(0, 0.02) weights, zero biases, LayerNorm (1, 0); the residual projections
@@ -154,7 +155,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
-        if targets is not None and not return_logits:
+        if targets is not None and not return_logits and self.loss_chunk_tokens > 0:
             return None, lm_head_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1,
                                                chunk_tokens=self.loss_chunk_tokens, compiled=self.compile_loss)
         logits = self.lm_head(x)

@@ -48,9 +48,13 @@ def _chunk_loss_grad(logits: torch.Tensor, targets: torch.Tensor, scale: torch.T
     loss_sum = torch.where(valid, lse - z_t, 0.0).sum()
     if scale is None:
         return loss_sum, None
-    p = torch.exp(z - lse[:, None])
-    hit = torch.arange(z.shape[-1], device=z.device)[None, :] == t[:, None]  # one-hot, pointwise
-    d = torch.where(hit, p - 1.0, p) * torch.where(valid, scale.to(acc), 0.0)[:, None]
+    row_scale = torch.where(valid, scale.to(acc), 0.0)[:, None]
+    p = torch.exp(z - lse[:, None])  # softmax
+    if torch.compiler.is_compiling():  # one fused pointwise kernel: the one-hot as a comparison
+        hit = torch.arange(z.shape[-1], device=z.device)[None, :] == t[:, None]
+        d = torch.where(hit, p - 1.0, p) * row_scale
+    else:  # eager: subtract the one-hot in place (n elements), no (n, V) mask
+        d = p.scatter_add_(-1, t[:, None], torch.full_like(z_t[:, None], -1.0)).mul_(row_scale)
     return loss_sum, d.to(logits.dtype)
 
 
