@@ -47,8 +47,8 @@ DEFAULT_BATCHES = "524288,131072"
 # ---------------------------------------------------------------------------------------------------
 def worker(a) -> None:
     import torch
-
     from bench_training import compose, random_batches, setup
+
     from trainer.distributed import barrier, destroy, init_distributed, reduce_metrics
     from trainer.metrics import peak_flops
     from trainer.step import train_step
@@ -94,7 +94,7 @@ def worker(a) -> None:
         except torch.OutOfMemoryError as e:
             row.update(ok=False, error="out of memory: " + str(e).splitlines()[0][:200])
             torch.cuda.empty_cache()
-        except Exception as e:  # noqa: BLE001  (a failing batch size costs only its row)
+        except Exception as e:
             if model is None:
                 raise
             row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
@@ -126,7 +126,7 @@ def run_job(model, seq_len, ac, nproc, a, tmp: Path) -> list[dict]:
     print(f"[bench_fsdp] {model} seq_len={seq_len} ac={ac} on {nproc} ... ", end="", flush=True)
     info = {"model": model, "seq_len": seq_len, "ac": ac, "nproc": nproc}
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=a.run_timeout)
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=a.run_timeout, check=False)
         if res.is_file():
             out = json.loads(res.read_text())
             rows = [{**info, **r, "device": out["device"], "torch": out["torch"], "compile": out["compile"]}
