@@ -345,20 +345,21 @@ def _fmt(v, spec):
 
 def table(rows: list[dict]) -> str:
     head = ["seq_len", "batch", "row", "status", "tokens/s", "MFU", "peak GB", "ms/step", "1st step s",
-            "vs sdpa", "vs hf_sdpa"]
-    by = {(r["seq_len"], r["name"]): r.get("tokens_per_s") for r in rows if r.get("status") == "ok"}
+            "loss", "vs sdpa", "vs hf_sdpa"]
+    by = {(r["seq_len"], r["impl"], r["variant"]): r.get("tokens_per_s") for r in rows if r.get("status") == "ok"}
     lines = []
     for r in rows:
         ok = r.get("status") == "ok"
-        sd, hf = by.get((r["seq_len"], "sdpa")), by.get((r["seq_len"], "hf_sdpa"))
+        # vs sdpa: the attention=sdpa row of the same variant (same trainer, compile, loss)
+        sd, hf = by.get((r["seq_len"], "sdpa", r["variant"])), by.get((r["seq_len"], "hf_sdpa", "-"))
         tps = r.get("tokens_per_s") if ok else None
         lines.append([str(r["seq_len"]), f"{r.get('micro_batch', r['mb'])}x{r.get('accum', '?')}", r["name"],
                       r["status"] if ok else f"{r['status']}: {r.get('reason', '')[:60]}",
                       _fmt(tps, ",.0f"), _fmt(None if not ok or r.get("mfu") is None else 100 * r["mfu"], ".1f"),
                       _fmt(r.get("peak_mem_gb") if ok else None, ".1f"), _fmt(r.get("step_ms") if ok else None, ".0f"),
-                      _fmt(r.get("first_step_s") if ok else None, ".1f"),
-                      _fmt(tps / sd if tps and sd and r["name"] != "sdpa" else None, ".2f"),
-                      _fmt(tps / hf if tps and hf and r["name"] != "hf_sdpa" else None, ".2f")])
+                      _fmt(r.get("first_step_s") if ok else None, ".1f"), _fmt(r.get("loss") if ok else None, ".4f"),
+                      _fmt(tps / sd if tps and sd and r["impl"] != "sdpa" else None, ".2f"),
+                      _fmt(tps / hf if tps and hf and r["impl"] != "hf_sdpa" else None, ".2f")])
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) if i in (2, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
@@ -390,29 +391,35 @@ def _write(path: str, rows: list[dict], args, complete: bool) -> None:
 
 
 def build_cases(args, device: str) -> list[dict]:
-    """One case per (seq_len, impl, variant); our rows take every variant, HF rows only the first."""
+    """One case per (variant, impl, seq_len), in that order (the groups that warm up together
+    follow it); HF rows take no variant. A variant NAME@impl+impl:... applies to those impls only."""
     seq_lens = [int(s) for s in args.seq_lens.split(",") if s]
+    impls = args.impls.split(",")
     variants = []
     for v in args.variant or ["default:"]:
-        name, _, spec = v.partition(":")
-        variants.append((name, [s for s in spec.split(",") if s]))
+        head, _, spec = v.partition(":")
+        name, _, only = head.partition("@")
+        variants.append((name, [s for s in spec.split(",") if s], only.split("+") if only else None))
+    named = len(variants) > 1 or variants[0][0] != "default"
     cases = []
-    for T in seq_lens:
-        mb = max(1, args.batch_tokens // T)
-        gbt = max(args.global_batch_tokens, mb * T) // (mb * T) * (mb * T)
-        for impl in args.impls.split(","):
-            for vi, (vname, vset) in enumerate(variants):
-                if impl in HF and vi > 0:
-                    continue
+    for vi, (vname, vset, only) in enumerate(variants):
+        for impl in impls:
+            if (impl in HF and vi > 0) or (only and impl not in only and impl not in HF):
+                continue
+            for T in seq_lens:
+                mb = max(1, args.batch_tokens // T)
+                gbt = max(args.global_batch_tokens, mb * T) // (mb * T) * (mb * T)
                 loss_chunk = next((int(s.split("=", 1)[1]) for s in vset if s.startswith("loss_chunk_tokens=")), None)
-                hydra_sets = [s for s in vset if not s.startswith("loss_chunk_tokens=")]
+                hydra_sets = [s for s in vset if not s.startswith("loss_chunk_tokens=")] if impl not in HF else []
                 attention = impl if impl in OURS else "sdpa"
                 overrides = [f"model={args.model}", f"seq_len={T}", f"attention={attention}", "logger=none",
                              f"device={device}", f"train.micro_batch={mb}", f"train.global_batch_tokens={gbt}",
                              *args.set, *hydra_sets]
-                name = impl if len(variants) == 1 or impl in HF else f"{impl}/{vname}"
+                name = f"{impl}/{vname}" if named and impl not in HF else impl
                 cases.append({"key": f"{T}_{name.replace('/', '-')}", "name": name, "impl": impl, "seq_len": T,
-                              "mb": mb, "device": device, "overrides": overrides, "loss_chunk_tokens": loss_chunk,
+                              "variant": vname if impl not in HF else "-",
+                              "mb": mb, "device": device, "overrides": overrides,
+                              "loss_chunk_tokens": loss_chunk if impl not in HF else None,
                               "warmup": args.warmup, "steps": args.steps, "profile": args.profile})
     return cases
 
@@ -427,8 +434,8 @@ def main(argv=None) -> int:
     ap.add_argument("--global-batch-tokens", type=int, default=65536, help="tokens per optimizer step")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a train.py override for our rows (e.g. compile=false, train.precision=fp16)")
-    ap.add_argument("--variant", action="append", default=None, metavar="NAME:K=V,K=V",
-                    help="rows of our impls per variant, e.g. eager:compile=false or plainloss:loss_chunk_tokens=0")
+    ap.add_argument("--variant", action="append", default=None, metavar="NAME[@IMPL+IMPL]:K=V,K=V",
+                    help="rows of our impls per variant, e.g. eager:compile=false, plain@flash:loss_chunk_tokens=0")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps")
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of one extra step per row")
