@@ -445,6 +445,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-minutes", type=float, default=None, help="start no new group after this long")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: gpt2_tiny, seq_len 64,128, 1+1 steps")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--logdir", default=None, help="keep each row's stderr log here (default: discarded)")
     ap.add_argument("--_case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._case is not None:
@@ -483,7 +484,9 @@ def main(argv=None) -> int:
     rest = [c for c in cases if c["impl"] not in SOLO]
     groups = [rest[i:i + args.concurrency] for i in range(0, len(rest), max(1, args.concurrency))] + solo
     rows, t_start = [], time.time()
-    with tempfile.TemporaryDirectory() as logdir:
+    with tempfile.TemporaryDirectory() as tmp:
+        logdir = args.logdir or tmp
+        Path(logdir).mkdir(parents=True, exist_ok=True)
         for group in groups:
             todo = []
             for c in group:
