@@ -9,7 +9,7 @@ The loop, top to bottom:
   -> AdamW + LR schedule -> maybe resume -> for each step:
        train_step (trainer/step.py): for each micro-step: (x, y) = the next prefetched micro-batch;
        loss = model(x, y) / accum; backward (gradients reduced over ranks on the last one only);
-       clip -> one device sync (loss, grad norm checked) -> optimizer step
+       clip -> optimizer step (a non-finite loss or grad norm is never applied: LossDiverged)
        -> log -> evaluate every eval_every -> checkpoint every ckpt_every
 Supporting pieces live in trainer/ (one job per file).
 """
@@ -182,14 +182,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if start_step >= cfg.max_steps:
         log.info(f"nothing to do: the checkpoint is at step {start_step}, max_steps={cfg.max_steps}")
     model.train()
+    result = None  # the last step's StepResult: loss and grad norm, read (and checked) when needed
     try:
         for step in range(start_step, cfg.max_steps):
             lr = schedule.apply(optimizer, step)
             t_step = time.perf_counter()
-            loss_v, norm_v = train_step(model, batches, optimizer, prec, accum=accum,
-                                        grad_clip=cfg.train.grad_clip, step=step)
+            result = train_step(model, batches, optimizer, prec, accum=accum, grad_clip=cfg.train.grad_clip,
+                                step=step, pending=result)  # checks the previous step before applying this one
             meter.tick()
             if step == start_step:
+                result.check()  # waits for the device: the first step's time
                 log.info(f"first step: {time.perf_counter() - t_step:.1f}s (one-time costs included: kernel "
                          f"compilation{', torch.compile' if compiled(model) else ''})")
 
@@ -197,6 +199,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             last = done == cfg.max_steps
             do_eval = cfg.eval_tokens > 0 and (last or (cfg.eval_every and done % cfg.eval_every == 0))
             do_log = last or do_eval or (cfg.log_every and done % cfg.log_every == 0)
+            do_ckpt = last or (cfg.ckpt_every and done % cfg.ckpt_every == 0)
+            if do_log or do_ckpt:
+                loss_v, norm_v = result.check()  # LossDiverged before anything is logged or saved
             if do_log:
                 row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": norm_v, **meter.read(done),
                        "tokens": done * tokens_per_step}
@@ -212,7 +217,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 row.pop("eta_s", None)
                 metrics.write(row)
                 logger.log(row, step=done)
-            if last or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
+            if do_ckpt:
                 meter.pause()
                 checkpoint(done)
                 meter.resume()

@@ -51,6 +51,9 @@ OURS = ("flash", "sdpa", "naive")
 HF = {"hf_eager": "eager", "hf_sdpa": "sdpa"}
 ALL_IMPLS = OURS + tuple(HF)
 SOLO = ("hf_eager", "naive")  # memory-hungry: never warmed up beside other rows
+# variant keys that are not train.py settings: loss_chunk_tokens=N (0: the plain full-logits loss),
+# defer=0|1 (train_step's finiteness check: at once, with a sync per step, or one step later)
+BENCH_KEYS = ("loss_chunk_tokens", "defer")
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384,32768"
 
 
@@ -155,18 +158,29 @@ def categorize(name: str) -> str:
     return "elementwise/fused"
 
 
-def profile_step(run_step, n_top: int = 12) -> dict:
-    """Kernel time of one step (CUDA), by category and the top kernels."""
+_SYNC_APIS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
+              "cudaMemcpy(", "cuStreamSynchronize", "cuCtxSynchronize")
+
+
+def profile_step(run_step, n_top: int = 12, trace: str | None = None) -> dict:
+    """Kernel time of one step (CUDA) by category and the top kernels; the host calls that wait
+    for the device (synchronisations: where the device may run dry) with their count and time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run_step()
         torch.cuda.synchronize()
-    kernels = {}
+    if trace:
+        prof.export_chrome_trace(trace)
+    kernels, syncs = {}, {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total  # us
+        elif any(e.name.startswith(k) for k in _SYNC_APIS) or (e.name.startswith("cudaMemcpy") and
+                                                                "Async" not in e.name):
+            n, us = syncs.get(e.name, (0, 0.0))
+            syncs[e.name] = (n + 1, us + e.cpu_time_total)
     total = sum(kernels.values()) or 1.0
     cats: dict[str, float] = {}
     for name, us in kernels.items():
@@ -174,7 +188,8 @@ def profile_step(run_step, n_top: int = 12) -> dict:
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:n_top]
     return {"kernel_ms": total / 1e3,
             "categories": {k: round(v / total, 4) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-            "top": [{"name": n[:90], "ms": round(us / 1e3, 3), "share": round(us / total, 4)} for n, us in top]}
+            "top": [{"name": n[:90], "ms": round(us / 1e3, 3), "share": round(us / total, 4)} for n, us in top],
+            "host_waits": {k: {"count": n, "ms": round(us / 1e3, 3)} for k, (n, us) in syncs.items()}}
 
 
 # ----------------------------------------------------------------------------------- one row
@@ -194,15 +209,21 @@ def run_case(case: dict, ready=None) -> dict:
     batches = random_batches(cfg, dist, mb, accum, range(n_steps))
     grad_clip = cfg.train.grad_clip
 
+    defer = case.get("defer")
+    pending = [None]
+
     def one(step):
-        return train_step(model, batches, opt, prec, accum=accum, grad_clip=grad_clip, step=step)
+        pending[0] = train_step(model, batches, opt, prec, accum=accum, grad_clip=grad_clip, step=step,
+                                pending=pending[0], defer=defer)
+        return pending[0]
 
     model.train()
     t0 = time.perf_counter()
-    one(0)  # compilation (torch.compile, Triton) + the first step
+    one(0).check()  # compilation (torch.compile, Triton) + the first step
     first_step_s = time.perf_counter() - t0
     for s in range(1, case["warmup"]):
         one(s)
+    pending[0].check()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # idle while other rows are timed: hold no cached activations
@@ -210,10 +231,11 @@ def run_case(case: dict, ready=None) -> dict:
         ready()
     if cuda:
         torch.cuda.reset_peak_memory_stats(dist.device)
-    losses = []
+    results = []
     t0 = time.perf_counter()
     for s in range(case["warmup"], case["warmup"] + case["steps"]):
-        losses.append(one(s)[0])  # train_step ends with its one host sync: the step is done
+        results.append(one(s))
+    loss = results[-1].loss  # waits for the last step: every timed step is done
     dt = time.perf_counter() - t0
     tokens = mb * int(cfg.seq_len) * accum * case["steps"]
     tps = tokens / dt
@@ -222,12 +244,14 @@ def run_case(case: dict, ready=None) -> dict:
         "status": "ok", "tokens_per_s": tps, "step_ms": 1e3 * dt / case["steps"],
         "mfu": fpt * tps / peak if peak else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated(dist.device) / 1e9 if cuda else None,
-        "first_step_s": first_step_s, "loss": losses[-1], "micro_batch": mb, "accum": accum,
+        "first_step_s": first_step_s, "loss": loss, "micro_batch": mb, "accum": accum,
         "flops_per_token": fpt, "compile": str(cfg.get("compile")),
         "device_name": torch.cuda.get_device_name(dist.device) if cuda else platform.processor() or "cpu",
     }
     if case.get("profile") and cuda:
-        res["profile"] = profile_step(lambda: one(n_steps - 1))
+        res["profile"] = profile_step(lambda: one(n_steps - 1).check(), trace=case.get("trace"))
+        # share of the timed step's wall time the device spent in kernels (the rest: it waited)
+        res["profile"]["device_busy"] = round(res["profile"]["kernel_ms"] / res["step_ms"], 4)
     return res
 
 
@@ -374,7 +398,10 @@ def profile_table(rows: list[dict]) -> str:
         if not prof:
             continue
         cats = ", ".join(f"{k} {100 * v:.0f}%" for k, v in prof["categories"].items())
-        out.append(f"[profile] {r['name']} seq_len={r['seq_len']}: {prof['kernel_ms']:.1f} ms of kernels/step: {cats}")
+        waits = ", ".join(f"{k.strip()} x{v['count']} {v['ms']:.1f} ms" for k, v in prof.get("host_waits", {}).items())
+        out.append(f"[profile] {r['name']} seq_len={r['seq_len']}: {prof['kernel_ms']:.1f} ms of kernels/step "
+                   f"(device busy {100 * prof.get('device_busy', 0):.0f}% of the timed step): {cats}; "
+                   f"host waits: {waits or 'none'}")
         for k in prof["top"][:8]:
             out.append(f"    {100 * k['share']:5.1f}%  {k['ms']:8.2f} ms  {k['name']}")
     return "\n".join(out)
@@ -409,8 +436,8 @@ def build_cases(args, device: str) -> list[dict]:
             for T in seq_lens:
                 mb = max(1, args.batch_tokens // T)
                 gbt = max(args.global_batch_tokens, mb * T) // (mb * T) * (mb * T)
-                loss_chunk = next((int(s.split("=", 1)[1]) for s in vset if s.startswith("loss_chunk_tokens=")), None)
-                hydra_sets = [s for s in vset if not s.startswith("loss_chunk_tokens=")] if impl not in HF else []
+                special = {k: int(v) for k, _, v in (s.partition("=") for s in vset) if k in BENCH_KEYS}
+                hydra_sets = [s for s in vset if s.partition("=")[0] not in BENCH_KEYS] if impl not in HF else []
                 attention = impl if impl in OURS else "sdpa"
                 overrides = [f"model={args.model}", f"seq_len={T}", f"attention={attention}", "logger=none",
                              f"device={device}", f"train.micro_batch={mb}", f"train.global_batch_tokens={gbt}",
@@ -419,8 +446,11 @@ def build_cases(args, device: str) -> list[dict]:
                 cases.append({"key": f"{T}_{name.replace('/', '-')}", "name": name, "impl": impl, "seq_len": T,
                               "variant": vname if impl not in HF else "-",
                               "mb": mb, "device": device, "overrides": overrides,
-                              "loss_chunk_tokens": loss_chunk if impl not in HF else None,
-                              "warmup": args.warmup, "steps": args.steps, "profile": args.profile})
+                              "loss_chunk_tokens": special.get("loss_chunk_tokens") if impl not in HF else None,
+                              "defer": bool(special["defer"]) if "defer" in special else None,
+                              "warmup": args.warmup, "steps": args.steps, "profile": args.profile,
+                              "trace": str(Path(args.trace_dir) / f"{T}_{name.replace('/', '-')}.json")
+                              if args.trace_dir and args.profile else None})
     return cases
 
 
@@ -446,6 +476,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CPU smoke: gpt2_tiny, seq_len 64,128, 1+1 steps")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--logdir", default=None, help="keep each row's stderr log here (default: discarded)")
+    ap.add_argument("--trace-dir", default=None, help="with --profile: a Chrome trace of each row's profiled step here")
     ap.add_argument("--_case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._case is not None:
@@ -474,6 +505,8 @@ def main(argv=None) -> int:
     except ImportError:
         have_hf = False
 
+    if args.trace_dir:
+        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
     cases = build_cases(args, device)
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # real kernels (the interpreter is for tests)

@@ -20,17 +20,19 @@ def _load():
 def test_bench_quick_end_to_end(tmp_path, capsys):
     bench = _load()
     out = tmp_path / "b.json"
-    rc = bench.main(["--quick", "--impls", "sdpa,hf_sdpa", "--seq-lens", "64", "--variant", "plainloss:loss_chunk_tokens=0",
+    rc = bench.main(["--quick", "--impls", "sdpa,hf_sdpa", "--seq-lens", "64",
+                     "--variant", "plainloss:loss_chunk_tokens=0,defer=0",
                      "--set", "compile=false", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["complete"] is True
     rows = {r["name"]: r for r in data["results"]}
-    assert set(rows) == {"sdpa", "hf_sdpa"}
-    r = rows["sdpa"]
+    assert set(rows) == {"sdpa/plainloss", "hf_sdpa"}
+    r = rows["sdpa/plainloss"]
     assert r["status"] == "ok", r
     assert r["tokens_per_s"] > 0 and r["micro_batch"] == 2 and r["accum"] == 2 and r["mfu"] is None
     assert "train.micro_batch=2" in r["overrides"] and r["compile"] == "False" and r["loss_chunk_tokens"] == 0
+    assert r["defer"] is False
     assert 9 < r["loss"] < 12  # ~ln(50257): an untrained model on random tokens
     assert rows["hf_sdpa"]["status"] in ("ok", "skipped"), rows["hf_sdpa"]
     text = capsys.readouterr().out

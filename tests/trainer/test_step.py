@@ -13,7 +13,8 @@ ACCUM, MB, SEQ, VOCAB = 3, 2, 16, 64
 
 def _tiny(seed=0):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(seq_len=SEQ, vocab_size=VOCAB, pad_vocab_multiple=32, n_layer=2, n_head=2, n_embd=32))
+    return GPT(GPTConfig(seq_len=SEQ, vocab_size=VOCAB, pad_vocab_multiple=32, n_layer=2, n_head=2, n_embd=32,
+                         attn_impl="sdpa"))
 
 
 def _fetch(step, micro):
@@ -80,3 +81,36 @@ def test_nonfinite_loss_stops_before_the_optimizer_step():
     with pytest.raises(LossDiverged, match="loss is nan at step 4"):
         train_step(model, batches, opt, Precision("fp32", torch.device("cpu")), accum=1, grad_clip=1.0, step=3)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def _fused_adamw(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+
+
+def test_deferred_check_equals_immediate_and_skips_a_bad_step_on_the_device():
+    """With a fused AdamW the step does not wait for the device: a NaN step is skipped by the
+    optimizer itself (found_inf) and reported when the next step checks it, before applying."""
+    prec = Precision("fp32", torch.device("cpu"))
+    a, b = _tiny(), _tiny()
+    opt_a, opt_b = _fused_adamw(a), _fused_adamw(b)
+    ba = DeviceBatches(_fetch, torch.device("cpu"), range(3), ACCUM)
+    bb = DeviceBatches(_fetch, torch.device("cpu"), range(3), ACCUM)
+    res = None
+    for step in range(2):
+        res = train_step(a, ba, opt_a, prec, accum=ACCUM, grad_clip=1.0, step=step, pending=res, defer=True)
+        ref = train_step(b, bb, opt_b, prec, accum=ACCUM, grad_clip=1.0, step=step, defer=False)
+        assert tuple(res) == tuple(ref)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not hasattr(opt_a, "found_inf")
+    # a NaN loss at step 3 (index 2): not applied; the next train_step raises before its own update
+    before = [p.detach().clone() for p in a.parameters()]
+    forward = a.forward
+    a.forward = lambda x, y: (None, forward(x, y)[1] * float("nan"))
+    bad = train_step(a, ba, opt_a, prec, accum=ACCUM, grad_clip=1.0, step=2, pending=res, defer=True)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    assert all(int(s["step"]) == 2 for s in opt_a.state.values())  # the step counter was not advanced
+    a.forward = forward
+    more = DeviceBatches(_fetch, torch.device("cpu"), range(3, 4), ACCUM)
+    with pytest.raises(LossDiverged, match="loss is nan at step 3"):
+        train_step(a, more, opt_a, prec, accum=ACCUM, grad_clip=1.0, step=3, pending=bad, defer=True)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
