@@ -422,6 +422,10 @@ def build_cases(args, device: str) -> list[dict]:
     follow it); HF rows take no variant. A variant NAME@impl+impl:... applies to those impls only."""
     seq_lens = [int(s) for s in args.seq_lens.split(",") if s]
     impls = args.impls.split(",")
+    only_lens = {}
+    for spec in args.only:
+        impl, _, lens = spec.partition("=")
+        only_lens[impl] = {int(x) for x in lens.split(",") if x}
     variants = []
     for v in args.variant or ["default:"]:
         head, _, spec = v.partition(":")
@@ -434,6 +438,8 @@ def build_cases(args, device: str) -> list[dict]:
             if (impl in HF and vi > 0) or (only and impl not in only and impl not in HF):
                 continue
             for T in seq_lens:
+                if impl in only_lens and T not in only_lens[impl]:
+                    continue
                 mb = max(1, args.batch_tokens // T)
                 gbt = max(args.global_batch_tokens, mb * T) // (mb * T) * (mb * T)
                 special = {k: int(v) for k, _, v in (s.partition("=") for s in vset) if k in BENCH_KEYS}
@@ -466,6 +472,8 @@ def main(argv=None) -> int:
                     help="a train.py override for our rows (e.g. compile=false, train.precision=fp16)")
     ap.add_argument("--variant", action="append", default=None, metavar="NAME[@IMPL+IMPL]:K=V,K=V",
                     help="rows of our impls per variant, e.g. eager:compile=false, plain@flash:loss_chunk_tokens=0")
+    ap.add_argument("--only", action="append", default=[], metavar="IMPL=LEN,LEN",
+                    help="run this impl at these seq_lens only (e.g. hf_eager=1024,4096,16384)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps")
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of one extra step per row")
