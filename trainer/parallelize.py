@@ -159,21 +159,9 @@ def compiled(model: nn.Module) -> bool:
     return getattr(unwrap(model), "compile_mode", None) is not None
 
 
-def _warm_block_masks(model: nn.Module, device: torch.device) -> None:
-    """Build the block-sparse lists on `device` before tracing: built inside a compiled region they
-    would break the graph (their construction reads tensor values)."""
-    masks = {id(m.block_mask): m.block_mask for m in model.modules() if getattr(m, "block_mask", None) is not None}
-    for bm in masks.values():
-        bm.lists(device)
-        for causal in (False, True):
-            bm.split_counts(device, causal)
-
-
 def apply_compile(model: nn.Module, mode: str = "blocks", fullgraph: bool = False) -> None:
     """mode "blocks": torch.compile each block (a new module object around it, so FSDP's hooks on
     it stay outside the graph) and the chunked loss; "model": the whole model, in place."""
-    device = next(model.parameters()).device
-    _warm_block_masks(model, device)
     if mode == "model":
         model.compile(fullgraph=fullgraph)
     elif mode == "blocks":

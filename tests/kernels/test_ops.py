@@ -35,16 +35,15 @@ def _check_against_reference(fn, qkv, block_mask=None):
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
 
 
-def test_opcheck_block_sparse():
-    # schema, fake tensor, autograd registration and AOT dispatch of the op (the dense call is the
-    # same op with the mask arguments None; it runs in every test below)
+def test_opcheck_dense_and_block_sparse():
+    # schema, fake tensor, autograd registration and AOT dispatch of the op
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 32, 2, 16, generator=g).requires_grad_() for _ in range(3))
     bm = local_mask(32, window_blocks=1, block_m=16, block_n=16, causal=True)
-    row_count, row_idx, col_count, col_idx = bm.lists("cpu")
-    row_full, col_masked = bm.split_counts("cpu", True)
-    torch.library.opcheck(ops.flash_attn_fwd, (q, k, v, True, 0.25, "auto", row_count, row_idx, row_full,
-                                               col_count, col_idx, col_masked, 16, 16))
+    for mask_id in (-1, ops.register_mask(bm)):
+        torch.library.opcheck(ops.flash_attn_fwd, (q, k, v, True, 0.25, "auto", mask_id, -1),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(ops.flash_attn_fwd, (q, k, v, True, 0.25, "ieee", ops.register_mask(bm), -1))
 
 
 def test_compiled_gpt_block_has_no_graph_break():
@@ -72,11 +71,16 @@ def test_compiled_gpt_block_has_no_graph_break():
 
 
 def test_compile_block_sparse_fullgraph():
-    bm = local_mask(64, window_blocks=1, block_m=16, block_n=16, causal=True)
-    bm.lists("cpu"), bm.split_counts("cpu", True)  # parallelize warms these before compiling
-    torch._dynamo.reset()
-    compiled = torch.compile(_attn(bm), fullgraph=True, backend="aot_eager")
-    _check_against_reference(compiled, _qkv(seed=2), bm)
+    # each mask object gets its own id (a constant of the graph): a new mask recompiles, and the
+    # compiled call computes that mask's layout
+    for window in (0, 2):
+        bm = local_mask(64, window_blocks=window, block_m=16, block_n=16, causal=True)
+        explain = torch._dynamo.explain(_attn(bm))(_qkv(seed=2))
+        assert explain.graph_break_count == 0, explain.break_reasons
+        fresh = local_mask(64, window_blocks=window, block_m=16, block_n=16, causal=True)  # not seen yet
+        torch._dynamo.reset()
+        compiled = torch.compile(_attn(fresh), fullgraph=True, backend="aot_eager")
+        _check_against_reference(compiled, _qkv(seed=2), fresh)
 
 
 def test_inductor_keeps_strided_views_and_matches_eager():
