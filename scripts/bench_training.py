@@ -50,7 +50,9 @@ sys.path.insert(0, str(ROOT))
 OURS = ("flash", "sdpa", "naive")
 HF = {"hf_eager": "eager", "hf_sdpa": "sdpa"}
 ALL_IMPLS = OURS + tuple(HF)
-SOLO = ("hf_eager", "naive")  # memory-hungry: never warmed up beside other rows
+# memory-hungry (full fp32 logits, materialised scores: 25-80 GB a row): never warmed up beside
+# other rows. A row of a group that runs out of memory is retried alone (its OOM may be the others').
+SOLO = ("hf_eager", "hf_sdpa", "naive")
 # variant keys that are not train.py settings: loss_chunk_tokens=N (0: the plain full-logits loss),
 # defer=0|1 (train_step's finiteness check: at once, with a sync per step, or one step later)
 BENCH_KEYS = ("loss_chunk_tokens", "defer")
@@ -524,7 +526,7 @@ def main(argv=None) -> int:
     solo = [[c] for c in cases if c["impl"] in SOLO]
     rest = [c for c in cases if c["impl"] not in SOLO]
     groups = [rest[i:i + args.concurrency] for i in range(0, len(rest), max(1, args.concurrency))] + solo
-    rows, t_start = [], time.time()
+    rows, t_start, retried = [], time.time(), set()
     with tempfile.TemporaryDirectory() as tmp:
         logdir = args.logdir or tmp
         Path(logdir).mkdir(parents=True, exist_ok=True)
@@ -539,6 +541,14 @@ def main(argv=None) -> int:
                     todo.append(c)
             if todo:
                 for c, res in zip(todo, run_group(todo, env, Path(logdir), args.timeout)):
+                    if res["status"] == "OOM" and len(todo) > 1 and c["key"] not in retried:
+                        retried.add(c["key"])
+                        groups.append([c])  # alone, later: was the memory its own or the group's?
+                        print(f"[{time.time() - t_start:6.1f}s] seq_len={c['seq_len']} {c['name']}: OOM beside "
+                              f"{len(todo) - 1} other rows; retried alone at the end", flush=True)
+                        continue
+                    if c["key"] in retried:
+                        res["retried_alone"] = True
                     rows.append({**c, **res})
                     print(f"[{time.time() - t_start:6.1f}s] seq_len={c['seq_len']} {c['name']}: {res['status']}"
                           + (f" {res['tokens_per_s']:,.0f} tok/s, first step {res['first_step_s']:.1f}s"
