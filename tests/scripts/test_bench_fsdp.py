@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_fsdp_smoke(tmp_path):
     out = tmp_path / "fsdp.json"
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    p = subprocess.run([sys.executable, "scripts/bench_fsdp.py", "--smoke", "--nproc", "2", "--global-batches", "1024", "--set", "parallel.prefetch=2",
+    p = subprocess.run([sys.executable, "scripts/bench_fsdp.py", "--smoke", "--nproc", "2", "--global-batches", "1024",
+                        "--set", "parallel.prefetch=2",
                         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
