@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer import ConfigError
 from trainer.checkpoint import check_compatible, load_checkpoint, read_meta, resolve_resume, save_checkpoint
 from trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, require_torchrun
+from trainer.init import apply_init_from, load_init
 from trainer.logger import build_logger, resolve_mode
 from trainer.metrics import MetricsFile, Throughput, batch_arithmetic, eval_line, peak_flops, progress_line
 from trainer.optim import Precision, build_optimizer
@@ -98,6 +99,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     # ---- settings: every check before any work ---------------------------------------------------
     micro_batch, accum = check_config(cfg, dist.world_size)
+    init = apply_init_from(cfg)  # init_from=: model sizes come from that checkpoint (one line on a conflict)
     resume_from = resolve_resume(cfg.resume, run_dir)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if resume_from is not None:
@@ -138,7 +140,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     log.info(f"data: {cfg.data.get('name', '?')}, {len(data.train):,} train / {len(data.val):,} val tokens")
 
     # ---- model, parallelism, optimizer -----------------------------------------------------------
-    model = build_model(cfg).to(dist.device)
+    model = build_model(cfg)
+    if resume_from is None:
+        load_init(model, init, cfg)  # init_from= weights, positions extended to seq_len (no-op without it)
+    model = model.to(dist.device)
     n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.seq_len)
     log.info(f"model: {cfg.model.get('name', '?')}, {n_params / 1e6:.1f}M params, attention={cfg.attention.get('impl')}, "
              f"{flops_per_token / 1e9:.2f} GFLOP/token, parallel={parallel_name(cfg)}, device={dist.device}")
@@ -229,26 +234,63 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     return row
 
 
-def _hydra_run_dir() -> str | None:
+def _hydra_run_dir(cfg: DictConfig | None = None) -> str | None:
+    """The folder Hydra made for this job: run_dir, or <run_dir>/<job number> under -m (multirun),
+    which is then also written into cfg.run_dir so the job's config.yaml names its own folder."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if cfg is not None and hc.mode == RunMode.MULTIRUN:
+        cfg.run_dir = hc.runtime.output_dir
+    return hc.runtime.output_dir
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 GROUPS = ("model", "data", "attention", "parallel", "logger", "experiment")
 
 
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
 def check_group_choices(argv: list[str]) -> None:
     """`model=gpt2_huge` -> one line naming the bad option and the valid ones (before Hydra's own,
-    longer message)."""
+    longer message). Sweeps are checked option by option: `model=gpt2_tiny,gpt2_small`,
+    `model=choice(...)`, `model=glob(gpt2_*)` (must match at least one option); a malformed
+    override is left to Hydra's parser, which names it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    parser = None
     for arg in argv:
-        key, sep, value = arg.lstrip("+").partition("=")
-        if not sep or key not in GROUPS or value in ("null", ""):
+        key = arg.lstrip("+~").partition("=")[0].partition("@")[0]
+        if arg.startswith("-") or "=" not in arg or key not in GROUPS:
+            continue  # flags (-m, --multirun, --cfg job) and plain keys
+        parser = parser or OverridesParser.create()
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # Hydra reports the syntax error itself
             continue
-        options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
-        for choice in value.split(","):  # multirun: model=gpt2_small,gpt2_medium
-            if choice not in options:
+        options = _group_options(key)
+        value = override.value()
+        if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            if not value.filter(options):
+                raise ConfigError(f"{arg} matches no option; choose from: {', '.join(options)}")
+            continue
+        if override.is_sweep_override():
+            try:
+                choices = list(override.sweep_string_iterator())
+            except Exception:  # nested sweeps (choice(a,b),c): Hydra expands and checks them
+                continue
+        else:
+            choices = [value]
+        for choice in choices:
+            if choice is None or choice in ("null", ""):
+                continue
+            if not isinstance(choice, str) or choice not in options:
                 raise ConfigError(f"{key}={choice} is not an option; choose one of: {', '.join(options)}")
 
 
@@ -262,7 +304,7 @@ def _remove_if_empty(run_dir: str | None) -> None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run_dir = _hydra_run_dir()
+    run_dir = _hydra_run_dir(cfg)
     try:
         train(cfg, run_dir=run_dir)
     except (ConfigError, LossDiverged) as e:

@@ -33,6 +33,7 @@ Head h of the attention uses layout index h when Hm == H and index 0 when Hm == 
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
@@ -118,11 +119,25 @@ def _compress(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(1, int(count.max()) if count.numel() else 0)
     # A stable sort of "not kept" puts the kept columns first, in ascending order.
     order = torch.sort((~layout).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-    pos = torch.arange(width).view(1, 1, width)
+    pos = torch.arange(width, device=layout.device).view(1, 1, width)
     last = order.gather(-1, (count.long() - 1).clamp(min=0).unsqueeze(-1))
     last = torch.where(count.unsqueeze(-1) > 0, last, torch.zeros_like(last))
     idx = torch.where(pos < count.unsqueeze(-1).long(), order, last)
     return count.contiguous(), idx.to(torch.int32).contiguous()
+
+
+def _on_cpu(fn):
+    """Run `fn` with the CPU as the default device for new tensors.
+
+    A layout is CPU metadata whatever the caller's default device is: a model built under
+    `with torch.device("meta")` (train.py checks a config that way) or `torch.set_default_device
+    ("cuda")` still gets a real CPU layout; the kernel's lists are copied to the GPU by `lists()`.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.device("cpu"):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _device_key(device) -> torch.device:
@@ -160,6 +175,7 @@ class BlockMask:
     __slots__ = ("_layout", "_block_m", "_block_n", "_seq_q", "_seq_k", "_causal", "_cpu_lists",
                  "_lists", "_nnz")
 
+    @_on_cpu
     def __init__(self, layout: torch.Tensor, *, block_m: int = DEFAULT_BLOCK,
                  block_n: int = DEFAULT_BLOCK, seq_q: int, seq_k: int | None = None,
                  causal: bool = False):
@@ -213,6 +229,7 @@ class BlockMask:
         return self._nnz / self._layout.numel()
 
     @property
+    @_on_cpu
     def causal_density(self) -> float:
         """Kept blocks on/below the diagonal / blocks on/below the diagonal (1.0 = dense causal)."""
         lower = ~_above_diagonal(self.n_blocks_m, self.n_blocks_n, self._seq_q, self._seq_k,
@@ -254,11 +271,11 @@ class BlockMask:
         cached = self._lists.get(key)
         if cached is None:
             n_mb, n_nb = self._layout.shape[1], self._layout.shape[2]
-            mb = torch.arange(n_mb)[:, None]
-            nb = torch.arange(n_nb)[None, :]
+            mb = torch.arange(n_mb, device="cpu")[:, None]
+            nb = torch.arange(n_nb, device="cpu")[None, :]
             last_col = (nb + 1) * self._block_n - 1
             full = (last_col < self._seq_k).expand(n_mb, n_nb)
-            crosses = torch.zeros(n_mb, n_nb, dtype=torch.bool)
+            crosses = torch.zeros(n_mb, n_nb, dtype=torch.bool, device="cpu")
             if causal:
                 crosses = last_col > mb * self._block_m + (self._seq_k - self._seq_q)
                 full = full & ~crosses
@@ -324,6 +341,7 @@ class BlockMask:
                 f"block mask was built with {self._describe()} but the kernel was called with "
                 f"{call}: {'; '.join(problems)}; rebuild it with {want}")
 
+    @_on_cpu
     def to_dense_mask(self, seq_q: int | None = None, seq_k: int | None = None) -> torch.Tensor:
         """Element mask bool (Hm, seq_q, seq_k) on the CPU: True where attention is computed.
 
@@ -414,6 +432,7 @@ def _setup(seq_q, seq_k, block_m, block_n):
     return seq_q, seq_k, block_m, block_n, n, i, j
 
 
+@_on_cpu
 def dense_block_mask(seq_q: int, seq_k: int | None = None, *, block_m: int = DEFAULT_BLOCK,
                      block_n: int = DEFAULT_BLOCK, causal: bool = False) -> BlockMask:
     """Every block kept (with causal=True: every block on or below the diagonal).
@@ -428,6 +447,7 @@ def dense_block_mask(seq_q: int, seq_k: int | None = None, *, block_m: int = DEF
                      block_n=block_n, seq_q=seq_q, seq_k=seq_k, causal=causal)
 
 
+@_on_cpu
 def local_mask(seq_q: int, seq_k: int | None = None, *, window_blocks: int,
                block_m: int = DEFAULT_BLOCK, block_n: int = DEFAULT_BLOCK,
                causal: bool = False) -> BlockMask:
@@ -443,6 +463,7 @@ def local_mask(seq_q: int, seq_k: int | None = None, *, window_blocks: int,
     return _finish((i - j).abs() <= w, seq_q, seq_k, block_m, block_n, causal)
 
 
+@_on_cpu
 def strided_mask(seq_q: int, seq_k: int | None = None, *, stride: int,
                  block_m: int = DEFAULT_BLOCK, block_n: int = DEFAULT_BLOCK,
                  causal: bool = False) -> BlockMask:
@@ -460,6 +481,7 @@ def strided_mask(seq_q: int, seq_k: int | None = None, *, stride: int,
     return _finish(pattern, seq_q, seq_k, block_m, block_n, causal)
 
 
+@_on_cpu
 def fixed_mask(seq_q: int, seq_k: int | None = None, *, stride: int, summary: int = 1,
                block_m: int = DEFAULT_BLOCK, block_n: int = DEFAULT_BLOCK,
                causal: bool = False) -> BlockMask:
@@ -476,6 +498,7 @@ def fixed_mask(seq_q: int, seq_k: int | None = None, *, stride: int, summary: in
     return _finish(pattern, seq_q, seq_k, block_m, block_n, causal)
 
 
+@_on_cpu
 def butterfly_mask(seq_q: int, seq_k: int | None = None, *, block_m: int = DEFAULT_BLOCK,
                    block_n: int = DEFAULT_BLOCK, causal: bool = False) -> BlockMask:
     """Flat block butterfly (Pixelated Butterfly; the FlashAttention paper's block-sparse runs).
@@ -501,6 +524,7 @@ def _head_generator(seed: int, head: int) -> torch.Generator:
                                          % (2 ** 63))
 
 
+@_on_cpu
 def bigbird_mask(seq_q: int, seq_k: int | None = None, *, window_blocks: int = 1,
                  global_blocks: int = 1, random_blocks: int = 1, seed: int = 0,
                  block_m: int = DEFAULT_BLOCK, block_n: int = DEFAULT_BLOCK,
@@ -540,6 +564,7 @@ def bigbird_mask(seq_q: int, seq_k: int | None = None, *, window_blocks: int = 1
     return _finish(torch.stack(patterns), seq_q, seq_k, block_m, block_n, causal)
 
 
+@_on_cpu
 def longformer_mask(seq_q: int, seq_k: int | None = None, *, window_blocks: int,
                     global_tokens: Iterable[int] = (0,), block_m: int = DEFAULT_BLOCK,
                     block_n: int = DEFAULT_BLOCK, causal: bool = False) -> BlockMask:
@@ -569,6 +594,7 @@ def longformer_mask(seq_q: int, seq_k: int | None = None, *, window_blocks: int,
                      causal=causal)
 
 
+@_on_cpu
 def from_dense_mask(mask: torch.Tensor, block_m: int = DEFAULT_BLOCK,
                     block_n: int = DEFAULT_BLOCK, *, causal: bool = False) -> BlockMask:
     """Block layout of an element mask: a block is kept when any of its elements is True.
@@ -602,6 +628,7 @@ def from_dense_mask(mask: torch.Tensor, block_m: int = DEFAULT_BLOCK,
                      causal=causal)
 
 
+@_on_cpu
 def from_block_fn(fn: Callable, seq_q: int, seq_k: int | None = None, *,
                   block_m: int = DEFAULT_BLOCK, block_n: int = DEFAULT_BLOCK,
                   causal: bool = False, n_heads: int | None = None) -> BlockMask:
@@ -653,6 +680,7 @@ def _cfg_get(cfg, key, default=None):
     return default if value is None else value
 
 
+@_on_cpu
 def build_block_mask_from_config(attn_cfg, seq_len: int, n_heads: int, *,
                                  causal: bool = True, seq_k: int | None = None) -> BlockMask:
     """BlockMask from the `attention` config group (configs/attention/block_sparse.yaml).

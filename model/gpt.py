@@ -228,6 +228,23 @@ class GPT(nn.Module):
             idx = torch.cat([idx, nxt], dim=1)
         return idx
 
+    # Hugging Face GPT-2 interop lives in model/hf.py (weight mapping, padding rows, position extension).
+    @classmethod
+    def from_pretrained(cls, name_or_dir, seq_len: int | None = None, extend: str = "tile",
+                        attn_impl: str = "flash", dropout: float = 0.0) -> GPT:
+        """Load a Hugging Face GPT-2 checkpoint: a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a
+        local folder with config.json + model.safetensors / pytorch_model.bin. Sizes come from its
+        config; seq_len beyond its n_positions extends the position table (extend: tile | interpolate)."""
+        from .hf import from_pretrained
+
+        return from_pretrained(cls, name_or_dir, seq_len=seq_len, extend=extend, attn_impl=attn_impl, dropout=dropout)
+
+    def save_pretrained(self, out_dir) -> None:
+        """Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads (n_positions = seq_len)."""
+        from .hf import save_pretrained
+
+        save_pretrained(self, out_dir)
+
 
 def build_model(cfg) -> GPT:
     """GPT from the composed Hydra config: cfg.model (sizes), cfg.attention.impl, cfg.seq_len.
@@ -237,6 +254,9 @@ def build_model(cfg) -> GPT:
     """
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
+    if cfg.model.get("backend", "ours") != "ours":  # Hugging Face GPT-2 baseline: model/hf_baseline.py
+        from .hf_baseline import build_hf_model
+        return build_hf_model(cfg)
     m, attn = cfg.model, cfg.attention
     gcfg = GPTConfig(
         seq_len=int(cfg.seq_len), vocab_size=int(m.vocab_size),
