@@ -14,9 +14,9 @@ a user would type them after `python train.py`. Only the data differ: random tok
 not depend on them; no corpus needed on the GPU box), through the same prefetcher.
 
 Rows: for each seq_len, `flash` (ours) and `sdpa` are attention=flash|sdpa (plus `naive`); the
-Hugging Face rows (`hf_eager`, `hf_sdpa`: transformers' GPT2LMHeadModel, attn_implementation
-eager|sdpa, same sizes, dropout 0, its own labels= loss) run through the same train_step,
-precision and fused AdamW, uncompiled (as Hugging Face runs by default). Tokens per micro-batch:
+Hugging Face rows (`hf_eager`, `hf_sdpa`) are `model.backend=hf_eager|hf_sdpa` (transformers'
+GPT2LMHeadModel of the same sizes behind the same trainer, model/hf_baseline.py: same data,
+train_step, precision and fused AdamW), with compile=false (as Hugging Face runs by default). Tokens per micro-batch:
 --batch-tokens (16k: 16 x 1k ... 1 x 16k; one sequence beyond), tokens per step
 --global-batch-tokens (accumulation = global / micro). MFU = GPT.flops_per_token(seq_len) x
 tokens/s / peak bf16 FLOP/s, the same FLOPs formula for every row (causal attention counted).
@@ -71,36 +71,9 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
-class HFAdapter:
-    """transformers' GPT2LMHeadModel behind our model's interface: forward(x, y) -> (None, loss)
-    (its own labels= loss: next-token CE over x), optim_groups like GPT's."""
-
-    @staticmethod
-    def build(mcfg, seq_len: int, attn: str):
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        class _HF(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                hcfg = GPT2Config(vocab_size=int(mcfg.vocab_size), n_positions=seq_len, n_embd=int(mcfg.n_embd),
-                                  n_layer=int(mcfg.n_layer), n_head=int(mcfg.n_head), resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0)
-                self.hf = GPT2LMHeadModel._from_config(hcfg, attn_implementation=attn)
-
-            def forward(self, x, y):
-                return None, self.hf(input_ids=x, labels=x).loss
-
-            def optim_groups(self, weight_decay):
-                decay = [p for p in self.parameters() if p.dim() >= 2]
-                rest = [p for p in self.parameters() if p.dim() < 2]
-                return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-        return _HF()
-
-
-def setup(cfg, dist, impl: str = "flash", loss_chunk_tokens: int | None = None):
-    """(model, optimizer, precision, micro_batch, accum, flops_per_token) as train.py builds them."""
+def setup(cfg, dist, loss_chunk_tokens: int | None = None):
+    """(model, optimizer, precision, micro_batch, accum, flops_per_token) as train.py builds them
+    (model.backend=hf_* gives the Hugging Face baseline of model/hf_baseline.py)."""
     import torch
 
     import train as train_mod
@@ -109,16 +82,12 @@ def setup(cfg, dist, impl: str = "flash", loss_chunk_tokens: int | None = None):
     from trainer.parallelize import parallel_name, parallelize
 
     micro_batch, accum = train_mod.check_config(cfg, dist.world_size)
-    with torch.device("meta"):
-        flops_per_token = build_model(cfg).flops_per_token(cfg.seq_len)
     torch.manual_seed(cfg.seed)
-    if impl in HF:
-        model = HFAdapter.build(cfg.model, int(cfg.seq_len), HF[impl]).to(dist.device)
-    else:
-        model = build_model(cfg).to(dist.device)
-        if loss_chunk_tokens is not None:
-            model.loss_chunk_tokens = int(loss_chunk_tokens)
-        model = parallelize(model, cfg, dist)
+    model = build_model(cfg).to(dist.device)
+    flops_per_token = model.flops_per_token(cfg.seq_len)
+    if loss_chunk_tokens is not None:
+        model.loss_chunk_tokens = int(loss_chunk_tokens)
+    model = parallelize(model, cfg, dist)
     optimizer = build_optimizer(model, cfg, dist.device)
     prec = Precision(str(cfg.train.precision), dist.device, sharded=parallel_name(cfg) == "fsdp")
     return model, optimizer, prec, micro_batch, accum, flops_per_token
@@ -206,7 +175,7 @@ def run_case(case: dict, ready=None) -> dict:
     dist = init_distributed(case["device"])
     cuda = dist.device.type == "cuda"
     cfg = compose(case["overrides"])
-    model, opt, prec, mb, accum, fpt = setup(cfg, dist, case["impl"], case.get("loss_chunk_tokens"))
+    model, opt, prec, mb, accum, fpt = setup(cfg, dist, case.get("loss_chunk_tokens"))
     n_steps = case["warmup"] + case["steps"] + (1 if case.get("profile") else 0)
     batches = random_batches(cfg, dist, mb, accum, range(n_steps))
     grad_clip = cfg.train.grad_clip
@@ -450,6 +419,8 @@ def build_cases(args, device: str) -> list[dict]:
                 overrides = [f"model={args.model}", f"seq_len={T}", f"attention={attention}", "logger=none",
                              f"device={device}", f"train.micro_batch={mb}", f"train.global_batch_tokens={gbt}",
                              *args.set, *hydra_sets]
+                if impl in HF:  # Hugging Face as its users run it: uncompiled
+                    overrides += [f"model.backend={impl}", "compile=false"]
                 name = f"{impl}/{vname}" if named and impl not in HF else impl
                 cases.append({"key": f"{T}_{name.replace('/', '-')}", "name": name, "impl": impl, "seq_len": T,
                               "variant": vname if impl not in HF else "-",
