@@ -24,7 +24,8 @@ tokens/s / peak bf16 FLOP/s, the same FLOPs formula for every row (causal attent
 Each row runs in its own process (an OOM or crash costs only that row; peak memory is per
 row). Processes of a group (--concurrency) start together, compile and warm up concurrently
 (torch.compile is CPU work), then are timed strictly one after another, the others idle with
-their cached GPU memory released; Hugging Face eager and naive rows (large memory) run alone.
+their cached GPU memory released; Hugging Face and naive rows (25-80 GB) run alone, and a row
+that runs out of memory beside others is retried alone.
 `first_step_s` (the compile + warm-up step) is measured while the group compiles concurrently.
 --profile adds a torch.profiler breakdown of one step per row (kernel time by category: attention,
 matmul, loss, norm, elementwise, optimizer) and prints the top kernels.
