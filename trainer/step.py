@@ -31,7 +31,7 @@ import torch
 from trainer.distributed import all_reduce
 from trainer.parallelize import clip_grad_norm, grad_sync
 
-__all__ = ["LossDiverged", "DeviceBatches", "StepResult", "train_step"]
+__all__ = ["DeviceBatches", "LossDiverged", "StepResult", "train_step"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
