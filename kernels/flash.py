@@ -10,19 +10,36 @@ Forward (`_fwd_kernel`, one program per BLOCK_M query rows of one (batch, head))
     backward. The N x N score matrix never exists in memory: only (BLOCK_M, BLOCK_N) tiles in
     registers / shared memory.
 
-Backward:
-    1. `_bwd_preprocess`: delta_i = rowsum(dO_i * O_i).
+Backward (two variants, chosen by `deterministic=`):
+    1. `_bwd_preprocess`: delta_i = rowsum(dO_i * O_i) (and, for the fused variant, zeroes the
+       fp32 dQ accumulator).
     2. `_bwd_dkdv_kernel`, one program per K/V block j, looping over the query blocks i that
        see it: recompute P^T = exp2(K_j Q_i^T * scale * log2(e) - LSE_i), then
        dV_j += P^T dO_i, dP^T = V_j dO_i^T, dS^T = P^T * (dP^T - delta_i), dK_j += dS^T Q_i.
-    3. `_bwd_dq_kernel`, one program per query block i, looping over K blocks j like the
-       forward: dQ_i += dS K_j.
-    Every accumulation is fp32, and each output tile is owned by exactly one program (no
-    atomics), so the backward is deterministic: the same call gives bitwise-identical gradients.
+       Fused (default, FUSED_DQ=True): the same step also forms dQ_i's share dS K_j and adds it
+       into an fp32 (B, H, Nq, D) accumulator with atomic adds, as FlashAttention-2 does: 5
+       matrix products per tile, and `_bwd_dq_convert` scales and casts the accumulator into dQ.
+       The order of the atomic adds varies between runs, so dQ may differ in the last bits.
+    3. Deterministic (`deterministic=True`): `_bwd_dq_kernel`, one program per query block i,
+       loops over K blocks j like the forward and recomputes S and dP: dQ_i += dS K_j
+       (7 matrix products per tile in total). Every output tile is owned by exactly one program
+       (no atomics), so the same call gives bitwise-identical gradients.
+    Every accumulation is fp32.
 
 Dense and block-sparse share these kernels: the K-block loop runs over either a contiguous
 range of blocks or a per-row list of kept blocks (`BlockMask`, SPARSE=True), and the dK/dV loop
 over a contiguous range or a per-column list of kept query blocks.
+
+Launch configurations come from a table per (GPU arch, kernel, head dim, causal; block-sparse
+and short rows have their own rows), fitted to the dtype's shared memory and looked up once per
+case (cached); nothing is autotuned at import or at the first call. The same table says which
+backward is faster where the caller does not ask for determinism.
+
+TMA: the forward and the fused backward can load tiles through tensor descriptors
+(`tl.make_tensor_descriptor`, one 2-D (seq, head_dim) descriptor per (batch, head); rows and
+columns outside the tensor read as 0, as the masked loads give) when strides and base addresses
+are 16-byte aligned. On an H200 with Triton 3.6 this measured slower than the cp.async pipeline
+(docs/kernel_notes.md), so it is off unless `set_kernel_options(tma=True)`.
 
 Causal alignment for Nq != Nk is bottom-right (as FlashAttention >= 2.1): query i sits at key
 position i + Nk - Nq, so it sees keys j <= i + Nk - Nq. With Nq > Nk the first Nq - Nk rows see no
@@ -35,6 +52,7 @@ fp32 inputs: the dot products run in TF32 on the tensor cores when
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -45,25 +63,50 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
+# Device-side TMA descriptors: tl.make_tensor_descriptor (Triton >= 3.4; 3.6 on the GPU image).
+_HAS_TMA = hasattr(tl, "make_tensor_descriptor")
+
+
+@triton.jit
+def _tile_src(base, stride_row, n_rows, offs_r, offs_d,
+              HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Where (rows, head_dim) tiles of one (batch, head) come from: a TMA descriptor of shape
+    (n_rows, HEAD_DIM), or the pointer tile of rows offs_r (offset by row * stride_row later)."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride_row, 1],
+                                         block_shape=[BLOCK_R, BLOCK_D])
+    else:
+        return base + offs_r[:, None] * stride_row + offs_d[None, :]
+
+
+@triton.jit
+def _load_tile(src, start, stride_row, rows, n_rows, offs_d,
+               ROW_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Tile [start, start + BLOCK) of `src`; rows >= n_rows and columns >= HEAD_DIM read as 0.
+
+    rows = start + arange(BLOCK); ROW_MASK=False promises every row is < n_rows."""
+    if USE_TMA:  # the copy engine zero-fills outside the descriptor's shape
+        return src.load([start, 0])
+    elif ROW_MASK:
+        return tl.load(src + start * stride_row, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM),
+                       other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        return tl.load(src + start * stride_row)
+    else:
+        return tl.load(src + start * stride_row, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
 
 
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, offs_m, offs_n, offs_d,
               stride_kn, stride_vn, Nk, qk_scale, causal_off,
-              MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
     """One step of the online softmax: fold K/V block [start_n, start_n + BLOCK_N) into acc."""
     cols = start_n + offs_n
-    if MASK:
-        kv_mask = (cols[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-    elif EVEN_D:
-        k = tl.load(k_ptrs + start_n * stride_kn)
-    else:
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    k = _load_tile(k_src, start_n, stride_kn, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D, USE_TMA)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if MASK:
         keep = cols[None, :] < Nk
@@ -76,12 +119,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if MASK:
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-    elif EVEN_D:
-        v = tl.load(v_ptrs + start_n * stride_vn)
-    else:
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    v = _load_tile(v_src, start_n, stride_vn, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D, USE_TMA)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
@@ -97,24 +135,27 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX, ROW_FULL,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
-                MASK_BM: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr):
+                MASK_BM: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr,
+                USE_TMA: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest query blocks first: better load balance at the tail of the grid
         pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     causal_off = Nk - Nq
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    q_src = _tile_src(Q + b * stride_qb + h * stride_qh, stride_qn, Nq, offs_m - m0, offs_d,
+                      HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    q = _load_tile(q_src, m0, stride_qn, offs_m, Nq, offs_d, True, HEAD_DIM, BLOCK_D, USE_TMA)
+    k_src = _tile_src(K + b * stride_kb + h * stride_kh, stride_kn, Nk, offs_n, offs_d,
+                      HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    v_src = _tile_src(V + b * stride_vb + h * stride_vh, stride_vn, Nk, offs_n, offs_d,
+                      HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -130,15 +171,15 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX, ROW_FULL,
         for t in range(0, n_full * SUB):
             nb = tl.load(idx_ptr + t // SUB)
             start_n = nb * MASK_BN + (t % SUB) * BLOCK_N
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, offs_m, offs_n, offs_d,
                                       stride_kn, stride_vn, Nk, qk_scale, causal_off,
-                                      False, CAUSAL, EVEN_D, HEAD_DIM, DOT_PREC)
+                                      False, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, USE_TMA)
         for t in range(n_full * SUB, count * SUB):
             nb = tl.load(idx_ptr + t // SUB)
             start_n = nb * MASK_BN + (t % SUB) * BLOCK_N
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, offs_m, offs_n, offs_d,
                                       stride_kn, stride_vn, Nk, qk_scale, causal_off,
-                                      True, CAUSAL, EVEN_D, HEAD_DIM, DOT_PREC)
+                                      True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, USE_TMA)
     else:
         # Blocks [0, full_end) need no mask; [full_end, hi) hold the causal diagonal / the Nk tail.
         if CAUSAL:
@@ -149,14 +190,14 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX, ROW_FULL,
             full_end = Nk // BLOCK_N * BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, offs_m, offs_n, offs_d,
                                       stride_kn, stride_vn, Nk, qk_scale, causal_off,
-                                      False, CAUSAL, EVEN_D, HEAD_DIM, DOT_PREC)
+                                      False, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, USE_TMA)
         for start_n in range(full_end, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, offs_m, offs_n, offs_d,
                                       stride_kn, stride_vn, Nk, qk_scale, causal_off,
-                                      True, CAUSAL, EVEN_D, HEAD_DIM, DOT_PREC)
+                                      True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, USE_TMA)
 
     # Rows that saw no key (l = 0): output 0 and LSE = +inf, so the backward's P is exactly 0.
     has_keys = l_i > 0.0
@@ -164,22 +205,29 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_COUNT, ROW_IDX, ROW_FULL,
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
     tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < Nq)
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
+    o_base = O + b * stride_ob + h * stride_oh
+    if USE_TMA:  # stores outside the descriptor's shape are dropped
+        o_desc = tl.make_tensor_descriptor(o_base, shape=[Nq, HEAD_DIM], strides=[stride_on, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        o_desc.store([m0, 0], out.to(O.dtype.element_ty))
+    else:
+        tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
 
 
 # --------------------------------------------------------------------------------------------
 # Backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_preprocess(O, DO, DELTA,
+def _bwd_preprocess(O, DO, DELTA, DQA,
                     stride_ob, stride_on, stride_oh, stride_dob, stride_don, stride_doh,
-                    H, Nq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O) in fp32, stored as (B, H, Nq)."""
+                    H, Nq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    ZERO_DQA: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, stored as (B, H, Nq); optionally zero the dQ accumulator."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     msk = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
@@ -188,18 +236,22 @@ def _bwd_preprocess(O, DO, DELTA,
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
                  mask=msk, other=0.0).to(tl.float32)
     tl.store(DELTA + bh * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
+    if ZERO_DQA:
+        dqa_ptrs = DQA + bh.to(tl.int64) * Nq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(dqa_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=msk)
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n, offs_d,
+def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m, offs_n, offs_d,
                stride_qn, stride_don, Nq, qk_scale, causal_off,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Fold query block [start_m, start_m + BLOCK_M) into this K/V block's dK and dV."""
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr):
+    """Fold query block [start_m, start_m + BLOCK_M) into this K/V block's dK and dV (and, when
+    FUSED_DQ, add this K/V block's share of dQ for those rows into the fp32 accumulator)."""
     rows = start_m + offs_m
     # Rows past Nq load q = dO = 0 and a finite LSE: they add exactly 0 to dK and dV.
-    ld_mask = (rows[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptrs + start_m * stride_qn, mask=ld_mask, other=0.0)
-    do = tl.load(do_ptrs + start_m * stride_don, mask=ld_mask, other=0.0)
+    q = _load_tile(q_src, start_m, stride_qn, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D, USE_TMA)
+    do = _load_tile(do_src, start_m, stride_don, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D, USE_TMA)
     lse = tl.load(lse_ptr + rows, mask=rows < Nq, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=rows < Nq, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
@@ -209,13 +261,21 @@ def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_
     p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk = tl.dot(ds_t, q, dk, input_precision=DOT_PREC)
+    if FUSED_DQ > 0:
+        # dQ_i += dS K_j; K rows past Nk are 0, so their (finite) dS adds nothing.
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_D) fp32
+        dq_mask = (rows[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
+        if FUSED_DQ == 1:
+            tl.atomic_add(dqa_ptrs + start_m * HEAD_DIM, dq, mask=dq_mask, sem="relaxed")
+        else:  # profiling only (_PROFILE_DQ_MODE = 2): plain stores, wrong sums, the atomics' cost left out
+            tl.store(dqa_ptrs + start_m * HEAD_DIM, dq, mask=dq_mask)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_COUNT, COL_IDX, COL_MASKED,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, COL_COUNT, COL_IDX, COL_MASKED,
                      stride_qb, stride_qn, stride_qh,
                      stride_kb, stride_kn, stride_kh,
                      stride_vb, stride_vn, stride_vh,
@@ -227,11 +287,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_COUNT, COL_IDX, COL_MA
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
-                     MASK_BM: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_n = tl.program_id(0)
+                     MASK_BM: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr,
+                     FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr):
+    pid_n = tl.program_id(0)  # K block 0 sees the most query blocks when causal: heaviest first
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -244,10 +305,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_COUNT, COL_IDX, COL_MA
                 mask=kv_mask, other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :]
+    q_src = _tile_src(Q + b * stride_qb + h * stride_qh, stride_qn, Nq, offs_m, offs_d,
+                      HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    do_src = _tile_src(DO + b * stride_dob + h * stride_doh, stride_don, Nq, offs_m, offs_d,
+                       HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
     lse_ptr = LSE + bh * Nq
     delta_ptr = DELTA + bh * Nq
+    # fp32 dQ accumulator, (B, H, Nq, HEAD_DIM) contiguous (a dummy when not FUSED_DQ)
+    dqa_ptrs = DQA + bh.to(tl.int64) * Nq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -260,15 +325,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_COUNT, COL_IDX, COL_MA
         for t in range(0, n_masked * SUB):
             mb = tl.load(idx_ptr + t // SUB)
             start_m = mb * MASK_BM + (t % SUB) * BLOCK_M
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
-                                offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
-                                True, CAUSAL, HEAD_DIM, DOT_PREC)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m,
+                                offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
+                                True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA)
         for t in range(n_masked * SUB, count * SUB):
             mb = tl.load(idx_ptr + t // SUB)
             start_m = mb * MASK_BM + (t % SUB) * BLOCK_M
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
-                                offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
-                                False, CAUSAL, HEAD_DIM, DOT_PREC)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m,
+                                offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
+                                False, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA)
     else:
         if CAUSAL:
             # Rows i >= n0 - off see some key of this block; rows i >= n0 + BLOCK_N - 1 - off see all.
@@ -278,22 +343,39 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_COUNT, COL_IDX, COL_MA
             full_start = tl.maximum(full_start, lo)
             for start_m in range(lo, full_start, BLOCK_M):
                 start_m = tl.multiple_of(start_m, BLOCK_M)
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
-                                    offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
-                                    True, CAUSAL, HEAD_DIM, DOT_PREC)
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m,
+                                    offs_m, offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
+                                    True, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA)
         else:
             full_start = 0
         for start_m in range(full_start, Nq, BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
-                                offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
-                                False, CAUSAL, HEAD_DIM, DOT_PREC)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_m, offs_m,
+                                offs_n, offs_d, stride_qn, stride_don, Nq, qk_scale, causal_off,
+                                False, CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, FUSED_DQ, USE_TMA)
 
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_convert(DQA, DQ, stride_dqb, stride_dqn, stride_dqh, H, Nq, sm_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dQ = sm_scale * accumulator, cast to dQ's dtype and written with dQ's strides."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
+    acc = tl.load(DQA + bh.to(tl.int64) * Nq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=msk, other=0.0)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             (acc * sm_scale).to(DQ.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -342,8 +424,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ROW_COUNT, ROW_IDX, ROW_FULL,
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -404,34 +486,63 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ROW_COUNT, ROW_IDX, ROW_FULL,
 
 
 # --------------------------------------------------------------------------------------------
-# Launch configuration: block sizes, warps and pipeline stages per GPU
+# Launch configuration: a table per (arch, kernel, head dim, causal), fitted to shared memory
 # --------------------------------------------------------------------------------------------
-def _pick(table, head_dim):
-    for max_d, cfg in table:
-        if head_dim <= max_d:
-            return cfg
-    return table[-1][1]
-
-
-# (max head dim, (BLOCK_M, BLOCK_N, num_warps, num_stages)) from scripts/tune_attention.py on an H200
-# (2026-11-21, N=8192, bf16; docs/benchmarks.md). For dK/dV, BLOCK_N is the K/V tile a program owns
-# and BLOCK_M the query tile it streams.
-_HOPPER_FWD = [(64, (128, 64, 8, 3)), (128, (128, 64, 8, 3)), (256, (64, 64, 4, 2))]
-_HOPPER_BWD_DKDV = [(64, (64, 64, 4, 3)), (128, (64, 128, 8, 3)), (256, (32, 64, 4, 2))]
-_HOPPER_BWD_DQ = [(64, (128, 64, 8, 3)), (128, (128, 64, 8, 3)), (256, (64, 32, 4, 2))]
-_DEFAULT_FWD = [(64, (128, 64, 4, 2)), (128, (64, 64, 4, 2)), (256, (32, 32, 4, 1))]
-_DEFAULT_BWD_DKDV = [(64, (64, 64, 4, 2)), (128, (32, 64, 4, 2)), (256, (16, 32, 4, 1))]
-_DEFAULT_BWD_DQ = [(64, (64, 64, 4, 2)), (128, (64, 32, 4, 2)), (256, (32, 16, 4, 1))]
+# Each entry: (max head dim, causal config, non-causal config); a config is
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). For "dkdv" and "bwd" (the fused backward) BLOCK_N
+# is the K/V tile a program owns and BLOCK_M the query tile it streams; for "fwd" and "dq" the
+# other way round. Hopper values: scripts/tune_attention.py and three runs of
+# scripts/kernel_lab.py on an H200, 2026-11-22 (docs/kernel_notes.md, docs/benchmarks.md).
+_TABLES = {
+    "hopper": {
+        "fwd": [(64, (128, 64, 8, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
+                (256, (64, 64, 4, 2), (64, 64, 4, 2))],
+        "bwd": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 128, 8, 3), (64, 128, 8, 3)),
+                (256, (32, 64, 4, 2), (32, 64, 4, 2))],
+        # block-sparse: smaller tiles keep more programs per SM busy when rows keep few blocks
+        "fwd_sparse": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 64, 4, 3), (64, 64, 4, 3)),
+                       (256, (64, 64, 4, 2), (64, 64, 4, 2))],
+        # rows of at most _SHORT_SEQ keys: few K tiles per program
+        "fwd_short": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
+                      (256, (64, 64, 4, 2), (64, 64, 4, 2))],
+        # which backward is faster when the caller does not ask for determinism: True = fused
+        # (atomic dQ), False = the two deterministic kernels
+        "bwd_fused": [(64, True, True), (128, True, False), (256, True, True)],
+        "dkdv": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 128, 8, 3), (64, 128, 8, 3)),
+                 (256, (32, 64, 4, 2), (32, 64, 4, 2))],
+        "dq": [(64, (128, 64, 8, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
+               (256, (64, 32, 4, 2), (64, 32, 4, 2))],
+    },
+    "default": {
+        "fwd": [(64, (128, 64, 4, 2), (128, 64, 4, 2)), (128, (64, 64, 4, 2), (64, 64, 4, 2)),
+                (256, (32, 32, 4, 1), (32, 32, 4, 1))],
+        "bwd": [(64, (64, 64, 4, 2), (64, 64, 4, 2)), (128, (32, 64, 4, 2), (32, 64, 4, 2)),
+                (256, (16, 32, 4, 1), (16, 32, 4, 1))],
+        "dkdv": [(64, (64, 64, 4, 2), (64, 64, 4, 2)), (128, (32, 64, 4, 2), (32, 64, 4, 2)),
+                 (256, (16, 32, 4, 1), (16, 32, 4, 1))],
+        "dq": [(64, (64, 64, 4, 2), (64, 64, 4, 2)), (128, (64, 32, 4, 2), (64, 32, 4, 2)),
+               (256, (32, 16, 4, 1), (32, 16, 4, 1))],
+        "bwd_fused": [(256, True, True)],
+    },
+}
+_KINDS = ("fwd", "bwd", "dkdv", "dq")
 # The interpreter runs tiles as numpy arrays: large tiles mean fewer Python-level steps.
 _INTERP = (64, 64, 4, 1)
 
 _OVERRIDE: dict = {}  # filled by set_launch_config() (benchmarks / tuning sweeps)
+# TMA descriptor loads per pass: None: automatic (Hopper + aligned inputs); True / False: forced
+_OPTIONS = {"fwd_tma": None, "bwd_tma": None, "bwd_fused": None}
+# Automatic choices (measured on an H200, docs/kernel_notes.md): TMA descriptor loads were slower
+# than cp.async pipelining with Triton 3.6, so "automatic" leaves them off.
+_TMA_AUTO = False
+_SHORT_SEQ = 1024  # the forward's "_short" table for at most this many keys
+_UNSET = object()
 
 
 def set_launch_config(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
-    """Force the launch configuration of one kernel ("fwd", "dkdv" or "dq"); None-able via clear."""
-    if kind not in ("fwd", "dkdv", "dq"):
-        raise ValueError(f"kind must be 'fwd', 'dkdv' or 'dq', got {kind!r}")
+    """Force the launch configuration of one kernel ("fwd", "bwd" (fused backward), "dkdv" or "dq")."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     _OVERRIDE[kind] = (block_m, block_n, num_warps, num_stages)
 
 
@@ -439,21 +550,81 @@ def clear_launch_config() -> None:
     _OVERRIDE.clear()
 
 
-def _launch_config(kind: str, device: torch.device, head_dim: int, block_mask=None):
+def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET) -> None:
+    """TMA descriptor loads in the forward (fwd_tma), the fused backward (bwd_tma) or both (tma):
+    None = on Hopper when the inputs allow (the default); True / False = always / never. True
+    still needs 16-byte aligned strides and base addresses; the interpreter emulates the loads."""
+    for key, val in (("fwd_tma", tma), ("bwd_tma", tma), ("fwd_tma", fwd_tma), ("bwd_tma", bwd_tma)):
+        if val is not _UNSET:
+            if val not in (None, True, False):
+                raise ValueError(f"{key} must be None, True or False, got {val!r}")
+            _OPTIONS[key] = val
+
+
+def _smem_bytes(kind: str, bm: int, bn: int, stages: int, block_d: int, esize: int) -> int:
+    """Shared memory a config needs, roughly: resident tiles + pipelined tiles + one score tile."""
+    if kind == "fwd":
+        return (bm * block_d + stages * 2 * bn * block_d + bm * bn) * esize
+    if kind in ("dkdv", "bwd"):  # the K/V tile stays, query tiles stream
+        return (2 * bn * block_d + stages * 2 * bm * block_d + 2 * bm * bn) * esize
+    return (2 * bm * block_d + stages * 2 * bn * block_d + bm * bn) * esize  # dq
+
+
+def _fit(kind, cfg, block_d, esize, limit):
+    """Fewer pipeline stages, then smaller tiles, until the config fits `limit` bytes (fp32 inputs
+    need twice the shared memory of the 16-bit configs the table is tuned for)."""
+    bm, bn, w, s = cfg
+    while _smem_bytes(kind, bm, bn, s, block_d, esize) > limit:
+        if s > 1:
+            s -= 1
+        elif max(bm, bn) > 16:
+            if bm >= bn:
+                bm //= 2
+            else:
+                bn //= 2
+            w = 4 if bm * bn <= 64 * 64 else w
+        else:
+            break
+    return bm, bn, w, s
+
+
+@functools.cache
+def _table_config(kind: str, device_index: int, head_dim: int, sparse: bool, causal: bool, esize: int,
+                  short: bool):
+    """The table's config for one case, fitted to the device's shared memory. Cached: the device
+    query behind it costs far more host time than a short kernel runs."""
+    major, _ = torch.cuda.get_device_capability(device_index)
+    table = _TABLES["hopper" if major == 9 else "default"]
+    rows = table[kind]
+    for variant, wanted in ((f"{kind}_short", short), (f"{kind}_sparse", sparse)):
+        if wanted and variant in table:
+            rows = table[variant]
+    cfg = next(((c if causal else nc) for max_d, c, nc in rows if head_dim <= max_d),
+               rows[-1][1] if causal else rows[-1][2])
+    limit = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    return _fit(kind, cfg, _block_d(head_dim), esize, int(limit * 0.9))
+
+
+def _launch_config(kind: str, device: torch.device, head_dim: int, block_mask=None, *, causal: bool = True,
+                   dtype: torch.dtype = torch.bfloat16, seq_k: int | None = None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). seq_k: rows of at most _SHORT_SEQ keys use the
+    "<kind>_short" table where there is one (few K tiles per program favour smaller tiles)."""
     if kind in _OVERRIDE:
         bm, bn, w, s = _OVERRIDE[kind]
     elif device.type != "cuda":
         bm, bn, w, s = _INTERP
     else:
-        major, _ = torch.cuda.get_device_capability(device)
-        hopper = major == 9
-        table = {"fwd": (_HOPPER_FWD, _DEFAULT_FWD), "dkdv": (_HOPPER_BWD_DKDV, _DEFAULT_BWD_DKDV),
-                 "dq": (_HOPPER_BWD_DQ, _DEFAULT_BWD_DQ)}[kind][0 if hopper else 1]
-        bm, bn, w, s = _pick(table, head_dim)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        short = seq_k is not None and seq_k <= _SHORT_SEQ
+        bm, bn, w, s = _table_config(kind, index, head_dim, block_mask is not None, bool(causal),
+                                     _ELEMENT_SIZE[dtype], short)
     if block_mask is not None:  # kernel tiles must subdivide the mask's blocks
         bm = min(bm, block_mask.block_m)
         bn = min(bn, block_mask.block_n)
     return bm, bn, w, s
+
+
+_ELEMENT_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,16 +673,67 @@ def _empty(shape, device) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=torch.float32)
 
 
+def _tma_ok(*tensors) -> bool:
+    """TMA descriptors need 16-byte aligned base addresses and row strides (and unit last stride)."""
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _use_tma(kind: str, *tensors) -> bool:
+    want = _OPTIONS[f"{kind}_tma"]
+    if not _HAS_TMA or want is False:
+        return False
+    dev = tensors[0].device
+    if want is None and (not _TMA_AUTO or dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9):
+        return False
+    if not _tma_ok(*tensors):
+        return False
+    if dev.type == "cuda":
+        _ensure_allocator()
+    return True
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator():
+    """Device-side descriptors are written to a global scratch buffer that Triton asks an allocator
+    for. The allocator is per thread (a ContextVar; autograd runs the backward on its own thread),
+    so it is set before each launch, and only where the caller has not set one of their own."""
+    try:
+        from triton.runtime import _allocation
+        if _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:
+            return
+    except (ImportError, AttributeError):
+        pass
+    triton.set_allocator(_tma_scratch)
+
+
+# Profiling knob for scripts/kernel_lab.py, never for training: 1 = atomic dQ adds (the real
+# kernel); 0 = no dQ at all and 2 = plain racy stores, to time what the dQ product and its atomics cost.
+_PROFILE_DQ_MODE = 1
+_RECORD: dict | None = None  # kernel kind -> compiled kernel of the last launch (scripts/kernel_lab.py)
+
+
+def _record(kind: str, handle) -> None:
+    if _RECORD is not None:
+        _RECORD[kind] = handle
+
+
 def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
     o = _empty_like(q)
     lse = _empty((B, H, Nq), q.device)
-    bm, bn, w, s = _launch_config("fwd", q.device, D, block_mask)
+    bm, bn, w, s = _launch_config("fwd", q.device, D, block_mask, causal=causal, dtype=q.dtype, seq_k=Nk)
     _check_tiles(bm, bn, block_mask)
     count, idx, split, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, True, causal)
     grid = (triton.cdiv(Nq, bm), B * H)
-    _fwd_kernel[grid](
+    h = _fwd_kernel[grid](
         q, k, v, o, lse, count, idx, split,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -520,43 +742,80 @@ def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
         smh, smr, H, Nq, Nk, sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
         CAUSAL=causal, SPARSE=block_mask is not None, MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec,
-        num_warps=w, num_stages=s)
+        USE_TMA=_use_tma("fwd", q, k, v, o), num_warps=w, num_stages=s)
+    _record("fwd", h)
     return o, lse
 
 
-def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec):
+def _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D):
+    conv_m = 64 if dq.device.type == "cuda" else 128
+    _bwd_dq_convert[(triton.cdiv(Nq, conv_m), dq.shape[0] * H)](
+        dqa, dq, dq.stride(0), dq.stride(1), dq.stride(2), H, Nq, sm_scale,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=conv_m)
+    return dq
+
+
+def _deterministic_default(device: torch.device, head_dim: int, causal: bool) -> bool:
+    """deterministic=None: the two-kernel backward when torch asks for deterministic algorithms,
+    else whichever backward the table marks faster for this arch, head dim and causal flag."""
+    if torch.are_deterministic_algorithms_enabled():
+        return True
+    if _OPTIONS["bwd_fused"] is not None:
+        return not _OPTIONS["bwd_fused"]
+    if device.type != "cuda":
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    rows = _TABLES["hopper" if major == 9 else "default"]["bwd_fused"]
+    fused = next(((c if causal else nc) for max_d, c, nc in rows if head_dim <= max_d), True)
+    return not fused
+
+
+def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, deterministic=None):
+    """(dq, dk, dv). deterministic=True: the two-kernel bitwise-reproducible backward; False: the
+    fused one (atomic dQ); None: see _deterministic_default."""
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
+    if deterministic is None:
+        deterministic = _deterministic_default(q.device, D, causal)
+    fused = not deterministic
     if do.stride(-1) != 1:
         do = do.contiguous()
     BLOCK_D = _block_d(D)
     delta = _empty(lse.shape, lse.device)
+    # fp32 dQ accumulator (B, H, Nq, D), zeroed by the preprocess kernel (as FlashAttention-2's)
+    dqa = _empty((B, H, Nq, D), q.device) if fused else delta
     pre_m = 64 if q.device.type == "cuda" else 128
     _bwd_preprocess[(triton.cdiv(Nq, pre_m), B * H)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, Nq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m)
+        o, do, delta, dqa, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, Nq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m, ZERO_DQA=fused)
     dq = _empty_like(q)
     dk = _empty_like(k)
     dv = _empty_like(v)
     qk_scale = sm_scale * LOG2E
     sparse = block_mask is not None
 
-    bm, bn, w, s = _launch_config("dkdv", q.device, D, block_mask)
+    kind = "bwd" if fused else "dkdv"
+    bm, bn, w, s = _launch_config(kind, q.device, D, block_mask, causal=causal, dtype=q.dtype)
     _check_tiles(bm, bn, block_mask)
     count, idx, split, smh, smc, mbm, mbn = _mask_args(block_mask, q.device, False, causal)
-    _bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * H)](
-        q, k, v, do, dk, dv, lse, delta, count, idx, split,
+    h = _bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * H)](
+        q, k, v, do, dk, dv, lse, delta, dqa, count, idx, split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         smh, smc, H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, SPARSE=sparse,
-        MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec, num_warps=w, num_stages=s)
+        MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec, FUSED_DQ=_PROFILE_DQ_MODE if fused else 0,
+        USE_TMA=fused and _use_tma("bwd", q, do), num_warps=w, num_stages=s)
+    _record(kind, h)
 
-    bm, bn, w, s = _launch_config("dq", q.device, D, block_mask)
+    if fused:
+        return _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D), dk, dv
+
+    bm, bn, w, s = _launch_config("dq", q.device, D, block_mask, causal=causal, dtype=q.dtype)
     _check_tiles(bm, bn, block_mask)
     count, idx, split, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, True, causal)
-    _bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
+    h = _bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
         q, k, v, do, dq, lse, delta, count, idx, split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -564,6 +823,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec):
         smh, smr, H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, SPARSE=sparse,
         MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec, num_warps=w, num_stages=s)
+    _record("dq", h)
     return dq, dk, dv
 
 
@@ -573,17 +833,19 @@ def _block_d(d: int) -> int:
 
 class _FlashAttnFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, block_mask, dot_prec):
+    def forward(ctx, q, k, v, causal, sm_scale, block_mask, dot_prec, deterministic):
         o, lse = _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.sm_scale, ctx.block_mask, ctx.dot_prec = causal, sm_scale, block_mask, dot_prec
+        ctx.deterministic = deterministic
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, ctx.block_mask, ctx.dot_prec)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, ctx.block_mask, ctx.dot_prec,
+                                deterministic=ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -632,7 +894,7 @@ def _validate(q, k, v, causal, softmax_scale, block_mask):
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     softmax_scale: float | None = None, block_mask=None,
-                    fp32_precision: str | None = None) -> torch.Tensor:
+                    fp32_precision: str | None = None, deterministic: bool | None = None) -> torch.Tensor:
     """Exact attention softmax(q k^T * softmax_scale) v without materialising the scores.
 
     q: (B, Nq, H, D); k, v: (B, Nk, H, D) with the same B, H, D (D <= 256) and dtype (fp16, bf16
@@ -645,6 +907,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     block_mask: a `kernels.BlockMask`; only the blocks it keeps are computed.
     fp32_precision: "tf32" or "ieee" for fp32 inputs (default: follows
     torch.get_float32_matmul_precision(): "highest" -> ieee, otherwise tf32).
+    deterministic: backward variant. False: the fused backward (one pass per K/V block that also
+    adds dQ into an fp32 accumulator with atomics; fewer matrix products, but the order of the
+    additions, hence dQ's last bits, can change between runs). True: dK/dV and dQ in two kernels
+    that recompute the scores, bitwise reproducible. None (default): True when
+    torch.use_deterministic_algorithms(True) is on; otherwise whichever of the two the launch
+    table marks faster for this GPU, head dim and causal flag (on Hopper the fused one, except
+    head dims 65-128 without causal masking, where the two kernels measured faster).
     """
     _validate(q, k, v, causal, softmax_scale, block_mask)
     # fp32 with no fp32_precision: the op reads torch.get_float32_matmul_precision() when it runs
@@ -652,9 +921,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     dot_prec = "auto" if auto else _dot_precision(q.dtype, fp32_precision)
     sm_scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"flash_attention: deterministic must be True, False or None, got {deterministic!r}")
     # Through the torch.library op (kernels/ops.py): autograd as _FlashAttnFn's, and torch.compile
     # traces it into the surrounding graph (fake shapes, no graph break).
-    return _ops.flash_attn(q, k, v, bool(causal), sm_scale, block_mask, dot_prec)
+    return _ops.flash_attn(q, k, v, bool(causal), sm_scale, block_mask, dot_prec, deterministic)
 
 
 from . import ops as _ops  # last: ops.py reads _flash_fwd / _flash_bwd from this module

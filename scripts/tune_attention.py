@@ -5,9 +5,10 @@
 1. Correctness on the GPU (bf16 and fp16 against a float32-math reference; fp32 via TF32 and
    IEEE): causal and not, odd lengths, Nq != Nk, strided fused-qkv views, determinism of the
    backward. Fails loudly (exit 1) when an error is out of bounds.
-2. For each kernel (fwd, dkdv, dq), head dim and causal flag, times a list of
-   (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates at one sequence length and prints the
-   best; the table in kernels/flash.py is updated by hand from this output.
+2. For each kernel (fwd; bwd = the fused backward; dkdv and dq = the two deterministic backward
+   kernels), head dim and causal flag, times a list of (BLOCK_M, BLOCK_N, num_warps, num_stages)
+   candidates at one sequence length and prints the best; the table in kernels/flash.py is
+   updated by hand from this output (scripts/kernel_lab.py times whole variants beside peers).
 """
 from __future__ import annotations
 
@@ -55,10 +56,10 @@ def check(dev):
     # strided views of a fused projection + determinism
     qkv = torch.randn(2, 2048, 3, 8, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
     q, k, v = qkv.unbind(2)
-    o = flash_attention(q, k, v, causal=True)
+    o = flash_attention(q, k, v, causal=True, deterministic=True)
     do = torch.randn_like(o)
     g1 = torch.autograd.grad(o, qkv, do)[0]
-    g2 = torch.autograd.grad(flash_attention(q, k, v, causal=True), qkv, do)[0]
+    g2 = torch.autograd.grad(flash_attention(q, k, v, causal=True, deterministic=True), qkv, do)[0]
     q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
     r = reference_attention(q2, k2, v2, causal=True)
     e = rel(o, r)
@@ -76,6 +77,7 @@ def bench(fn, rep=60):
 CANDIDATES = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4),
             (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3)],
+    "bwd": [(64, 64, 4, 3), (64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 3)],
     "dkdv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
              (128, 128, 8, 2), (64, 128, 4, 2)],
     "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3),
@@ -95,7 +97,7 @@ def sweep(dev, N, dims, quick):
             do = torch.randn(B, N, H, D, device=dev, dtype=torch.bfloat16)
             sm = D ** -0.5
             o, lse = F._flash_fwd(q, k, v, causal, sm, None, "ieee")
-            for kind in ("fwd", "dkdv", "dq"):
+            for kind in ("fwd", "bwd", "dkdv", "dq"):
                 best = None
                 for cfg in CANDIDATES[kind][: 4 if quick else None]:
                     F.clear_launch_config()
@@ -106,7 +108,9 @@ def sweep(dev, N, dims, quick):
                             tf = flops_fwd / ms * 1e-9
                         else:
                             # time the whole backward; only `kind` varies between candidates
-                            ms = bench(lambda: F._flash_bwd(do, q, k, v, o, lse, causal, sm, None, "ieee"))
+                            det = kind != "bwd"  # dkdv / dq: the deterministic pair; bwd: the fused one
+                            ms = bench(lambda: F._flash_bwd(do, q, k, v, o, lse, causal, sm, None, "ieee",
+                                                            deterministic=det))
                             tf = 2.5 * flops_fwd / ms * 1e-9
                     except Exception as exc:  # out of resources etc.
                         print(f"  {kind} D={D} causal={causal} {cfg}: failed ({type(exc).__name__}: {str(exc)[:80]})")

@@ -5,6 +5,7 @@ import torch
 
 import kernels
 from kernels import flash_attention
+import kernels.flash as flash_mod
 from tests.kernels.test_flash import DEVICE, poison_outputs, run_case  # noqa: F401 (autouse fixture)
 
 BLOCK = 32  # small mask blocks keep the interpreter fast and give many blocks at small N
@@ -28,6 +29,19 @@ def test_each_layout_matches_reference(layout, causal):
     mask = BUILDERS[layout](n, causal, block_m=BLOCK, block_n=BLOCK)
     assert 0 < mask.density < 1 or layout == "bigbird"
     run_case(2, n, n, 2, 32, causal, torch.float32, block_mask=mask)
+
+
+@pytest.mark.parametrize("variant", ["deterministic", "tma"])
+def test_backward_variants_block_sparse(variant, monkeypatch):
+    """The default fused backward runs in every test above; the two-kernel deterministic backward
+    and the TMA-descriptor loads get a per-head causal layout with partial blocks."""
+    if variant == "tma":
+        monkeypatch.setattr(flash_mod, "_OPTIONS", {**flash_mod._OPTIONS, "fwd_tma": True, "bwd_tma": True})
+    n, heads = 150, 2
+    mask = kernels.bigbird_mask(n, window_blocks=1, global_blocks=1, random_blocks=1, seed=3, n_heads=heads,
+                                block_m=BLOCK, block_n=BLOCK, causal=True)
+    run_case(1, n, n, heads, 32, True, torch.float32, block_mask=mask,
+             deterministic=variant == "deterministic")
 
 
 def test_per_head_layouts():

@@ -35,7 +35,7 @@ def rel_err(a, ref, floor=1e-2):
     return (a - ref).norm().item() / denom
 
 
-def run_case(B, Nq, Nk, H, D, causal, dtype, scale=1.0, make=None, block_mask=None):
+def run_case(B, Nq, Nk, H, D, causal, dtype, scale=1.0, make=None, block_mask=None, deterministic=None):
     gen = torch.Generator().manual_seed(hash((B, Nq, Nk, H, D, causal, str(dtype))) % 2**31)
     if make is None:
         q = torch.randn(B, Nq, H, D, generator=gen) * scale
@@ -45,7 +45,7 @@ def run_case(B, Nq, Nk, H, D, causal, dtype, scale=1.0, make=None, block_mask=No
         leaves = (q, k, v)
     else:
         (q, k, v), leaves = make(gen)
-    out = flash_attention(q, k, v, causal=causal, block_mask=block_mask)
+    out = flash_attention(q, k, v, causal=causal, block_mask=block_mask, deterministic=deterministic)
     do = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
     grads = torch.autograd.grad(out, (q, k, v), do)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -126,14 +126,67 @@ def test_large_scores_stay_finite_and_accurate(causal):
     run_case(2, 130, 130, 2, 64, causal, torch.float32, scale=50 ** 0.5)
 
 
-def test_backward_is_deterministic():
+def test_deterministic_backward_is_bitwise_reproducible():
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 150, 2, 64, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
     do = torch.randn(2, 150, 2, 64, generator=gen).to(DEVICE)
-    g1 = torch.autograd.grad(flash_attention(q, k, v, causal=True), (q, k, v), do)
-    g2 = torch.autograd.grad(flash_attention(q, k, v, causal=True), (q, k, v), do)
+    g1 = torch.autograd.grad(flash_attention(q, k, v, causal=True, deterministic=True), (q, k, v), do)
+    g2 = torch.autograd.grad(flash_attention(q, k, v, causal=True, deterministic=True), (q, k, v), do)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+    # the fused (atomic dQ) backward computes the same gradients up to fp32 summation order
+    g3 = torch.autograd.grad(flash_attention(q, k, v, causal=True, deterministic=False), (q, k, v), do)
+    for a, b in zip(g1, g3):
+        assert rel_err(b, a) < 1e-5
+    assert torch.equal(g1[1], g3[1]) and torch.equal(g1[2], g3[2])  # dK, dV: same code, same order
+
+
+# The default (fused) backward runs in every case above; these run the deterministic two-kernel
+# backward and the TMA-descriptor loads (emulated by the interpreter) against float64 too.
+@pytest.mark.parametrize("variant", ["deterministic", "tma"])
+@pytest.mark.parametrize("nq,nk,d,causal", [(65, 65, 40, True), (17, 130, 64, False), (130, 17, 32, True)])
+def test_backward_variants(variant, nq, nk, d, causal, monkeypatch):
+    if variant == "tma":
+        monkeypatch.setattr(flash_mod, "_OPTIONS", {**flash_mod._OPTIONS, "fwd_tma": True, "bwd_tma": True})
+        launched = []
+        real = flash_mod._use_tma
+        monkeypatch.setattr(flash_mod, "_use_tma", lambda *t: launched.append(real(*t)) or launched[-1])
+    out, grads = run_case(2, nq, nk, 2, d, causal, torch.float32, deterministic=variant == "deterministic")
+    if variant == "tma":
+        assert launched and all(launched), "TMA was not used for aligned inputs"
+    if causal and nq > nk:
+        assert torch.equal(grads[0][:, : nq - nk], torch.zeros_like(grads[0][:, : nq - nk]))
+
+
+def test_tma_strided_views_and_misaligned_fallback(monkeypatch):
+    monkeypatch.setattr(flash_mod, "_OPTIONS", {**flash_mod._OPTIONS, "fwd_tma": True, "bwd_tma": True})
+
+    def make(gen):
+        qkv = torch.randn(2, 77, 3, 2, 40, generator=gen).to(DEVICE).requires_grad_()
+        return qkv.unbind(2), (qkv,)
+
+    run_case(2, 77, 77, 2, 40, True, torch.float32, make=make)
+    # fp16 rows of 17 elements are 34 bytes: not 16-byte aligned, so the pointer path is taken
+    t = torch.randn(1, 9, 2, 17, dtype=torch.float16)
+    assert not flash_mod._tma_ok(t) and flash_mod._tma_ok(torch.randn(1, 9, 2, 16, dtype=torch.float16))
+    assert not flash_mod._use_tma("fwd", t)
+
+
+def test_deterministic_follows_torch_setting(monkeypatch):
+    calls = []
+    real = flash_mod._bwd_dq_convert
+    monkeypatch.setattr(flash_mod, "_bwd_dq_convert", type("Spy", (), {
+        "__getitem__": lambda self, grid: (lambda *a, **kw: calls.append(1) or real[grid](*a, **kw))})())
+    q = torch.randn(1, 20, 1, 16, device=DEVICE, requires_grad=True)
+    flash_attention(q, q, q).sum().backward()
+    assert calls == [1]  # default: fused backward
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    flash_attention(q, q, q).sum().backward()
+    assert calls == [1]  # deterministic algorithms on: the two-kernel backward
+    flash_attention(q, q, q, deterministic=False).sum().backward()
+    assert calls == [1, 1]  # an explicit argument wins
+    with pytest.raises(TypeError, match="deterministic"):
+        flash_attention(q, q, q, deterministic="yes")
 
 
 def test_softmax_scale_argument():
