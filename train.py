@@ -7,9 +7,10 @@ The loop, top to bottom:
   init_distributed -> check the config (one-line errors, before any work) -> seed
   -> data (prepare on rank 0, barrier, load everywhere) -> build_model -> parallelize
   -> AdamW + LR schedule -> maybe resume -> for each step:
-       for each micro-step: (x, y) = data.train_batch(step, ...); loss = model(x, y) / accum; backward
-       (gradients are reduced over ranks on the last micro-step only)
-       clip -> optimizer step -> log -> evaluate every eval_every -> checkpoint every ckpt_every
+       train_step (trainer/step.py): for each micro-step: (x, y) = the next prefetched micro-batch;
+       loss = model(x, y) / accum; backward (gradients reduced over ranks on the last one only);
+       clip -> optimizer step (a non-finite loss or grad norm is never applied: LossDiverged)
+       -> log -> evaluate every eval_every -> checkpoint every ckpt_every
 Supporting pieces live in trainer/ (one job per file).
 """
 from __future__ import annotations
@@ -32,14 +33,11 @@ from trainer.init import apply_init_from, load_init
 from trainer.logger import build_logger, resolve_mode
 from trainer.metrics import MetricsFile, Throughput, batch_arithmetic, eval_line, peak_flops, progress_line
 from trainer.optim import Precision, build_optimizer
-from trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize
+from trainer.parallelize import compile_mode, compiled, parallel_name, parallelize
 from trainer.schedule import build_schedule
+from trainer.step import DeviceBatches, LossDiverged, train_step
 
 log = logging.getLogger("train")
-
-
-class LossDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; nothing of that step was applied or saved."""
 
 
 def _nonneg_int(cfg, key: str) -> int:
@@ -62,6 +60,7 @@ def check_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     if str(cfg.train.precision) not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"train.precision={cfg.train.precision!r}: use bf16, fp16 or fp32")
     require_torchrun(parallel_name(cfg))  # parallel=ddp|fsdp needs torchrun (one line otherwise)
+    compile_mode(cfg)  # compile=auto|true|false|blocks|model, and model only with parallel=single
     if str(cfg.logger.get("name")) == "wandb":
         resolve_mode(str(cfg.logger.get("mode", "auto")))
     build_schedule(cfg)  # validates lr / min_lr / warmup / decay
@@ -180,45 +179,34 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     # ---- the loop --------------------------------------------------------------------------------
     meter = Throughput(tokens_per_step, flops_per_token, peak_flops(dist.device), dist.world_size,
                        cfg.max_steps, dist.device)
-    pin = dist.device.type == "cuda"
+    batches = DeviceBatches(  # this rank's micro-batches of every remaining step, prefetched one ahead
+        lambda s, m: data.train_batch(s, seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=micro_batch,
+                                      micro_step=m, grad_accum=accum, rank=dist.rank, world_size=dist.world_size),
+        dist.device, range(start_step, cfg.max_steps), accum)
     row = {"step": start_step}
     if start_step >= cfg.max_steps:
         log.info(f"nothing to do: the checkpoint is at step {start_step}, max_steps={cfg.max_steps}")
     model.train()
+    result = None  # the last step's StepResult: loss and grad norm, read (and checked) when needed
     try:
         for step in range(start_step, cfg.max_steps):
             lr = schedule.apply(optimizer, step)
-            loss_sum = torch.zeros((), device=dist.device)
-            for micro_step in range(accum):
-                with grad_sync(model, micro_step == accum - 1):  # reduce gradients on the last one only
-                    x, y = data.train_batch(step, seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=micro_batch,
-                                            micro_step=micro_step, grad_accum=accum, rank=dist.rank,
-                                            world_size=dist.world_size)
-                    if pin:
-                        x, y = x.pin_memory(), y.pin_memory()
-                    x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-                    with prec.autocast():
-                        _, loss = model(x, y)
-                    loss = loss / accum
-                    prec.backward(loss)
-                loss_sum += loss.detach().float()
-            prec.unscale(optimizer)
-            grad_norm = clip_grad_norm(model, cfg.train.grad_clip)
-            all_reduce(loss_sum, "avg")
-            loss_v, norm_v = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()  # one sync per step
-            if not math.isfinite(loss_v) or (prec.scaler is None and not math.isfinite(norm_v)):
-                what = "loss" if not math.isfinite(loss_v) else "gradient norm"
-                raise LossDiverged(f"{what} is {loss_v if what == 'loss' else norm_v} at step {step + 1}; "
-                                   f"the step was not applied and nothing was saved (last good checkpoint: "
-                                   f"resume=auto); try a lower train.lr or more train.warmup_steps")
-            prec.step(optimizer)
-            optimizer.zero_grad(set_to_none=True)
+            t_step = time.perf_counter()
+            result = train_step(model, batches, optimizer, prec, accum=accum, grad_clip=cfg.train.grad_clip,
+                                step=step, pending=result)  # checks the previous step before applying this one
             meter.tick()
+            if step == start_step:
+                result.check()  # waits for the device: the first step's time
+                log.info(f"first step: {time.perf_counter() - t_step:.1f}s (one-time costs included: kernel "
+                         f"compilation{', torch.compile' if compiled(model) else ''})")
 
             done = step + 1
             last = done == cfg.max_steps
             do_eval = cfg.eval_tokens > 0 and (last or (cfg.eval_every and done % cfg.eval_every == 0))
             do_log = last or do_eval or (cfg.log_every and done % cfg.log_every == 0)
+            do_ckpt = last or (cfg.ckpt_every and done % cfg.ckpt_every == 0)
+            if do_log or do_ckpt:
+                loss_v, norm_v = result.check()  # LossDiverged before anything is logged or saved
             if do_log:
                 row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": norm_v, **meter.read(done),
                        "tokens": done * tokens_per_step}
@@ -234,7 +222,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 row.pop("eta_s", None)
                 metrics.write(row)
                 logger.log(row, step=done)
-            if last or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
+            if do_ckpt:
                 meter.pause()
                 checkpoint(done)
                 meter.resume()

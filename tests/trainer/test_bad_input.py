@@ -30,6 +30,7 @@ def test_cli_unknown_group_option(tmp_path):
     (["seq_len=1000", "train.micro_batch=4"], "is not a multiple of micro_batch x seq_len x GPUs = 4 x 1000 x 1"),
     (["max_steps=0"], "max_steps=0"),
     (["train.precision=fp8"], "train.precision='fp8'"),
+    (["compile=fast"], "compile='fast': use auto"),
 ])
 def test_cli_bad_numbers(tmp_path, args, expect):
     line = _one_error_line(run_cli([*args, f"run_dir={tmp_path / 'r'}", "logger=none", "device=cpu"]))
