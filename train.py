@@ -7,9 +7,10 @@ The loop, top to bottom:
   init_distributed -> check the config (one-line errors, before any work) -> seed
   -> data (prepare on rank 0, barrier, load everywhere) -> build_model -> parallelize
   -> AdamW + LR schedule -> maybe resume -> for each step:
-       for each micro-step: (x, y) = data.train_batch(step, ...); loss = model(x, y) / accum; backward
-       (gradients are reduced over ranks on the last micro-step only)
-       clip -> optimizer step -> log -> evaluate every eval_every -> checkpoint every ckpt_every
+       train_step (trainer/step.py): for each micro-step: (x, y) = the next prefetched micro-batch;
+       loss = model(x, y) / accum; backward (gradients reduced over ranks on the last one only);
+       clip -> optimizer step (a non-finite loss or grad norm is never applied: LossDiverged)
+       -> log -> evaluate every eval_every -> checkpoint every ckpt_every
   -> summary (console, train.log, <run_dir>/summary.json: losses, speed, paths, next commands)
 `run()` wraps it for the command line: `error: <one line>` for bad input, and a run stopped by a
 config or data error leaves no run dir behind (trainer/cli.py).
@@ -53,14 +54,11 @@ from trainer.metrics import (
     write_summary,
 )
 from trainer.optim import Precision, build_optimizer
-from trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize
+from trainer.parallelize import compile_mode, compiled, parallel_name, parallelize
 from trainer.schedule import build_schedule
+from trainer.step import DeviceBatches, LossDiverged, train_step
 
 log = logging.getLogger("train")
-
-
-class LossDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; nothing of that step was applied or saved."""
 
 
 def _nonneg_int(cfg, key: str, minimum: int = 0, null: bool = False) -> int | None:
@@ -108,9 +106,8 @@ def check_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     if (not OmegaConf.is_list(betas) or len(betas) != 2
             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"train.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9,0.95]")
-    for key in ("compile", "model.bias"):
-        if not isinstance(OmegaConf.select(cfg, key, default=False), bool):
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r} must be true or false")
+    if not isinstance(OmegaConf.select(cfg, "model.bias", default=True), bool):
+        raise ConfigError(f"model.bias={OmegaConf.select(cfg, 'model.bias')!r} must be true or false")
     if cfg.eval_tokens and cfg.eval_tokens % cfg.seq_len:
         raise ConfigError(f"eval_tokens={cfg.eval_tokens} must be a multiple of seq_len={cfg.seq_len} "
                           f"(use {max(1, cfg.eval_tokens // cfg.seq_len) * cfg.seq_len})")
@@ -126,6 +123,7 @@ def check_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     if ac not in ("none", "full", "selective"):
         raise ConfigError(f"parallel.activation_checkpointing={ac!r}: use none, full or selective")
     _nonneg_int(cfg, "parallel.ac_every", 1, null=True)
+    compile_mode(cfg)  # compile=auto|true|false|blocks|model, and model only with parallel=single
     if str(cfg.logger.get("name")) == "wandb":
         resolve_mode(str(cfg.logger.get("mode", "auto")))
     build_schedule(cfg)  # validates min_lr <= lr and the decay name
@@ -250,45 +248,34 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     # ---- the loop --------------------------------------------------------------------------------
     meter = Throughput(tokens_per_step, flops_per_token, peak_flops(dist.device), dist.world_size,
                        cfg.max_steps, dist.device)
-    pin = dist.device.type == "cuda"
+    batches = DeviceBatches(  # this rank's micro-batches of every remaining step, prefetched one ahead
+        lambda s, m: data.train_batch(s, seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=micro_batch,
+                                      micro_step=m, grad_accum=accum, rank=dist.rank, world_size=dist.world_size),
+        dist.device, range(start_step, cfg.max_steps), accum)
     row = {"step": start_step}
     if start_step >= cfg.max_steps:
         log.info(f"nothing to do: the checkpoint is at step {start_step}, max_steps={cfg.max_steps}")
     model.train()
+    result = None  # the last step's StepResult: loss and grad norm, read (and checked) when needed
     try:
         for step in range(start_step, cfg.max_steps):
             lr = schedule.apply(optimizer, step)
-            loss_sum = torch.zeros((), device=dist.device)
-            for micro_step in range(accum):
-                with grad_sync(model, micro_step == accum - 1):  # reduce gradients on the last one only
-                    x, y = data.train_batch(step, seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=micro_batch,
-                                            micro_step=micro_step, grad_accum=accum, rank=dist.rank,
-                                            world_size=dist.world_size)
-                    if pin:
-                        x, y = x.pin_memory(), y.pin_memory()
-                    x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-                    with prec.autocast():
-                        _, loss = model(x, y)
-                    loss = loss / accum
-                    prec.backward(loss)
-                loss_sum += loss.detach().float()
-            prec.unscale(optimizer)
-            grad_norm = clip_grad_norm(model, cfg.train.grad_clip)
-            all_reduce(loss_sum, "avg")
-            loss_v, norm_v = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()  # one sync per step
-            if not math.isfinite(loss_v) or (prec.scaler is None and not math.isfinite(norm_v)):
-                what = "loss" if not math.isfinite(loss_v) else "gradient norm"
-                raise LossDiverged(f"{what} is {loss_v if what == 'loss' else norm_v} at step {step + 1}; "
-                                   f"the step was not applied and nothing was saved (last good checkpoint: "
-                                   f"resume=auto); try a lower train.lr or more train.warmup_steps")
-            prec.step(optimizer)
-            optimizer.zero_grad(set_to_none=True)
+            t_step = time.perf_counter()
+            result = train_step(model, batches, optimizer, prec, accum=accum, grad_clip=cfg.train.grad_clip,
+                                step=step, pending=result)  # checks the previous step before applying this one
             meter.tick()
+            if step == start_step:
+                result.check()  # waits for the device: the first step's time
+                log.info(f"first step: {time.perf_counter() - t_step:.1f}s (one-time costs included: kernel "
+                         f"compilation{', torch.compile' if compiled(model) else ''})")
 
             done = step + 1
             last = done == cfg.max_steps
             do_eval = cfg.eval_tokens > 0 and (last or (cfg.eval_every and done % cfg.eval_every == 0))
             do_log = last or do_eval or (cfg.log_every and done % cfg.log_every == 0)
+            do_ckpt = last or (cfg.ckpt_every and done % cfg.ckpt_every == 0)
+            if do_log or do_ckpt:
+                loss_v, norm_v = result.check()  # LossDiverged before anything is logged or saved
             if do_log:
                 row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": norm_v, **meter.read(done),
                        "tokens": done * tokens_per_step}
@@ -304,7 +291,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 row.pop("eta_s", None)
                 metrics.write(row)
                 logger.log(row, step=done)
-            if last or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
+            if do_ckpt:
                 meter.pause()
                 checkpoint(done)
                 meter.resume()

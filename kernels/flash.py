@@ -892,7 +892,6 @@ def _validate(q, k, v, causal, softmax_scale, block_mask):
         block_mask.check(Nq, k.shape[1], H, causal=bool(causal))
 
 
-@torch.compiler.disable  # opaque to torch.compile: the kernels run as they are, the code around compiles
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     softmax_scale: float | None = None, block_mask=None,
                     fp32_precision: str | None = None, deterministic: bool | None = None) -> torch.Tensor:
@@ -917,9 +916,16 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     head dims 65-128 without causal masking, where the two kernels measured faster).
     """
     _validate(q, k, v, causal, softmax_scale, block_mask)
-    dot_prec = _dot_precision(q.dtype, fp32_precision)
+    # fp32 with no fp32_precision: the op reads torch.get_float32_matmul_precision() when it runs
+    auto = q.dtype == torch.float32 and fp32_precision is None
+    dot_prec = "auto" if auto else _dot_precision(q.dtype, fp32_precision)
     sm_scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if deterministic is not None and not isinstance(deterministic, bool):
         raise TypeError(f"flash_attention: deterministic must be True, False or None, got {deterministic!r}")
-    return _FlashAttnFn.apply(q, k, v, bool(causal), sm_scale, block_mask, dot_prec, deterministic)
+    # Through the torch.library op (kernels/ops.py): autograd as _FlashAttnFn's, and torch.compile
+    # traces it into the surrounding graph (fake shapes, no graph break).
+    return _ops.flash_attn(q, k, v, bool(causal), sm_scale, block_mask, dot_prec, deterministic)
+
+
+from . import ops as _ops  # last: ops.py reads _flash_fwd / _flash_bwd from this module

@@ -7,7 +7,7 @@ torch.compile are applied per `Block` from outside (trainer/parallelize.py).
 Vocabulary: GPT-2's 50257 tokens are padded to a multiple of `pad_vocab_multiple` (64 -> 50304)
 so the embedding / lm_head matmuls have friendly shapes. Targets are always < vocab_size, so the
 padded rows are never a target: they are trained only as outputs (their logits are pushed down),
-as in nanoGPT. `forward` returns all padded_vocab logits; `generate` never samples a padded id.
+as in nanoGPT. Logits have all padded_vocab columns; `generate` never samples a padded id.
 
 Dropout: `dropout` is applied to the embeddings and to each residual branch (after the attention
 output projection and after the MLP). Dropout on the attention probabilities is not supported
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .attention import IMPLS, attend
+from .loss import CHUNK_TOKENS, lm_head_cross_entropy
 
 
 @dataclass
@@ -111,6 +112,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input/output embedding
         self.block_mask = None  # plain attribute: not a parameter, not in the state dict
+        # tokens per logits chunk of the loss (model/loss.py); 0 = the plain loss over full logits
+        self.loss_chunk_tokens = CHUNK_TOKENS
+        self.compile_loss = False  # torch.compile the loss's per-chunk math (set by trainer/parallelize.py)
 
         # GPT-2 init: N(0, 0.02) weights, zero biases, LayerNorm (1, 0); the residual projections
         # (attn.c_proj, mlp.c_proj) get std 0.02/sqrt(2*n_layer): 2 residual adds per layer.
@@ -133,11 +137,14 @@ class GPT(nn.Module):
             if isinstance(m, CausalSelfAttention):
                 m.block_mask = block_mask
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, return_logits: bool = False):
         """idx, targets: int64 (B, N), N <= seq_len; targets may use -1 to ignore a position.
 
-        Returns (logits (B, N, padded_vocab) in the autocast dtype, loss): loss is the mean
-        cross-entropy over all non-ignored positions, computed in fp32 (fp64 for fp64 models); None without targets.
+        Returns (logits, loss). Without targets: logits (B, N, padded_vocab) in the autocast dtype
+        and loss None. With targets: loss is the mean cross-entropy over all non-ignored positions,
+        computed in fp32 (fp64 for fp64 models) chunk by chunk from the final hidden states
+        (model/loss.py: the (B, N, vocab) logits never exist), and logits is None, unless
+        return_logits=True (then the logits are built and the loss computed from them).
         """
         B, N = idx.shape
         if N > self.config.seq_len:
@@ -147,7 +154,11 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        if targets is not None and not return_logits and self.loss_chunk_tokens > 0:
+            return None, lm_head_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1,
+                                               chunk_tokens=self.loss_chunk_tokens, compiled=self.compile_loss)
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             upcast = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (or fp64)

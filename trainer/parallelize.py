@@ -10,8 +10,17 @@ always in this order:
        selective: every `parallel.ac_every`-th block (default 2: blocks 0, 2, 4, ...) is
                   recomputed; about half the activation memory saved for half the recompute.
      (torch.utils.checkpoint, non-reentrant, through checkpoint_wrapper)
-  2. torch.compile per block when `cfg.compile` is true (after AC so the recompute is compiled
-     too, before sharding so FSDP's hooks stay outside the compiled graph)
+  2. torch.compile, `cfg.compile` = auto | true | false | blocks | model (after AC so the
+     recompute is compiled too, before sharding so FSDP's hooks stay outside the compiled graphs)
+       blocks: each transformer block is one compiled graph (attention included: our kernel is a
+               torch.library op, kernels/ops.py, so nothing breaks the graph), and the loss's
+               per-chunk math is compiled too (model/loss.py)
+       model:  the whole model is one graph (embeddings, blocks, final norm, chunked loss);
+               parallel=single only (DDP's and FSDP's hooks need per-block graphs)
+       auto:   CUDA -> the faster of the two as measured on an H200 (DEFAULT_COMPILE: per
+               parallel mode, docs/benchmarks.md), CPU -> off (compiling costs more than it gains
+               in short CPU runs); true: that same choice on any device; false: eager
+     The compilation itself happens in the first step (train.py logs its time).
   3. data parallelism, `parallel.name`:
        single: nothing
        ddp:    DistributedDataParallel (the returned model still exposes the GPT's methods)
@@ -20,7 +29,10 @@ always in this order:
                one parameter, sharded once). MixedPrecisionPolicy(param_dtype, reduce_dtype)
                (param_dtype auto = train.precision on CUDA, fp32 on the CPU),
                reshard_after_forward (the last block can keep its parameters gathered, since the
-               backward needs them at once), optional CPUOffloadPolicy.
+               backward needs them at once), optional CPUOffloadPolicy, and explicit prefetch
+               (`parallel.prefetch` = k > 0: each block issues the all-gathers of the next k
+               blocks in the forward and of the previous k in the backward, so communication
+               runs under the current block's compute even when the CPU is not far ahead).
 
 `grad_sync(model, enabled)` turns the gradient reduction off for the micro-steps of gradient
 accumulation; `clip_grad_norm(model, max_norm)` clips by the global norm over all shards and
@@ -39,7 +51,10 @@ from trainer.distributed import DistInfo, require_torchrun
 
 log = logging.getLogger(__name__)
 
-__all__ = ["parallelize", "grad_sync", "clip_grad_norm", "unwrap", "parallel_name"]
+__all__ = ["parallelize", "grad_sync", "clip_grad_norm", "unwrap", "parallel_name", "compile_mode", "compiled"]
+
+# compile=auto|true on CUDA, per parallel mode: measured on one H200 (docs/benchmarks.md, training speed)
+DEFAULT_COMPILE = {"single": "model", "ddp": "blocks", "fsdp": "blocks"}
 
 _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -117,10 +132,47 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
             blocks[i] = checkpoint_wrapper(block, CheckpointImpl.NO_REENTRANT, preserve_rng_state=True)
 
 
-def apply_compile(model: nn.Module, fullgraph: bool = False) -> None:
-    blocks = _blocks(model)
-    for i, block in enumerate(blocks):
-        blocks[i] = torch.compile(block, fullgraph=fullgraph)
+def compile_mode(cfg, device: torch.device | str | None = None) -> str | None:
+    """`cfg.compile` resolved for `device`: "blocks", "model" or None (eager).
+
+    Raises ConfigError for a value that is not auto | true | false | blocks | model, or for
+    compile=model with parallel=ddp|fsdp. device=None checks the setting only (before any work).
+    """
+    raw = _get(cfg, "compile", "auto")
+    value = ("true" if raw else "false") if isinstance(raw, bool) else str(raw).lower()
+    name = parallel_name(cfg)
+    if value not in ("auto", "true", "false", "blocks", "model"):
+        raise ConfigError(f"compile={raw!r}: use auto (GPU: the fastest measured way, CPU: off), true, false, "
+                          f"blocks (each transformer block) or model (the whole model)")
+    if value == "model" and name != "single":
+        raise ConfigError(f"compile=model compiles the whole model as one graph, which parallel={name} cannot "
+                          f"wrap; use compile=blocks (or auto) with parallel={name}")
+    if value == "false" or (value == "auto" and device is not None and torch.device(device).type != "cuda"):
+        return None
+    if value in ("auto", "true"):
+        return DEFAULT_COMPILE.get(name, "blocks")
+    return value
+
+
+def compiled(model: nn.Module) -> bool:
+    """Whether parallelize compiled (part of) this model."""
+    return getattr(unwrap(model), "compile_mode", None) is not None
+
+
+def apply_compile(model: nn.Module, mode: str = "blocks", fullgraph: bool = False) -> None:
+    """mode "blocks": torch.compile each block (a new module object around it, so FSDP's hooks on
+    it stay outside the graph) and the chunked loss; "model": the whole model, in place."""
+    if mode == "model":
+        model.compile(fullgraph=fullgraph)
+    elif mode == "blocks":
+        blocks = _blocks(model)
+        for i, block in enumerate(blocks):
+            blocks[i] = torch.compile(block, fullgraph=fullgraph)
+        if hasattr(model, "compile_loss"):
+            model.compile_loss = True
+    else:
+        raise ValueError(f"apply_compile: mode must be 'blocks' or 'model', got {mode!r}")
+    model.compile_mode = mode
 
 
 def apply_fsdp(model: nn.Module, pcfg, dist: DistInfo, cfg=None) -> None:
@@ -147,6 +199,14 @@ def apply_fsdp(model: nn.Module, pcfg, dist: DistInfo, cfg=None) -> None:
         fully_shard(block, reshard_after_forward=reshard and (i < n - 1 or reshard_last), **kw)
     # Root: embeddings (wte == lm_head.weight, tied, one parameter), position embeddings, final norm.
     fully_shard(model, reshard_after_forward=reshard, **kw)
+    prefetch = int(_get(pcfg, "prefetch", 1))
+    if prefetch < 0:
+        raise ConfigError(f"parallel.prefetch={prefetch}: use 0 (FSDP2's implicit prefetch) or k >= 1 blocks")
+    if prefetch:
+        model.set_modules_to_forward_prefetch(list(blocks[:prefetch]))
+        for i, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(list(blocks[i + 1:i + 1 + prefetch]))
+            block.set_modules_to_backward_prefetch(list(blocks[max(0, i - prefetch):i])[::-1])
 
 
 def parallelize(model: nn.Module, cfg, dist: DistInfo) -> nn.Module:
@@ -169,8 +229,10 @@ def parallelize(model: nn.Module, cfg, dist: DistInfo) -> nn.Module:
         )
 
     apply_activation_checkpointing(model, _get(pcfg, "activation_checkpointing", "none"), _get(pcfg, "ac_every", 2))
-    if bool(_get(cfg, "compile", False)):
-        apply_compile(model, fullgraph=bool(_get(pcfg, "compile_fullgraph", False)))
+    mode = compile_mode(cfg, dist.device)
+    if mode is not None:
+        apply_compile(model, mode, fullgraph=bool(_get(pcfg, "compile_fullgraph", False)))
+        log.info(f"compile: {mode} (compile={_get(cfg, 'compile', 'auto')}); compiled in the first step")
 
     if name == "fsdp":
         apply_fsdp(model, pcfg, dist, cfg)

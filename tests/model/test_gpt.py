@@ -249,8 +249,25 @@ def test_autocast_logits_dtype_and_fp32_loss():
     m = tiny()
     idx = torch.randint(0, 96, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = m(idx, idx)
-    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+        none, loss = m(idx, idx)  # the chunked loss: no logits are built
+        logits, loss_plain = m(idx, idx, return_logits=True)
+    assert none is None and loss.dtype == torch.float32
+    assert logits.dtype == torch.bfloat16 and logits.shape == (2, 16, 96) and loss_plain.dtype == torch.float32
+    torch.testing.assert_close(loss, loss_plain, rtol=1e-3, atol=1e-3)
+
+
+def test_chunked_loss_equals_full_logits_loss_fp64():
+    m = tiny(seed=5).double()
+    m.loss_chunk_tokens = 7  # several chunks, the last one partial
+    idx, tgt = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
+    tgt[1, 3:9] = -1
+    _, loss = m(idx, tgt)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    _, ref = m(idx, tgt, return_logits=True)
+    ref_grads = torch.autograd.grad(ref, list(m.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
 
 
 def test_dropout_only_in_train_mode():

@@ -23,7 +23,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from model import GPT, GPTConfig  # noqa: E402
 from trainer.distributed import all_reduce, barrier, destroy, grad_accum_steps, init_distributed  # noqa: E402
-from trainer.parallelize import clip_grad_norm, grad_sync, parallelize  # noqa: E402
+from trainer.optim import Precision  # noqa: E402
+from trainer.parallelize import parallelize  # noqa: E402
+from trainer.step import DeviceBatches, train_step  # noqa: E402
 
 VOCAB, SEQ = 96, 16
 
@@ -91,22 +93,20 @@ def main(argv=None):
         dcp.load(state, checkpoint_id=a.load)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
+    per_rank = accum * a.micro_batch
+
+    def fetch(step, micro):  # this rank's slice of the step's global batch, micro-batch by micro-batch
+        xb = batch(step, a.global_batch)[d.rank * per_rank + micro * a.micro_batch:][:a.micro_batch]
+        return xb[:, :-1], xb[:, 1:]
+
+    # the training step of train.py (trainer/step.py), fp32
+    prec = Precision("fp32", d.device)
+    batches = DeviceBatches(fetch, d.device, range(a.first_step, a.first_step + a.steps), accum)
     losses, norms = [], []
     for step in range(a.first_step, a.first_step + a.steps):
-        x = batch(step, a.global_batch)
-        per_rank = accum * a.micro_batch
-        mine = x[d.rank * per_rank:(d.rank + 1) * per_rank]
-        total = torch.zeros((), dtype=torch.float64)
-        for micro in range(accum):
-            xb = mine[micro * a.micro_batch:(micro + 1) * a.micro_batch]
-            with grad_sync(model, micro == accum - 1):
-                _, loss = model(xb[:, :-1], xb[:, 1:])
-                (loss / accum).backward()
-            total += loss.detach().double() / accum
-        norms.append(clip_grad_norm(model, 1.0).item())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(all_reduce(total, "avg").item())
+        loss, norm = train_step(model, batches, opt, prec, accum=accum, grad_clip=1.0, step=step)
+        losses.append(loss)
+        norms.append(norm)
 
     if a.save:
         import torch.distributed.checkpoint as dcp

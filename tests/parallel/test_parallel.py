@@ -152,6 +152,23 @@ def test_grad_accum_steps():
         grad_accum_steps(524288, 0, 8, 1)
 
 
+def test_compile_mode_resolution():
+    from trainer import ConfigError
+    from trainer.parallelize import DEFAULT_COMPILE, compile_mode
+
+    single, fsdp = {"name": "single"}, {"name": "fsdp"}
+    assert compile_mode({"compile": "auto", "parallel": single}, "cpu") is None  # CPU: eager
+    assert compile_mode({"compile": "auto", "parallel": single}, "cuda") == DEFAULT_COMPILE["single"]
+    assert compile_mode({"compile": True, "parallel": fsdp}, "cpu") == "blocks"
+    assert compile_mode({"compile": False, "parallel": single}, "cuda") is None
+    assert compile_mode({"compile": "model", "parallel": single}, "cpu") == "model"
+    assert compile_mode({"parallel": single}, "cuda") == DEFAULT_COMPILE["single"]  # no key: auto
+    with pytest.raises(ConfigError, match="compile=model .* parallel=fsdp"):
+        compile_mode({"compile": "model", "parallel": fsdp})
+    with pytest.raises(ConfigError, match="compile='yes'"):
+        compile_mode({"compile": "yes", "parallel": single})
+
+
 def test_single_process_helpers():
     from trainer.distributed import all_reduce, barrier, init_distributed, reduce_metrics
 
@@ -168,10 +185,12 @@ def test_single_process_helpers():
 
 
 def test_fsdp_options_no_reshard_and_cpu_offload(runs, tmp_path):
-    """reshard_after_forward=false (ZeRO-2-like) and cpu_offload=true change no number (on the CPU
-    the offload policy's code path runs, though there is nothing to move)."""
+    """reshard_after_forward=false (ZeRO-2-like), cpu_offload=true and prefetching 2 blocks ahead
+    change no number (on the CPU the offload policy's code path runs, though there is nothing to
+    move). The default prefetch (1 block) runs in every other FSDP test."""
     r = torchrun(2, "--parallel", "fsdp", "--steps", "3", "--fsdp", "reshard_after_forward=false",
-                 "--fsdp", "cpu_offload=true", "--ac", "full", "--out", str(tmp_path / "o.json"))
+                 "--fsdp", "cpu_offload=true", "--fsdp", "prefetch=2", "--ac", "full",
+                 "--out", str(tmp_path / "o.json"))
     close(r["losses"], runs["ref"]["losses"][:3])
 
 

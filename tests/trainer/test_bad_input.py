@@ -30,6 +30,7 @@ def test_cli_unknown_group_option(tmp_path):
     (["seq_len=1000", "train.micro_batch=4"], "is not a multiple of micro_batch x seq_len x GPUs = 4 x 1000 x 1"),
     (["max_steps=0"], "max_steps=0"),
     (["train.precision=fp8"], "train.precision='fp8'"),
+    (["compile=fast"], "compile='fast': use auto"),
 ])
 def test_cli_bad_numbers(tmp_path, args, expect):
     line = _one_error_line(run_cli([*args, f"run_dir={tmp_path / 'r'}", "logger=none", "device=cpu"]))
@@ -137,7 +138,7 @@ BAD_VALUES = [
     ("max_steps=-1", "max_steps=-1 must be a non-negative integer"),
     ("seed=-1", "seed=-1 must be a non-negative integer"),
     ("seed=abc", "seed='abc' must be a non-negative integer"),
-    ("compile=abc", "compile='abc' must be true or false"),
+    ("compile=abc", "compile='abc': use auto"),
     ("eval_every=abc", "eval_every='abc' must be a non-negative integer"),
     ("eval_tokens=100", "eval_tokens=100 must be a multiple of seq_len=32 (use 96)"),
     ("ckpt_every=-1", "ckpt_every=-1 must be a non-negative integer"),

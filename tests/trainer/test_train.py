@@ -57,7 +57,9 @@ def test_resume_auto_matches_uninterrupted(corpus, run20, tmp_path, monkeypatch)
     class Killed(Exception):
         pass
 
-    real_clip, calls = train_mod.clip_grad_norm, {"n": 0}
+    import trainer.step as step_mod  # the training step (clip, then the optimizer step) lives there
+
+    real_clip, calls = step_mod.clip_grad_norm, {"n": 0}
 
     def clip_then_die(model, max_norm):
         calls["n"] += 1
@@ -65,10 +67,10 @@ def test_resume_auto_matches_uninterrupted(corpus, run20, tmp_path, monkeypatch)
             raise Killed
         return real_clip(model, max_norm)
 
-    monkeypatch.setattr(train_mod, "clip_grad_norm", clip_then_die)
+    monkeypatch.setattr(step_mod, "clip_grad_norm", clip_then_die)
     with pytest.raises(Killed):
         run_inprocess(corpus, tmp_path)
-    monkeypatch.setattr(train_mod, "clip_grad_norm", real_clip)
+    monkeypatch.setattr(step_mod, "clip_grad_norm", real_clip)
     assert [r["step"] for r in read_rows(tmp_path)] == list(range(1, 13))
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_0000010"
 
