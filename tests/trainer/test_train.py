@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -164,14 +165,21 @@ def test_wandb_offline_writes_a_run(corpus, tmp_path, monkeypatch):
     files = list(runs[0].glob("run-*.wandb"))
     assert len(files) == 1, list(runs[0].iterdir())
     assert (tmp_path / "wandb_run_id").read_text().strip() in files[0].name
-    # every logged value reached the run file (history values are stored as their JSON text)
-    data = files[0].read_bytes()
+    # every logged value reached the run file (history values are stored as their JSON text); the
+    # wandb service writes it in its own process: shut it down so that it has flushed
+    import wandb
+
+    wandb.teardown()
     rows = read_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for r in rows:
-        for key in ("loss", "val_loss"):
-            if key in r:
-                assert key.encode() in data and json.dumps(r[key]).encode() in data, (r["step"], key)
+    want = [(r["step"], k, json.dumps(r[k]).encode()) for r in rows for k in ("loss", "val_loss") if k in r]
+    for _ in range(50):  # (and give a slow disk a few seconds)
+        data = files[0].read_bytes()
+        if all(v in data for _, _, v in want):
+            break
+        time.sleep(0.2)
+    for step, key, value in want:
+        assert key.encode() in data and value in data, (step, key)
 
 
 def test_load_into_plain_model(run20):
