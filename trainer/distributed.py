@@ -93,9 +93,17 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
             raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if device.startswith("cuda:"):
+        index = device[len("cuda:"):]
+        if not index.isdigit():
+            raise ConfigError(f"device={device!r}: the GPU index must be a number, e.g. device=cuda:0")
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device} but no CUDA GPU is visible; use device=cpu or device=auto")
+        count = torch.cuda.device_count()
         # an explicit index is honoured in a single process; under torchrun each rank takes its own
         if under_torchrun():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
+            return torch.device("cuda", local_rank % count)
+        if int(index) >= count:
+            raise ConfigError(f"device={device} but only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
         return torch.device(device)
     if device == "cpu":
         return torch.device("cpu")

@@ -1,4 +1,5 @@
-"""Batch arithmetic, throughput/MFU, `metrics.jsonl` and the console progress line.
+"""Batch arithmetic, throughput/MFU, `metrics.jsonl`, the console progress line and the end-of-run
+summary (`<run_dir>/summary.json` + the lines printed last).
 
 metrics.jsonl (run directory, rank 0 only): one JSON object per logged step,
     {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "elapsed", "tokens"}
@@ -14,6 +15,8 @@ import json
 import logging
 import math
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -54,7 +57,11 @@ def peak_flops(device: torch.device) -> float | None:
 def batch_arithmetic(cfg, world_size: int) -> tuple[int, int]:
     """(micro_batch, grad_accum) such that
         global_batch_tokens = micro_batch x seq_len x grad_accum x world_size   (exactly)
-    micro_batch=auto picks max(1, 16384 // seq_len) sequences (16k tokens per micro-batch).
+    micro_batch=auto picks the largest micro-batch <= max(1, 16384 // seq_len) sequences (16k tokens)
+    that divides each process's share of the global batch, so a preset runs on 1, 2, 4, 8, ...
+    processes unchanged (quickstart: 8 sequences of 256 -> micro-batch 8, 4, 2, 1).
+    An explicit micro_batch larger than that share (global_batch_tokens / (seq_len x GPUs)
+    sequences) is lowered to the share, with one log line: more cannot be meant literally.
     """
     seq_len = cfg.seq_len
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
@@ -67,8 +74,18 @@ def batch_arithmetic(cfg, world_size: int) -> tuple[int, int]:
         mb = max(1, 16384 // seq_len)
         while mb > 1 and gbt % (mb * seq_len * world_size):
             mb -= 1
-    if not isinstance(mb, int) or mb <= 0:
+    if not isinstance(mb, int) or isinstance(mb, bool) or mb <= 0:
         raise ConfigError(f"train.micro_batch={mb!r} must be a positive integer or auto")
+    share = gbt // (seq_len * world_size)  # sequences per process per optimizer step
+    if share == 0:
+        raise ConfigError(
+            f"train.global_batch_tokens={gbt} is less than one sequence per process (seq_len x processes = "
+            f"{seq_len} x {world_size} = {seq_len * world_size}); use train.global_batch_tokens="
+            f"{seq_len * world_size} or more, or fewer processes")
+    if gbt % (seq_len * world_size) == 0 and 0 < share < mb:
+        log.info(f"train.micro_batch={mb} is more than the {share} sequence(s) each of {world_size} process(es) "
+                 f"gets per step (global_batch_tokens / (seq_len x processes)); using micro_batch={share}")
+        mb = share
     per_micro = mb * seq_len * world_size
     if gbt % per_micro:
         lo = max(per_micro, gbt // per_micro * per_micro)
@@ -101,6 +118,18 @@ class MetricsFile:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(k + "\n" for k in keep))
         os.replace(tmp, self.path)
+
+    def rows(self) -> list[dict]:
+        """Every complete row written so far (a line cut short by a kill is skipped)."""
+        if not self.enabled or not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -138,17 +167,30 @@ class Throughput:
         self._t0 = self.start
         self._steps = 0
         self._paused_at = None
+        self._paused_total = 0.0  # evaluation + checkpoint seconds since start
+        self._total_steps = 0
 
     def pause(self):
         self._paused_at = time.perf_counter()
 
     def resume(self):
         if self._paused_at is not None:
-            self._t0 += time.perf_counter() - self._paused_at
+            dt = time.perf_counter() - self._paused_at
+            self._t0 += dt
+            self._paused_total += dt
             self._paused_at = None
 
     def tick(self):
         self._steps += 1
+        self._total_steps += 1
+
+    def totals(self) -> dict:
+        """Since start: optimizer steps, training seconds (evaluation and checkpoints excluded),
+        mean tokens/s (all ranks) and mean MFU (None when the device's peak is unknown)."""
+        train_s = max(time.perf_counter() - self.start - self._paused_total, 1e-9)
+        tps = self._total_steps * self.tokens_per_step / train_s
+        mfu = self.flops_per_token * tps / (self.peak * self.world_size) if self.peak else None
+        return {"steps": self._total_steps, "train_s": train_s, "tokens_per_s": tps, "mfu": mfu}
 
     def read(self, step: int) -> dict:
         now = time.perf_counter()
@@ -179,3 +221,84 @@ def progress_line(row: dict, max_steps: int) -> str:
 def eval_line(step: int, val_loss: float, val_ppl: float, tokens: int, seconds: float) -> str:
     return (f"eval step {step}: val_loss {val_loss:.4f} | val_ppl {val_ppl:.2f} "
             f"({_fmt_tokens(tokens)} tokens, {seconds:.1f}s)")
+
+
+# ------------------------------------------------------------------------------ end-of-run summary
+def peak_memory(device: torch.device) -> tuple[float | None, str]:
+    """(GB, what was measured): peak CUDA memory allocated by this process, or its peak host RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9, "GPU memory allocated, peak"
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None, "n/a"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024) / 1e9, "host RSS of this process, peak"
+
+
+def next_commands(run_dir: Path, world_size: int, max_steps: int, overrides: list[str]) -> dict:
+    """The commands to sample from the run and to continue it (same settings, resume=auto)."""
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("run_dir", "resume", "max_steps")]
+    launch = ["python", "train.py"] if world_size == 1 else [
+        "torchrun", "--standalone", f"--nproc_per_node={world_size}", "train.py"]
+    rd = shlex.quote(str(run_dir))
+    return {
+        "sample": f"python scripts/sample.py {rd} --max-new-tokens 200",
+        "resume": " ".join([*launch, *map(shlex.quote, keep), f"run_dir={rd}", "resume=auto",
+                            f"max_steps={2 * max_steps}"]),
+    }
+
+
+def _last(rows: list[dict], key: str):
+    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+
+
+def build_summary(*, run_dir: Path, rows: list[dict], totals: dict, tokens_per_step: int, wall_s: float,
+                  device: torch.device, checkpoint: Path | None, log_file: str | None, world_size: int,
+                  max_steps: int, overrides: list[str]) -> dict:
+    """What the run reached and where everything is; `rows` are metrics.jsonl's (the whole run,
+    resumed parts included), `totals` this process's Throughput.totals()."""
+    loss, val_loss = _last(rows, "loss"), _last(rows, "val_loss")
+    step = _last(rows, "step") or 0
+    mem, mem_kind = peak_memory(device)
+    run_dir = Path(run_dir).absolute()
+    return {
+        "step": step, "max_steps": max_steps, "tokens": step * tokens_per_step,
+        "loss": loss, "ppl": math.exp(min(loss, 700.0)) if loss is not None else None,
+        "val_loss": val_loss, "val_ppl": _last(rows, "val_ppl"),
+        "wall_s": wall_s, "steps_this_run": totals["steps"], "train_s": totals["train_s"],
+        "tokens_per_s": totals["tokens_per_s"], "mfu": totals["mfu"],
+        "peak_mem_gb": mem, "peak_mem_kind": mem_kind, "device": str(device), "world_size": world_size,
+        "run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"),
+        "log": log_file, "checkpoint": str(Path(checkpoint).absolute()) if checkpoint else None,
+        "commands": next_commands(run_dir, world_size, max_steps, overrides),
+    }
+
+
+def summary_lines(s: dict) -> list[str]:
+    def f(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    mfu = "n/a (peak FLOP/s of this device unknown)" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"
+    return [
+        (f"done: step {s['step']}/{s['max_steps']}, {_fmt_tokens(s['tokens'])} tokens, wall {_fmt_time(s['wall_s'])} "
+         f"({s['steps_this_run']} steps in this run, {_fmt_time(s['train_s'])} of them training)"),
+        (f"  train loss {f(s['loss'], '.4f')} (ppl {f(s['ppl'], '.2f')}) | val loss {f(s['val_loss'], '.4f')} "
+         f"(ppl {f(s['val_ppl'], '.2f')})"),
+        (f"  mean {_fmt_tokens(s['tokens_per_s'])} tok/s over {s['world_size']} process(es) on {s['device']} | "
+         f"MFU {mfu} | peak memory {f(s['peak_mem_gb'], '.2f')} GB ({s['peak_mem_kind']})"),
+        f"  metrics:    {s['metrics']}",
+        f"  log:        {s['log'] or 'n/a (not run through Hydra)'}",
+        f"  checkpoint: {s['checkpoint'] or 'none'}",
+        f"  summary:    {Path(s['run_dir']) / 'summary.json'}",
+        f"  sample:     {s['commands']['sample']}",
+        f"  continue:   {s['commands']['resume']}   (max_steps is up to you; the LR schedule follows it)",
+    ]
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """summary.json, written to a temporary file and renamed (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -178,13 +178,15 @@ def test_crash_mid_write_leaves_no_partial_files(tmp_path, corpus, monkeypatch):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(TokenWriter, "write", flaky)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(DataError, match=r"could not write the token files in .* \(disk full \(simulated\)\); free space"):
         prepare_data(cfg)
     folder = prep.cache_folder(cfg)
     assert n["calls"] == 1
-    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # no .bin, no temp file, no meta
+    assert not folder.exists() and list((tmp_path / "cache").iterdir()) == []  # no folder, lock, .bin or temp
     monkeypatch.undo()
     # a process killed with SIGKILL cannot clean up: its temp files are removed by the next build
+    folder.mkdir(parents=True)
+    (folder / ".lock").touch()
     (folder / ".train.bin.abc123.tmp").write_bytes(b"junk")
     assert prepare_data(cfg) == folder and len(load_data(cfg).train) > 0
     assert not list(folder.glob(".*.tmp"))
@@ -241,6 +243,7 @@ def test_openwebtext_offline_is_one_clear_line(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and "could not download" in msg and "Skylion007/openwebtext" in msg
     assert "data=stdlib" in msg and "data=local" in msg and "data.cache_dir" in msg
+    assert list((tmp_path / "c").iterdir()) == []  # the failed build's folder and .lock are gone
 
 
 def test_openwebtext_pipeline_on_a_fake_dataset(tmp_path, monkeypatch):
@@ -288,8 +291,10 @@ def test_bad_config(tmp_path, corpus, kw, msg):
 
 def test_single_document_is_refused(tmp_path):
     (tmp_path / "one.txt").write_text("only one")
+    (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="at least 2 non-empty documents"):
-        prepare_data(dict(name="local", paths=[str(tmp_path / "one.txt")], cache_dir=str(tmp_path / "c")))
+        prepare_data(dict(name="local", paths=[str(tmp_path / "*.txt")], cache_dir=str(tmp_path / "c")))
+    assert not (tmp_path / "c").exists()  # refused before a cache folder (or its .lock) exists
 
 
 def test_config_files(monkeypatch, tmp_path):
@@ -338,3 +343,21 @@ def test_prepare_script(tmp_path, corpus):
         cwd=tmp_path,
     )
     assert bad.returncode == 1 and "error: data.paths: 'nope/*.txt' matches no files" in bad.stderr
+
+
+def test_unwritable_cache_dir_is_one_line(tmp_path, corpus):
+    (tmp_path / "f").write_text("a file, not a folder")
+    with pytest.raises(DataError, match=r"cannot create the data cache folder .*; set data.cache_dir") as e:
+        prepare_data(_cfg(tmp_path, corpus, cache_dir=str(tmp_path / "f" / "c")))
+    assert "\n" not in str(e.value)
+
+
+def test_token_files_readable_by_others(tmp_path, corpus):
+    """A shared cache: files get 0666 minus the umask (mkstemp alone would make them 0600)."""
+    old = os.umask(0o022)
+    try:
+        folder = prepare_data(_cfg(tmp_path, corpus))
+    finally:
+        os.umask(old)
+    for name in ("train.bin", "val.bin", "meta.json", "verified.json"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o644, name

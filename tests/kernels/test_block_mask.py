@@ -400,17 +400,51 @@ def test_config_file_builds_every_layout():
     assert build_block_mask_from_config(cfg, 4096, 12).n_heads == 12
 
 
-def test_png_written(tmp_path):
+def _check_png_shows(path, layout, capture):
+    """The PNG's pixel at the centre of every block is black for a kept block and white for a
+    dropped one; the image has the figure's size. `capture` holds the Figure that was saved."""
+    from matplotlib.image import imread
+
+    img = imread(path)  # (H, W, 4) floats in [0, 1]
+    fig = capture["fig"]
+    w, h = fig.get_size_inches() * 100  # saved at dpi=100
+    assert img.shape[:2] == (round(h), round(w))
+    ax = fig.axes[0]
+    n_mb, n_nb = layout.shape
+    centres = [(j, i) for i in range(n_mb) for j in range(n_nb)]  # imshow: x = key block, y = query block
+    px = ax.transData.transform(centres)  # display pixels, y from the bottom
+    grey = img[..., :3].mean(-1)
+    for (j, i), (x, y) in zip(centres, px):
+        value = grey[round(img.shape[0] - y), int(x)]
+        assert value == (0.0 if layout[i, j] else 1.0), (i, j, value, bool(layout[i, j]))
+
+
+@pytest.fixture
+def capture(monkeypatch):
+    from matplotlib.figure import Figure
+
+    box, real = {}, Figure.savefig
+
+    def savefig(self, *a, **k):
+        box["fig"] = self
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return box
+
+
+def test_png_written(tmp_path, capture):
     m = bigbird_mask(2048, n_heads=2, block_m=64, block_n=64, causal=True)
     out = save_layout_png(m, tmp_path / "sub" / "layout.png", head=1)
-    assert (tmp_path / "sub" / "layout.png").stat().st_size > 0
     assert str(out).endswith("layout.png")
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["layout.png"]  # no temp files left
+    assert not torch.equal(m.layout[0], m.layout[1])  # head 1 is drawn, not head 0
+    _check_png_shows(tmp_path / "sub" / "layout.png", m.layout[1], capture)
     with pytest.raises(ValueError, match=r"head must be in \[0, 1\]"):
         save_layout_png(m, tmp_path / "x.png", head=2)
 
 
-def test_show_layout_cli(tmp_path):
+def test_show_layout_cli(tmp_path, capture):
     path = Path(__file__).resolve().parents[2] / "scripts" / "show_layout.py"
     spec = importlib.util.spec_from_file_location("show_layout", path)
     mod = importlib.util.module_from_spec(spec)
@@ -418,4 +452,8 @@ def test_show_layout_cli(tmp_path):
     out = tmp_path / "layout.png"
     assert mod.main(["--layout", "longformer", "--seq-len", "1024", "--block-size", "64",
                      "--global-tokens", "0,500", "--out", str(out)]) == 0
-    assert out.stat().st_size > 0
+    from omegaconf import OmegaConf
+
+    window = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs/attention/block_sparse.yaml").window_blocks
+    want = longformer_mask(1024, window_blocks=window, global_tokens=[0, 500], block_m=64, block_n=64, causal=True)
+    _check_png_shows(out, want.layout[0], capture)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,42 @@ def test_checkpoint_picking(tmp_path):
     assert resolve_resume("auto", tmp_path / "empty") is None
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         resolve_resume(str(root / "step_0000030"), tmp_path)
+
+
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def presets():
+    from .conftest import compose_cfg
+
+    return {name: compose_cfg([f"experiment={name}"]) for name in PRESETS}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_split_over_1_2_4_8_processes(presets, name, world):
+    cfg = presets[name]
+    gbt, seq = cfg.train.global_batch_tokens, cfg.seq_len
+    mb, accum = batch_arithmetic(cfg, world)
+    assert mb * seq * accum * world == gbt  # the same global batch on any number of processes
+    share = gbt // (seq * world)  # sequences per process per step
+    if cfg.train.micro_batch == "auto":
+        assert mb <= max(1, 16384 // seq) and share % mb == 0
+    else:
+        assert mb == min(cfg.train.micro_batch, share)
+
+
+@pytest.mark.parametrize("world, expect", [(1, (8, 1)), (2, (4, 1)), (4, (2, 1)), (8, (1, 1))])
+def test_quickstart_micro_batch(presets, world, expect):
+    """2048 tokens of 256 = 8 sequences per step: all in one forward pass on each process."""
+    assert batch_arithmetic(presets["quickstart"], world) == expect
+
+
+def test_explicit_micro_batch_capped_at_the_share(caplog):
+    with caplog.at_level("INFO"):
+        assert batch_arithmetic(_cfg(1024, gbt=65536, mb=16), 8) == (8, 1)  # 64 sequences / 8 processes
+    assert "train.micro_batch=16 is more than the 8 sequence(s) each of 8 process(es) gets" in caplog.text
+    assert batch_arithmetic(_cfg(1024, gbt=65536, mb=16), 2) == (16, 2)  # fits: unchanged
+    with pytest.raises(ConfigError, match=r"less than one sequence per process .* use train.global_batch_tokens=16384"):
+        batch_arithmetic(_cfg(1024, gbt=8192, mb=4), 16)  # fewer sequences than processes
