@@ -1,11 +1,14 @@
-"""Document classification with our GPT: a linear head on the last real token, and the scores.
+"""Document classification with our GPT: a linear head on a pooled hidden state, and the scores.
 
-Pooling: the hidden state (after ln_f) at the LAST REAL TOKEN of each sequence. Sequences are
-padded on the right; under causal attention position t attends only to positions <= t, so the
-state at the last real token never sees the padding and equals the state of the unpadded
-sequence (exact, not approximately: tests/eval/test_longdoc.py checks it). It is also the one
-position that has read the whole document, which is why causal LMs pool there (as Hugging Face's
-GPT2ForSequenceClassification does).
+Pooling (`pool`), over the hidden states after ln_f. Sequences are padded on the right; under causal
+attention position t attends only to positions <= t, so no real position ever sees the padding and
+both poolings equal those of the unpadded sequence exactly (tests/eval/test_longdoc.py checks it):
+  mean  the mean over the real tokens (default): every position contributes, so the document
+        vector aggregates evidence from the whole text even when the trunk is weakly pretrained
+        or randomly initialised (a learned bag of contextual features);
+  last  the state at the LAST REAL TOKEN, the one position that has read the whole document
+        (what Hugging Face's GPT2ForSequenceClassification does); it only works once the trunk
+        has learned to summarise the document into that single state.
 
 Long documents, `long_docs`:
   truncate  the first seq_len tokens (one sequence per document)
@@ -29,9 +32,13 @@ import torch.nn as nn
 class GPTClassifier(nn.Module):
     """A GPT trunk (any of our GPTs, e.g. GPT.from_pretrained) + a linear head over num_labels."""
 
-    def __init__(self, gpt: nn.Module, num_labels: int, dropout: float = 0.0, head_lr_scale: float = 1.0):
+    def __init__(self, gpt: nn.Module, num_labels: int, dropout: float = 0.0, head_lr_scale: float = 1.0,
+                 pool: str = "mean"):
         super().__init__()
+        if pool not in ("mean", "last"):
+            raise ValueError(f"pool={pool!r}: use mean or last")
         self.gpt = gpt
+        self.pool = pool
         self.head_lr_scale = head_lr_scale
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(gpt.config.n_embd, num_labels)
@@ -47,7 +54,8 @@ class GPTClassifier(nn.Module):
         return self.gpt.config
 
     def pooled(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(S, N) right-padded token ids, (S,) real lengths (1..N) -> (S, n_embd) state at the last real token.
+        """(S, N) right-padded token ids, (S,) real lengths (1..N) -> (S, n_embd) pooled state: the mean
+        over the real tokens (pool=mean) or the state at the last real token (pool=last).
 
         The trunk is GPT.forward without lm_head: embeddings + positions, the blocks, ln_f."""
         g = self.gpt
@@ -58,7 +66,10 @@ class GPTClassifier(nn.Module):
         for block in g.blocks:
             x = block(x)
         x = g.ln_f(x)
-        return x[torch.arange(S, device=idx.device), lengths - 1]
+        if self.pool == "last":
+            return x[torch.arange(S, device=idx.device), lengths - 1]
+        real = (torch.arange(N, device=idx.device)[None, :] < lengths[:, None]).to(x.dtype)  # (S, N)
+        return torch.einsum("sn,snd->sd", real, x) / lengths.to(x.dtype)[:, None]
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor, doc: torch.Tensor | None = None,
                 n_docs: int | None = None) -> torch.Tensor:

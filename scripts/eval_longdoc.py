@@ -62,7 +62,7 @@ def setup_of(cfg) -> dict:
     task = {k: v for k, v in c["task"].items() if k not in ("hf_cache_dir", "cache_dir")}
     train = {k: v for k, v in c["train"].items() if k not in ("micro_batch", "micro_batch_tokens", "eval_micro_batch")}
     model = {k: c["model"].get(k) for k in ("n_layer", "n_head", "n_embd", "vocab_size", "dropout")}
-    keys = ("init_from", "init_positions", "long_docs", "seed", "epochs", "max_steps", "train_examples", "test_examples")
+    keys = ("init_from", "init_positions", "pool", "long_docs", "seed", "epochs", "max_steps", "train_examples", "test_examples")
     setup = {"task": task, "train": train, "model": model, **{k: c.get(k) for k in keys}}
     if c.get("long_docs") == "chunk":
         setup["max_chunks"] = c.get("max_chunks")
@@ -98,6 +98,8 @@ def check_settings(cfg, world_size: int):
         raise ConfigError(str(e)) from None
     if str(cfg.long_docs) not in ("truncate", "chunk"):
         raise ConfigError(f"long_docs={cfg.long_docs!r}: use truncate or chunk")
+    if str(cfg.pool) not in ("mean", "last"):
+        raise ConfigError(f"pool={cfg.pool!r}: use mean or last")
     _pos_int(cfg.max_chunks, "max_chunks")
     if cfg.max_steps is None:
         if not isinstance(cfg.epochs, (int, float)) or cfg.epochs <= 0:
@@ -276,7 +278,8 @@ def run_length(cfg, task, seq_len: int, source, dist, logger, wandb_step: int, t
     torch.manual_seed(cfg.seed)  # the same initial weights (and head) on every rank and for every length
     gpt = build_model(lcfg)
     load_init(gpt, source, lcfg)
-    model = GPTClassifier(gpt, task.num_labels, dropout=float(t.dropout), head_lr_scale=float(t.head_lr_scale))
+    model = GPTClassifier(gpt, task.num_labels, dropout=float(t.dropout), head_lr_scale=float(t.head_lr_scale),
+                          pool=str(cfg.pool))
     model = parallelize(model.to(dist.device), lcfg, dist)
     optimizer = build_optimizer(model, lcfg, dist.device)
     prec = Precision(str(t.precision), dist.device, sharded=parallel_name(lcfg) == "fsdp")

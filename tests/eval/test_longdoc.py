@@ -51,10 +51,11 @@ def tiny_overrides(tmp_path: Path, **kw) -> dict:
 
 
 # ---- pooling ------------------------------------------------------------------------------------
-def test_last_token_pooling_ignores_right_padding():
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_pooling_ignores_right_padding(pool):
     torch.manual_seed(0)
     clf = GPTClassifier(GPT(GPTConfig(seq_len=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32, attn_impl="sdpa")),
-                        num_labels=3).eval()
+                        num_labels=3, pool=pool).eval()
     docs = [torch.randint(0, 97, (n,)) for n in (5, 17, 32)]
     x = torch.full((3, 32), 96)  # right padding with an arbitrary id
     for i, d in enumerate(docs):
@@ -75,6 +76,11 @@ def test_last_token_pooling_ignores_right_padding():
         logits = clf(xs, torch.tensor([16, 16, 8]), torch.tensor([0, 0, 0]), 1)
         parts = [clf.pooled(d[a:b][None], torch.tensor([b - a])) for a, b in ((0, 16), (16, 32), (32, 40))]
         assert torch.allclose(logits, clf.head(torch.cat(parts).mean(0, keepdim=True)), atol=1e-5)
+        # against the trunk's hidden states written out here: the last real state, or their plain mean
+        g = clf.gpt
+        h = g.ln_f(g.blocks[1](g.blocks[0](g.wte(docs[1][None]) + g.wpe(torch.arange(17)))))[0]
+        want = h[-1] if pool == "last" else h.sum(0) / 17
+        assert (batched[1] - want).abs().max() <= 1e-5
 
 
 # ---- scores -------------------------------------------------------------------------------------
