@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .prepare import _rebuild_mode, prepare_data
+from .prepare import prepare_data, typed
 from .tokenfile import CacheError, open_tokens
 from .tokenizer import VOCAB_SIZE, tokenizer_fingerprint
 
@@ -177,5 +177,5 @@ def load_data(data_cfg) -> TokenData:
     (without the barrier it is still safe: ranks wait on the cache lock). data.rebuild=always is
     honoured by `prepare_data` only; here it counts as auto, so the files are not built twice.
     """
-    mode = _rebuild_mode(data_cfg)
-    return TokenData(prepare_data(data_cfg, rebuild="auto" if mode == "always" else mode))
+    data_cfg = typed(data_cfg)
+    return TokenData(prepare_data(data_cfg, rebuild="auto" if data_cfg.rebuild == "always" else data_cfg.rebuild))

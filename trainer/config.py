@@ -472,7 +472,12 @@ def register() -> None:
 # ------------------------------------------------------------------------------ DictConfig -> objects
 def _schema_for(group: str, node) -> type:
     key, by_value, fallback = GROUP_SCHEMAS[group]
-    value = node.get(key) if key is not None and hasattr(node, "get") else getattr(node, key, None) if key else None
+    if key is None:
+        return fallback
+    value = node.get(key) if hasattr(node, "get") else getattr(node, key, None)
+    if group in ("data", "parallel", "logger") and value is not None and value not in by_value:
+        names = list(by_value)  # one schema per option: an unknown name is the first thing to say
+        raise ConfigError(f"{group}.{key}={value!r}: use {', '.join(names[:-1])} or {names[-1]}")
     return by_value.get(value, fallback)
 
 
