@@ -28,8 +28,9 @@ always in this order:
                embeddings, the final norm and the tied lm_head (lm_head.weight IS wte.weight,
                one parameter, sharded once). MixedPrecisionPolicy(param_dtype, reduce_dtype)
                (param_dtype auto = train.precision on CUDA, fp32 on the CPU),
-               reshard_after_forward (the last block can keep its parameters gathered, since the
-               backward needs them at once), optional CPUOffloadPolicy, and explicit prefetch
+               reshard_after_forward (default false: gathered params stay until the block's
+               backward, one all-gather per block and micro-step; with true, the last block can
+               still keep its parameters gathered, since the backward needs them at once), optional CPUOffloadPolicy, and explicit prefetch
                (`parallel.prefetch` = k > 0: each block issues the all-gathers of the next k
                blocks in the forward and of the previous k in the backward, so communication
                runs under the current block's compute even when the CPU is not far ahead).
@@ -191,7 +192,7 @@ def apply_fsdp(model: nn.Module, pcfg, dist: DistInfo, cfg=None) -> None:
     kw = {"mesh": mesh, "mp_policy": mp}
     if bool(_get(pcfg, "cpu_offload", False)):
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda")
-    reshard = bool(_get(pcfg, "reshard_after_forward", True))
+    reshard = bool(_get(pcfg, "reshard_after_forward", False))
     reshard_last = bool(_get(pcfg, "reshard_last_block", False))
     blocks = _blocks(model)
     n = len(blocks)
