@@ -30,7 +30,7 @@ SHORT_NAMES = ("kernels", "model", "data", "trainer")
 
 _here = Path(__file__).resolve().parent
 if not (_here / "kernels").is_dir():  # a checkout: the subpackages are the repository's folders
-    __path__.append(str(_here.parent))  # noqa: F821 (a package's __path__)
+    __path__.append(str(_here.parent))  # a package's __path__: a list
 
 
 def _alias(name: str) -> None:

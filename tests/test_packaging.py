@@ -39,7 +39,7 @@ EXTRAS = {"wandb": "wandb", "datasets": "data", "matplotlib": "plots", "transfor
 def _run(code: str, cwd: Path, pythonpath: list[Path]) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, pythonpath)), "PYTHONDONTWRITEBYTECODE": "1"}
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=300, check=False)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout
 
@@ -57,9 +57,9 @@ def wheel(tmp_path_factory) -> Path:
         else:
             shutil.copy2(p, src / name)
     out = tmp / "dist"
-    r = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
-                        "print(b.build_wheel(sys.argv[1]))", str(out)], cwd=src, capture_output=True, text=True,
-                       timeout=300)
+    build = "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))"
+    r = subprocess.run([sys.executable, "-c", build, str(out)], cwd=src, capture_output=True, text=True,
+                       timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     return out / r.stdout.strip().splitlines()[-1]
 
@@ -208,8 +208,8 @@ def _doc_paths(text: str) -> list[str]:
     """Repository paths cited in a markdown page: inline `code` spans that look like a path, and the
     left-hand side of `path -> name` lines of fenced blocks (the package map)."""
     spans = re.findall(r"`([^`\s]+)`", text)
-    fenced = re.findall(r"```.*?\n(.*?)```", text, flags=re.S)
-    spans += [m.group(1) for block in fenced for m in re.finditer(r"^\s*(\S+)\s+->", block, flags=re.M)]
+    fenced = re.findall(r"```.*?\n(.*?)```", text, flags=re.DOTALL)
+    spans += [m.group(1) for block in fenced for m in re.finditer(r"^\s*(\S+)\s+->", block, flags=re.MULTILINE)]
     return [s for s in spans
             if re.fullmatch(r"[\w.\-/]+", s) and ("/" in s or re.search(r"\.(py|md|yaml|toml|sh)$", s))]
 
