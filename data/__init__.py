@@ -9,8 +9,8 @@ Usage (see docs/architecture.md for the contracts):
                             micro_step=m, grad_accum=4, rank=r, world_size=w)
     for x, y in data.val_batches(seq_len, micro_batch, eval_tokens, rank, world_size): ...
 """
-if not __name__.startswith("longctx."):  # one name per module: see longctx/__init__.py
-    raise ImportError("import this package as longctx.data (`from longctx.data import ...`), not as data")
+if not __name__.startswith("longctx."):  # a checkout: `data` is longctx.data (longctx/__init__.py)
+    __import__("longctx")._alias(__name__)
 
 from .loader import TokenData, ValPlan, load_data
 from .prepare import DataError, cache_folder, check_cache, check_data_config, prepare_data

@@ -1,7 +1,7 @@
 """Attention kernels: the Triton FlashAttention (dense and block-sparse), block-sparse layouts, and
 the reference (standard) attention that materialises the scores."""
-if not __name__.startswith("longctx."):  # one name per module: see longctx/__init__.py
-    raise ImportError("import this package as longctx.kernels (`from longctx.kernels import ...`), not as kernels")
+if not __name__.startswith("longctx."):  # a checkout: `kernels` is longctx.kernels (longctx/__init__.py)
+    __import__("longctx")._alias(__name__)
 from .block_mask import (
     LAYOUTS,
     BlockMask,
