@@ -413,7 +413,10 @@ def _unavailable(name: str, err: Exception) -> DataError:
 
 
 def _build_from_hub(cfg, fp, folder, tok_fp, num_proc, show) -> dict:
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("data=openwebtext needs the datasets package: pip install 'longctx-gpt[data]'") from None
     from tqdm.auto import tqdm
 
     num_proc = num_proc or os.cpu_count() or 1

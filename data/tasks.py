@@ -326,7 +326,8 @@ def _hf_rows(tcfg, split: str):
         raise TaskError(f"could not download the Hugging Face dataset {path}{'/' + name if name else ''} "
                         f"({type(e).__name__}: {detail}); without internet use task=offline or task=local "
                         f"(jsonl files), or load it once on a machine with internet and copy the "
-                        f"datasets cache (task.hf_cache_dir)") from None
+                        f"datasets cache (task.hf_cache_dir); the datasets package comes with "
+                        f"pip install 'longctx-gpt[data]'") from None
     tf, lf = str(_get(tcfg, "text_field", "text")), str(_get(tcfg, "label_field", "label"))
     for f in (tf, lf):
         if f not in ds.column_names:

@@ -733,8 +733,11 @@ def save_layout_png(mask: BlockMask, path, head: int = 0, *, title: str | None =
     if not isinstance(mask, BlockMask):
         raise ValueError(f"mask must be a BlockMask, got {type(mask).__name__}")
     head = _int("head", head, 0, mask.n_heads - 1)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("save_layout_png needs matplotlib: pip install 'longctx-gpt[plots]'") from None
 
     path = os.fspath(path)
     grid = mask._layout[head].to(torch.uint8).numpy()

@@ -92,7 +92,7 @@ def build_hf_model(cfg) -> HFGPT:
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as e:
-        raise ValueError(f"model.backend={backend} needs transformers: pip install transformers ({e})") from None
+        raise ValueError(f"model.backend={backend} needs transformers: pip install 'longctx-gpt[hf]' ({e})") from None
 
     gcfg = gpt_config(cfg, attn_impl="sdpa")  # validates the sizes; also the FLOPs reference
     with torch.device("meta"):

@@ -9,6 +9,7 @@ The W&B run id is kept in <run_dir>/wandb_run_id so a resumed run continues the 
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import netrc
 import os
@@ -97,4 +98,11 @@ def build_logger(cfg, run_dir: Path, is_main: bool, resuming: bool):
     lcfg = as_group("logger", cfg.logger)
     if not is_main or lcfg.name == "none" or lcfg.mode == "disabled":
         return NullLogger()
+    if importlib.util.find_spec("wandb") is None:  # wandb is an optional extra
+        if lcfg.mode == "auto":
+            log.info("wandb: not installed, logging to metrics.jsonl only "
+                     "(pip install 'longctx-gpt[wandb]' for W&B; logger=none silences this)")
+            return NullLogger()
+        raise ConfigError(f"logger.mode={lcfg.mode} needs wandb, which is not installed: "
+                          f"pip install 'longctx-gpt[wandb]' (or logger=none)")
     return WandbLogger(cfg, run_dir, resuming)

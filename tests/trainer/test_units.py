@@ -126,3 +126,23 @@ def test_explicit_micro_batch_capped_at_the_share(caplog):
     assert batch_arithmetic(_cfg(1024, gbt=65536, mb=16), 2) == (16, 2)  # fits: unchanged
     with pytest.raises(ConfigError, match=r"less than one sequence per process .* use train.global_batch_tokens=16384"):
         batch_arithmetic(_cfg(1024, gbt=8192, mb=4), 16)  # fewer sequences than processes
+
+
+def test_wandb_missing_auto_logs_locally_explicit_mode_refused(monkeypatch, tmp_path, caplog):
+    """wandb is an optional extra: without it, logger.mode=auto falls back to metrics.jsonl with one
+    line naming the extra; an explicit online/offline mode is a one-line ConfigError."""
+    import importlib.util
+    import logging
+
+    from longctx.trainer import logger as lg
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = OmegaConf.create({"logger": {"name": "wandb", "mode": "auto", "project": "p"}})
+    with caplog.at_level(logging.INFO):
+        assert isinstance(lg.build_logger(cfg, tmp_path, True, resuming=False), lg.NullLogger)
+    assert "longctx-gpt[wandb]" in caplog.text
+    cfg.logger.mode = "offline"
+    with pytest.raises(ConfigError, match=r"logger.mode=offline needs wandb.*longctx-gpt\[wandb\]"):
+        lg.build_logger(cfg, tmp_path, True, resuming=False)
+    assert list(tmp_path.iterdir()) == []
