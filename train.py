@@ -27,10 +27,8 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
-
-from trainer import ConfigError
-from trainer.checkpoint import (
+from longctx.trainer import ConfigError
+from longctx.trainer.checkpoint import (
     check_compatible,
     latest_checkpoint,
     load_checkpoint,
@@ -38,11 +36,17 @@ from trainer.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from trainer.cli import check_override_keys, check_run_dir_writable, only_hydra_files, remove_run_dir
-from trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, require_torchrun
-from trainer.init import apply_init_from, load_init
-from trainer.logger import build_logger, resolve_mode
-from trainer.metrics import (
+from longctx.trainer.cli import check_override_keys, check_run_dir_writable, only_hydra_files, remove_run_dir
+from longctx.trainer.distributed import (
+    all_reduce,
+    broadcast_object,
+    destroy,
+    init_distributed,
+    require_torchrun,
+)
+from longctx.trainer.init import apply_init_from, load_init
+from longctx.trainer.logger import build_logger, resolve_mode
+from longctx.trainer.metrics import (
     MetricsFile,
     Throughput,
     batch_arithmetic,
@@ -53,10 +57,11 @@ from trainer.metrics import (
     summary_lines,
     write_summary,
 )
-from trainer.optim import Precision, build_optimizer
-from trainer.parallelize import compile_mode, compiled, parallel_name, parallelize
-from trainer.schedule import build_schedule
-from trainer.step import DeviceBatches, LossDiverged, train_step
+from longctx.trainer.optim import Precision, build_optimizer
+from longctx.trainer.parallelize import compile_mode, compiled, parallel_name, parallelize
+from longctx.trainer.schedule import build_schedule
+from longctx.trainer.step import DeviceBatches, LossDiverged, train_step
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("train")
 
@@ -85,7 +90,7 @@ def _number(cfg, key: str, minimum: float = 0.0, *, above: bool = False, below: 
 
 def check_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     """Everything that can be wrong with the settings, found before any work: (micro_batch, accum)."""
-    from data import check_data_config
+    from longctx.data import check_data_config
 
     micro_batch, accum = batch_arithmetic(cfg, world_size)
     if _nonneg_int(cfg, "max_steps") == 0:
@@ -156,8 +161,14 @@ def evaluate(model, data, cfg, micro_batch: int, dist, prec: Precision) -> tuple
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Run training as configured; returns the end-of-run summary (what summary.json holds: step,
     loss, val_loss, val_ppl, tokens/s, paths, next commands; rank 0 only, {} elsewhere)."""
-    from data import CacheError, DataError, TokenData, load_data, prepare_data  # per call: tests patch them
-    from model import build_model
+    from longctx.data import (  # per call: tests patch them
+        CacheError,
+        DataError,
+        TokenData,
+        load_data,
+        prepare_data,
+    )
+    from longctx.model import build_model
 
     t_start = time.perf_counter()
     # ---- processes and devices -----------------------------------------------------------------

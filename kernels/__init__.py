@@ -1,8 +1,22 @@
 """Attention kernels: the Triton FlashAttention (dense and block-sparse), block-sparse layouts, and
 the reference (standard) attention that materialises the scores."""
-from .block_mask import (LAYOUTS, BlockMask, bigbird_mask, build_block_mask_from_config, butterfly_mask,
-                         dense_block_mask, fixed_mask, from_block_fn, from_dense_mask, local_mask, longformer_mask,
-                         save_layout_png, strided_mask)
+if not __name__.startswith("longctx."):  # one name per module: see longctx/__init__.py
+    raise ImportError("import this package as longctx.kernels (`from longctx.kernels import ...`), not as kernels")
+from .block_mask import (
+    LAYOUTS,
+    BlockMask,
+    bigbird_mask,
+    build_block_mask_from_config,
+    butterfly_mask,
+    dense_block_mask,
+    fixed_mask,
+    from_block_fn,
+    from_dense_mask,
+    local_mask,
+    longformer_mask,
+    save_layout_png,
+    strided_mask,
+)
 from .flash import clear_launch_config, flash_attention, set_kernel_options, set_launch_config
 from .reference import causal_mask, reference_attention
 

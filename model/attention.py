@@ -24,7 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-import kernels
+from longctx import kernels
 
 log = logging.getLogger(__name__)
 

@@ -265,6 +265,6 @@ def build_model(cfg) -> GPT:
         bias=bool(m.get("bias", True)), attn_impl=str(attn.impl))
     model = GPT(gcfg)
     if gcfg.attn_impl == "block_sparse":
-        from kernels import build_block_mask_from_config  # written with the block-sparse issue
+        from longctx.kernels import build_block_mask_from_config  # written with the block-sparse issue
         model.set_block_mask(build_block_mask_from_config(attn, gcfg.seq_len, gcfg.n_head))
     return model

@@ -195,7 +195,7 @@ def compose(overrides: list[str], with_choices: bool = False):
 def toy_config(cmd: Command, cache_dir: str, run_dir: str | None = None):
     """(config, overrides, {group: option}) of the command shrunk; a typo in a documented command
     (unknown group option or key) raises here."""
-    import train as train_mod
+    from longctx import train as train_mod
 
     train_mod.check_group_choices(cmd.overrides)
     overrides = shrink(cmd, cache_dir, run_dir)
@@ -205,7 +205,7 @@ def toy_config(cmd: Command, cache_dir: str, run_dir: str | None = None):
 
 def run_command(cmd: Command, cache_dir: str, run_dir: str | None = None, cfg=None) -> dict:
     """Run it in this process as train.py's main() would: {"code", "summary", "overrides", "choices"}."""
-    import train as train_mod
+    from longctx import train as train_mod
 
     overrides = choices = None
     if cfg is None:
@@ -244,8 +244,9 @@ def main(argv: list[str]) -> int:
     overrides already shrunk by the parent) in order; rank 0 writes the results to argv[1]."""
     import logging
 
-    import train as train_mod
-    from trainer.distributed import destroy
+    from longctx.trainer.distributed import destroy
+
+    from longctx import train as train_mod
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import train as train_mod
+from longctx import train as train_mod
 from tests import commands as C
 
 ROOT = C.ROOT
@@ -250,9 +250,8 @@ def test_every_block_sparse_layout_trains(work):
     """configs/attention/block_sparse.yaml's layouts through train.py with blocks of 16 on the CPU path
     (reference attention with the same block mask). Same seed and batches: a layout that keeps every
     causal block must give the dense layout's loss exactly, any other layout a different loss."""
+    from longctx.kernels import build_block_mask_from_config
     from omegaconf import OmegaConf
-
-    from kernels import build_block_mask_from_config
 
     dense = work["layouts"]["dense"]["summary"]["loss"]
     for layout, r in work["layouts"].items():

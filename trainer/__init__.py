@@ -11,6 +11,8 @@
 
 Nothing heavy is imported here, so `import trainer` is cheap.
 """
+if not __name__.startswith("longctx."):  # one name per module: see longctx/__init__.py
+    raise ImportError("import this package as longctx.trainer (`from longctx.trainer import ...`), not as trainer")
 
 
 class ConfigError(ValueError):

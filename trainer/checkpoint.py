@@ -30,10 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from longctx.trainer import ConfigError
+from longctx.trainer.distributed import barrier
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-from trainer import ConfigError
-from trainer.distributed import barrier
 
 STEP_RE = re.compile(r"^step_(\d{7,})$")
 META = "meta.json"

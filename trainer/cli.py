@@ -16,9 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from longctx.trainer import ConfigError
 from omegaconf import OmegaConf
-
-from trainer import ConfigError
 
 
 def check_override_keys(argv: list[str], config_dir: Path, groups: tuple[str, ...]) -> None:

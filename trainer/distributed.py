@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from trainer import ConfigError  # ValueError subclass; train.py prints `error: <message>`, exits 2
+from longctx.trainer import ConfigError  # ValueError subclass; train.py prints `error: <message>`, exits 2
 
 __all__ = [
     "DistInfo",

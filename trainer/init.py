@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from trainer import ConfigError
+from longctx.trainer import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +37,14 @@ class InitSource:
 
     def load_into(self, model, positions: str = "tile") -> None:
         """Copy the weights into `model` (a plain GPT of these sizes, any seq_len) in place."""
-        from model.hf import PretrainedError, extend_positions, load_hf_into, read_hf_weights
+        from longctx.model.hf import PretrainedError, extend_positions, load_hf_into, read_hf_weights
 
         try:
             if self.kind == "hf":
                 load_hf_into(model, read_hf_weights(self.path), extend=positions, source=self.name)
                 return
-            from model import GPT, GPTConfig
-            from trainer.checkpoint import load_model_only
+            from longctx.model import GPT, GPTConfig
+            from longctx.trainer.checkpoint import load_model_only
 
             c = model.config
             src = GPT(GPTConfig(seq_len=self.seq_len, vocab_size=c.vocab_size, pad_vocab_multiple=c.pad_vocab_multiple,
@@ -62,12 +61,12 @@ def resolve_init(init_from) -> InitSource | None:
     """init_from (None | hub id | HF folder | run dir | checkpoint folder) -> InitSource."""
     if init_from is None or str(init_from).strip().lower() in ("", "none", "null"):
         return None
-    from model.hf import PretrainedError, read_hf_config, resolve_checkpoint_dir
+    from longctx.model.hf import PretrainedError, read_hf_config, resolve_checkpoint_dir
 
     name = str(init_from)
     p = Path(name).expanduser()
     if p.is_dir() and not (p / "config.json").is_file():  # not an HF folder: one of our run dirs?
-        from trainer.checkpoint import read_meta, resolve_resume
+        from longctx.trainer.checkpoint import read_meta, resolve_resume
 
         ckpt = resolve_resume(str(p), p)  # ConfigError (one line) when it holds no complete checkpoint
         meta = read_meta(ckpt)
@@ -140,7 +139,7 @@ def apply_init_from(cfg, explicit: set[str] | None = None) -> InitSource | None:
 
 def positions_mode(cfg) -> str:
     mode = str(cfg.get("init_positions", "tile"))
-    from model.hf import EXTEND_MODES
+    from longctx.model.hf import EXTEND_MODES
 
     if mode not in EXTEND_MODES:
         raise ConfigError(f"init_positions={mode!r}: use one of {', '.join(EXTEND_MODES)}")

@@ -16,9 +16,8 @@ import secrets
 from pathlib import Path
 from urllib.parse import urlparse
 
+from longctx.trainer import ConfigError
 from omegaconf import OmegaConf
-
-from trainer import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from trainer import ConfigError
+from longctx.trainer import ConfigError
 
 log = logging.getLogger(__name__)
 

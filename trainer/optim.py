@@ -15,9 +15,8 @@ import contextlib
 import logging
 
 import torch
-
-from trainer import ConfigError
-from trainer.parallelize import unwrap
+from longctx.trainer import ConfigError
+from longctx.trainer.parallelize import unwrap
 
 log = logging.getLogger(__name__)
 

@@ -45,9 +45,8 @@ import logging
 
 import torch
 import torch.nn as nn
-
-from trainer import ConfigError
-from trainer.distributed import DistInfo, require_torchrun
+from longctx.trainer import ConfigError
+from longctx.trainer.distributed import DistInfo, require_torchrun
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from trainer import ConfigError
+from longctx.trainer import ConfigError
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,8 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-
-from trainer.distributed import all_reduce
-from trainer.parallelize import clip_grad_norm, grad_sync
+from longctx.trainer.distributed import all_reduce
+from longctx.trainer.parallelize import clip_grad_norm, grad_sync
 
 __all__ = ["DeviceBatches", "LossDiverged", "StepResult", "train_step"]
 

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 import torch
-
-from data import TokenData
-from data.tokenfile import TokenWriter
-from data.tokenizer import tokenizer_fingerprint
+from longctx.data import TokenData
+from longctx.data.tokenfile import TokenWriter
+from longctx.data.tokenizer import tokenizer_fingerprint
 
 N_TRAIN, N_VAL = 5000, 600
 

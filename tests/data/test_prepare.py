@@ -6,13 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import longctx.data.prepare as prep
 import numpy as np
 import pytest
+from longctx.data import EOT_ID, CacheError, DataError, get_tokenizer, load_data, prepare_data
+from longctx.data.tokenfile import TokenWriter, open_tokens
 from omegaconf import OmegaConf
-
-import data.prepare as prep
-from data import EOT_ID, CacheError, DataError, get_tokenizer, load_data, prepare_data
-from data.tokenfile import TokenWriter, open_tokens
 
 REPO = Path(__file__).resolve().parents[2]
 

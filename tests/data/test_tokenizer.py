@@ -3,9 +3,8 @@
 import importlib.util
 
 import pytest
-
-from data import EOT_ID, VOCAB_SIZE, get_tokenizer, tokenizer_fingerprint
-from data import tokenizer as tokmod
+from longctx.data import EOT_ID, VOCAB_SIZE, get_tokenizer, tokenizer_fingerprint
+from longctx.data import tokenizer as tokmod
 
 
 def test_gpt2_ids():

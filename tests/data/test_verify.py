@@ -5,12 +5,11 @@ import json
 import os
 import shutil
 
+import longctx.data.tokenfile as tf
 import numpy as np
 import pytest
-
-import data.tokenfile as tf
-from data import VOCAB_SIZE, CacheError, load_data, prepare_data
-from data.tokenfile import HEADER_BYTES, TokenWriter, verify_tokens
+from longctx.data import VOCAB_SIZE, CacheError, load_data, prepare_data
+from longctx.data.tokenfile import HEADER_BYTES, TokenWriter, verify_tokens
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from model import GPT
-from model.hf import PretrainedError, extend_positions
+from longctx.model import GPT
+from longctx.model.hf import PretrainedError, extend_positions
 
 from .conftest import hf_tiny
 
@@ -116,10 +115,9 @@ def _load_export_script():
 
 
 def test_export_hf_of_a_training_checkpoint(tiny_run, tmp_path, capsys):
+    from longctx.model import build_model
+    from longctx.trainer.checkpoint import latest_checkpoint, load_model_only
     from omegaconf import OmegaConf
-
-    from model import build_model
-    from trainer.checkpoint import latest_checkpoint, load_model_only
 
     export_hf = _load_export_script()
     out = tmp_path / "exported"
@@ -143,7 +141,7 @@ def test_export_hf_of_a_training_checkpoint(tiny_run, tmp_path, capsys):
 def test_train_init_from_hf_dir_and_run_dir(corpus_eval, hf_dir, tiny_run, tmp_path, monkeypatch):
     """init_from=<HF folder> at seq_len 96 > 64 positions: step 1's loss is the loss of the
     extended pretrained model; init_from=<our run dir> starts at that run's weights."""
-    import train as train_mod
+    from longctx import train as train_mod
     from tests.trainer.conftest import read_rows, run_inprocess
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir)
@@ -164,13 +162,12 @@ def test_train_init_from_hf_dir_and_run_dir(corpus_eval, hf_dir, tiny_run, tmp_p
     assert torch.equal(seen["h0"], hf.transformer.h[0].attn.c_attn.weight.detach().t())
     assert "hf:" in (tmp_path / "a" / "config.yaml").read_text()
 
-    from trainer.checkpoint import latest_checkpoint
+    from longctx.trainer.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(tiny_run / "checkpoints")
+    from longctx.model import build_model
+    from longctx.trainer.checkpoint import load_model_only
     from omegaconf import OmegaConf
-
-    from model import build_model
-    from trainer.checkpoint import load_model_only
 
     cfg = OmegaConf.load(ckpt / "config.yaml")
     cfg.attention.impl = "sdpa"
@@ -187,9 +184,9 @@ def test_train_init_from_conflicting_model_one_line(hf_dir, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
+    from longctx.trainer import ConfigError
 
-    import train as train_mod
-    from trainer import ConfigError
+    from longctx import train as train_mod
 
     overrides = [f"init_from={hf_dir}", "model=gpt2_small", f"run_dir={tmp_path / 'r'}", "logger=none", "device=cpu"]
     GlobalHydra.instance().clear()
@@ -207,9 +204,10 @@ def test_train_init_from_conflicting_model_one_line(hf_dir, tmp_path):
 
 
 def test_init_from_one_line_errors(hf_dir, tmp_path, monkeypatch):
+    from longctx.trainer import ConfigError
+    from longctx.trainer.init import apply_init_from
+
     from tests.trainer.conftest import compose_cfg
-    from trainer import ConfigError
-    from trainer.init import apply_init_from
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = compose_cfg(["model=gpt2_tiny", f"init_from={hf_dir}"])

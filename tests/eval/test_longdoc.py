@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from data.tasks import TaskError, load_task, strip_source
-from model import GPT, GPTConfig
-from model.classify import GPTClassifier, predict, scores
+from longctx.data.tasks import TaskError, load_task, strip_source
+from longctx.model import GPT, GPTConfig
+from longctx.model.classify import GPTClassifier, predict, scores
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -214,7 +213,7 @@ def test_hub_task_mapping_and_offline_line(tmp_path, monkeypatch):
     assert calls[0] == ("coastalcph/lex_glue", "ecthr_a", "train")
     assert t.multi_label and t.label_names == names
     assert t.train.labels.tolist() == [[True, False, True], [False, False, False], [False, True, False]]
-    from data.tokenizer import get_tokenizer
+    from longctx.data.tokenizer import get_tokenizer
 
     assert t.train.docs[0].tolist() == get_tokenizer().encode("para one\npara two").ids
     monkeypatch.undo()
@@ -261,7 +260,7 @@ def test_eval_longdoc_from_our_run_dir_extends_positions(tiny_run, tmp_path, mon
     """init_from=<a train.py run at seq_len 32>: 64 needs the tiled positions; with init_positions=none
     it is one line; the model weights are the run's."""
     ev = _eval_module()
-    from trainer import ConfigError
+    from longctx.trainer import ConfigError
 
     o = tiny_overrides(tmp_path, init_from=str(tiny_run), seq_lens="[64]", **{"train.batch_size": 24, "max_steps": 1})
     seen = {}
@@ -296,7 +295,7 @@ def test_eval_longdoc_from_our_run_dir_extends_positions(tiny_run, tmp_path, mon
     ({"model.backend": "hf_sdpa"}, "eval_longdoc fine-tunes our GPT"),
 ])
 def test_eval_longdoc_bad_input_one_line(tmp_path, monkeypatch, kw, expect):
-    from trainer import ConfigError
+    from longctx.trainer import ConfigError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ev = _eval_module()
@@ -311,7 +310,7 @@ def test_eval_longdoc_bad_input_one_line(tmp_path, monkeypatch, kw, expect):
 
 
 def test_eval_longdoc_unknown_group_options_one_line():
-    from trainer import ConfigError
+    from longctx.trainer import ConfigError
 
     ev = _eval_module()
     with pytest.raises(ConfigError) as e:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from kernels.block_mask import (
+from longctx.kernels.block_mask import (
     BlockMask,
     bigbird_mask,
     build_block_mask_from_config,

@@ -1,11 +1,11 @@
 """Block-sparse FlashAttention (the same Triton kernels, iterating over kept blocks only) against the
 float64 reference attention with the block mask expanded to its element mask."""
+import longctx.kernels.flash as flash_mod
 import pytest
 import torch
+from longctx.kernels import flash_attention
 
-import kernels
-from kernels import flash_attention
-import kernels.flash as flash_mod
+from longctx import kernels
 from tests.kernels.test_flash import DEVICE, poison_outputs, run_case  # noqa: F401 (autouse fixture)
 
 BLOCK = 32  # small mask blocks keep the interpreter fast and give many blocks at small N

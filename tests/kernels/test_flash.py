@@ -6,11 +6,10 @@ Set LONGCTX_TEST_GPU=1 on a CUDA machine to run the same file against the compil
 """
 import os
 
+import longctx.kernels.flash as flash_mod
 import pytest
 import torch
-
-import kernels.flash as flash_mod
-from kernels import flash_attention, reference_attention
+from longctx.kernels import flash_attention, reference_attention
 
 DEVICE = "cuda" if os.environ.get("LONGCTX_TEST_GPU") == "1" and torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}

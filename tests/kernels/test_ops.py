@@ -2,8 +2,7 @@
 (torch.library.opcheck), and torch.compile tracing through `flash_attention` with no graph break,
 dense and block-sparse, against the float64 reference. CPU through Triton's interpreter."""
 import torch
-
-from kernels import flash_attention, local_mask, ops, reference_attention
+from longctx.kernels import flash_attention, local_mask, ops, reference_attention
 
 
 def _qkv(n=64, h=2, d=16, seed=0):
@@ -50,7 +49,7 @@ def test_compiled_gpt_block_has_no_graph_break():
     """A transformer block with attention=flash traces into ONE graph (torch._dynamo.explain), and
     compiles with fullgraph=True (AOTAutograd: fake implementation + autograd formula) to the eager
     block's output and gradients."""
-    from model.gpt import Block, GPTConfig
+    from longctx.model.gpt import Block, GPTConfig
 
     torch.manual_seed(0)
     block = Block(GPTConfig(seq_len=64, n_layer=1, n_head=2, n_embd=32, attn_impl="flash"))

@@ -4,13 +4,12 @@ import logging
 import math
 from pathlib import Path
 
+import longctx.model.attention as attention
+import longctx.model.gpt as gpt
 import pytest
 import torch
+from longctx.model import GPT, GPTConfig, build_model
 from omegaconf import OmegaConf
-
-import model.attention as attention
-import model.gpt as gpt
-from model import GPT, GPTConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(seq_len=32, vocab_size=96, pad_vocab_multiple=32, n_layer=2, n_head=2, n_embd=32)
@@ -103,8 +102,9 @@ def _loss_and_grads(impl, state, idx, tgt, block_mask=None):
 
 def test_flash_sdpa_naive_same_loss_and_grads(monkeypatch):
     """flash runs our Triton kernel (interpreter on CPU); it must exist, this test never skips."""
-    import kernels
-    from kernels.flash import flash_attention  # an ImportError here is a failure
+    from longctx.kernels.flash import flash_attention  # an ImportError here is a failure
+
+    from longctx import kernels
     calls = []
     monkeypatch.setattr(kernels, "flash_attention", lambda *a, **kw: calls.append(1) or flash_attention(*a, **kw))
     state = tiny("sdpa", seed=3).state_dict()
@@ -121,7 +121,7 @@ def test_flash_sdpa_naive_same_loss_and_grads(monkeypatch):
 
 
 def test_block_sparse_seam_dense_layout_equals_naive():
-    from kernels import dense_block_mask, local_mask
+    from longctx.kernels import dense_block_mask, local_mask
     state = tiny("sdpa", seed=4).state_dict()
     idx = torch.randint(0, 96, (2, 32))
     loss_ref, grads_ref = _loss_and_grads("naive", state, idx, idx)
@@ -237,10 +237,10 @@ def test_flash_cpu_fallback_logs_once(monkeypatch, caplog):
     monkeypatch.setattr(attention, "_fallback_logged", set())
     m, ref = tiny("flash"), tiny("sdpa")
     idx = torch.randint(0, 96, (2, 16))
-    with caplog.at_level(logging.INFO, logger="model.attention"):
+    with caplog.at_level(logging.INFO, logger="longctx.model.attention"):
         out1, _ = m(idx)
         m(idx)
-    msgs = [r.getMessage() for r in caplog.records if r.name == "model.attention"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "longctx.model.attention"]
     assert len(msgs) == 1 and "needs a CUDA GPU" in msgs[0] and "sdpa" in msgs[0]
     torch.testing.assert_close(out1, ref(idx)[0])
 

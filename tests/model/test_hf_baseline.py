@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 
 pytest.importorskip("transformers")
 
-from model import build_model
-from model.hf_baseline import HFGPT
-from trainer.distributed import DistInfo
-from trainer.parallelize import parallelize
+from longctx.model import build_model
+from longctx.model.hf_baseline import HFGPT
+from longctx.trainer.distributed import DistInfo
+from longctx.trainer.parallelize import parallelize
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -3,8 +3,7 @@ F.cross_entropy) in float64, in bf16 autocast, in fp16 (the recompute path) and 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from model.loss import lm_head_cross_entropy
+from longctx.model.loss import lm_head_cross_entropy
 
 V, C = 40, 12
 

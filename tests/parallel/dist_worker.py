@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-
 import warnings
 
 import torch
@@ -21,11 +20,11 @@ import torch
 warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unavailable or uninitialized")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from model import GPT, GPTConfig  # noqa: E402
-from trainer.distributed import all_reduce, barrier, destroy, grad_accum_steps, init_distributed  # noqa: E402
-from trainer.optim import Precision  # noqa: E402
-from trainer.parallelize import parallelize  # noqa: E402
-from trainer.step import DeviceBatches, train_step  # noqa: E402
+from longctx.model import GPT, GPTConfig  # noqa: E402
+from longctx.trainer.distributed import all_reduce, barrier, destroy, grad_accum_steps, init_distributed  # noqa: E402
+from longctx.trainer.optim import Precision  # noqa: E402
+from longctx.trainer.parallelize import parallelize  # noqa: E402
+from longctx.trainer.step import DeviceBatches, train_step  # noqa: E402
 
 VOCAB, SEQ = 96, 16
 
@@ -62,7 +61,7 @@ def main(argv=None):
     if a.hang_rank is not None:  # a rank hangs: the others' next collective times out, naming them
         import time
 
-        from trainer.distributed import DistributedError
+        from longctx.trainer.distributed import DistributedError
         if d.rank == a.hang_rank:
             time.sleep(10)
             os._exit(0)

@@ -103,8 +103,8 @@ def test_compile_fsdp_selective_ac_matches(runs, tmp_path):
 # ---- in-process pieces ---------------------------------------------------------------------------
 
 def _loss_and_grads(ac: str, dropout: float = 0.1):
-    from trainer.distributed import init_distributed
-    from trainer.parallelize import parallelize
+    from longctx.trainer.distributed import init_distributed
+    from longctx.trainer.parallelize import parallelize
 
     model = dist_worker.tiny_model(dropout=dropout, n_layer=4)
     model = parallelize(model, {"parallel": {"name": "single", "activation_checkpointing": ac}}, init_distributed("cpu"))
@@ -131,9 +131,9 @@ def test_activation_checkpointing_changes_nothing(ac):
 
 
 def test_parallel_without_torchrun_says_how_to_launch(monkeypatch):
-    from trainer import ConfigError
-    from trainer.distributed import init_distributed
-    from trainer.parallelize import parallelize
+    from longctx.trainer import ConfigError
+    from longctx.trainer.distributed import init_distributed
+    from longctx.trainer.parallelize import parallelize
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     for name in ("fsdp", "ddp"):
@@ -142,7 +142,7 @@ def test_parallel_without_torchrun_says_how_to_launch(monkeypatch):
 
 
 def test_grad_accum_steps():
-    from trainer.distributed import grad_accum_steps
+    from longctx.trainer.distributed import grad_accum_steps
 
     assert grad_accum_steps(524288, 1024, 8, 4) == 16  # 8 x 1024 x 16 x 4 = 524288
     assert grad_accum_steps(524288, 16384, 1, 2) == 16
@@ -153,8 +153,8 @@ def test_grad_accum_steps():
 
 
 def test_compile_mode_resolution():
-    from trainer import ConfigError
-    from trainer.parallelize import DEFAULT_COMPILE, compile_mode
+    from longctx.trainer import ConfigError
+    from longctx.trainer.parallelize import DEFAULT_COMPILE, compile_mode
 
     single, fsdp = {"name": "single"}, {"name": "fsdp"}
     assert compile_mode({"compile": "auto", "parallel": single}, "cpu") is None  # CPU: eager
@@ -170,7 +170,7 @@ def test_compile_mode_resolution():
 
 
 def test_single_process_helpers():
-    from trainer.distributed import all_reduce, barrier, init_distributed, reduce_metrics
+    from longctx.trainer.distributed import all_reduce, barrier, init_distributed, reduce_metrics
 
     d = init_distributed("auto")
     assert (d.rank, d.world_size, d.is_main) == (0, 1, True)

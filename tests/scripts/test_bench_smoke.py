@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import bench_attention  # noqa: E402
 import bench_block_sparse  # noqa: E402
 
-KERNEL_PRESENT = importlib.util.find_spec("kernels.flash") is not None
+KERNEL_PRESENT = importlib.util.find_spec("longctx.kernels.flash") is not None
 STATUSES = {"ok", "OOM", "n/a", "error", "crash", "timeout", "skipped"}
 
 
@@ -137,7 +137,7 @@ def test_time_budget_skips_instead_of_running(tmp_path):
 
 def test_flex_block_mask_conversion_matches_layout():
     torch = pytest.importorskip("torch")
-    from kernels import block_mask as kbm
+    from longctx.kernels import block_mask as kbm
     bm = kbm.bigbird_mask(640, 640, window_blocks=1, global_blocks=1, random_blocks=1, seed=3,
                           block_m=64, block_n=64, causal=True)
     fbm = bench_attention.to_flex_block_mask(bm, "cpu")

@@ -64,7 +64,7 @@ def compose_cfg(overrides: list[str]):
 
 
 def run_inprocess(corpus: dict, run_dir: Path, **kw) -> dict:
-    import train as train_mod
+    from longctx import train as train_mod
 
     cfg = compose_cfg(base_overrides(corpus, run_dir, **kw))
     return train_mod.train(cfg, run_dir=run_dir)

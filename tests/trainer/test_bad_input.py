@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import pytest
-
-from trainer import ConfigError
+from longctx.trainer import ConfigError
 
 from .conftest import run_cli, run_inprocess
 
@@ -104,7 +103,7 @@ def test_logger_mode_checked(corpus, tmp_path):
 
 
 def test_logger_auto_mode_offline_when_not_logged_in(monkeypatch, tmp_path):
-    from trainer.logger import resolve_mode
+    from longctx.trainer.logger import resolve_mode
 
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)
@@ -177,8 +176,8 @@ def base_cfg(corpus, tmp_path_factory):
 
 
 def _run_refused(cfg, run_dir, capsys, monkeypatch) -> str:
-    import data
-    import train as train_mod
+    from longctx import data
+    from longctx import train as train_mod
 
     monkeypatch.setattr(data, "prepare_data", lambda *a, **k: pytest.fail("data touched before the check"))
     code = train_mod.run(cfg, str(run_dir))
@@ -229,8 +228,9 @@ def test_cuda_without_a_gpu(base_cfg, tmp_path, capsys, monkeypatch):
     (["xyz=1"], "xyz: no such setting (every setting is listed in configs/; +xyz=... adds a new key)"),
 ])
 def test_unknown_key_one_line(argv, expect):
-    import train as train_mod
-    from trainer.cli import check_override_keys
+    from longctx.trainer.cli import check_override_keys
+
+    from longctx import train as train_mod
 
     with pytest.raises(ConfigError) as e:
         check_override_keys(argv, train_mod.CONFIG_DIR, train_mod.GROUPS)
@@ -240,7 +240,7 @@ def test_unknown_key_one_line(argv, expect):
 
 
 def test_empty_run_dir_refused(tmp_path):
-    from trainer.cli import check_run_dir_writable
+    from longctx.trainer.cli import check_run_dir_writable
 
     with pytest.raises(ConfigError, match="run_dir is empty; give a folder"):
         check_run_dir_writable(["run_dir="])
@@ -258,8 +258,8 @@ def test_oom_and_ctrl_c_one_line(base_cfg, tmp_path, capsys, monkeypatch, exc, c
 
     import torch
 
-    import model as model_pkg
-    import train as train_mod
+    from longctx import model as model_pkg
+    from longctx import train as train_mod
 
     real = model_pkg.build_model
 

@@ -14,8 +14,8 @@ KW = {"attention": "block_sparse", "attention.layout": "bigbird", "attention.blo
 
 
 def test_kernel_path_equals_cpu_fallback(corpus, tmp_path, monkeypatch, caplog):
-    import model.attention as attn
-    from kernels import build_block_mask_from_config
+    import longctx.model.attention as attn
+    from longctx.kernels import build_block_mask_from_config
 
     from .conftest import base_overrides, compose_cfg
 

@@ -9,10 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from longctx.trainer import ConfigError
+from longctx.trainer.cli import check_run_dir_writable
 from omegaconf import OmegaConf
-
-from trainer import ConfigError
-from trainer.cli import check_run_dir_writable
 
 from .conftest import ROOT, base_overrides, compose_cfg, run_cli
 
@@ -70,7 +69,7 @@ def test_data_error_leaves_nothing(corpus, tmp_path):
 
 
 def test_refused_run_keeps_an_earlier_runs_folder(corpus, tmp_path, capsys):
-    import train as train_mod
+    from longctx import train as train_mod
 
     old = tmp_path / "old"
     old.mkdir()

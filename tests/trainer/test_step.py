@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from model import GPT, GPTConfig
-from trainer.optim import Precision
-from trainer.step import DeviceBatches, LossDiverged, train_step
+from longctx.model import GPT, GPTConfig
+from longctx.trainer.optim import Precision
+from longctx.trainer.step import DeviceBatches, LossDiverged, train_step
 
 ACCUM, MB, SEQ, VOCAB = 3, 2, 16, 64
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from longctx.trainer import ConfigError
 
-import train as train_mod
-from trainer import ConfigError
+from longctx import train as train_mod
 
 from .conftest import base_overrides, read_rows, run_cli
 

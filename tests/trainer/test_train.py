@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from longctx.trainer import checkpoint as ckpt_mod
+from longctx.trainer.checkpoint import latest_checkpoint, list_checkpoints
 
-import train as train_mod
-from trainer import checkpoint as ckpt_mod
-from trainer.checkpoint import latest_checkpoint, list_checkpoints
+from longctx import train as train_mod
 
 from .conftest import read_rows, run_inprocess
 
@@ -58,7 +58,7 @@ def test_resume_auto_matches_uninterrupted(corpus, run20, tmp_path, monkeypatch)
     class Killed(Exception):
         pass
 
-    import trainer.step as step_mod  # the training step (clip, then the optimizer step) lives there
+    import longctx.trainer.step as step_mod  # the training step (clip, then the optimizer step) lives there
 
     real_clip, calls = step_mod.clip_grad_norm, {"n": 0}
 
@@ -128,7 +128,7 @@ def test_ckpt_keep_prunes(corpus, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step(corpus, tmp_path, monkeypatch):
-    import model as model_pkg
+    from longctx import model as model_pkg
 
     real_build = model_pkg.build_model
 
@@ -185,10 +185,9 @@ def test_wandb_offline_writes_a_run(corpus, tmp_path, monkeypatch):
 def test_load_into_plain_model(run20):
     """A checkpoint loads into a fresh single-process model (what scripts/sample.py does): that model
     scores the validation span exactly as the trained model did at step 20 (metrics.jsonl)."""
+    from longctx.data import load_data
+    from longctx.model import build_model
     from omegaconf import OmegaConf
-
-    from data import load_data
-    from model import build_model
 
     ckpt = latest_checkpoint(run20 / "checkpoints")
     cfg = OmegaConf.load(ckpt / "config.yaml")
@@ -222,10 +221,9 @@ def test_sample_script(run20, capsys):
     assert out.out.count("The cat") == 2 and "step 20" in out.err
     assert sample.main([str(run20 / "nothing")]) == 2
     # greedy decoding equals an argmax loop over the checkpoint's model, written out here
+    from longctx.data import get_tokenizer
+    from longctx.model import build_model
     from omegaconf import OmegaConf
-
-    from data import get_tokenizer
-    from model import build_model
 
     assert sample.main([str(run20), "--prompt", "The cat", "--max-new-tokens", "6", "--temperature", "0",
                         "--device", "cpu"]) == 0
@@ -264,7 +262,7 @@ def test_summary_json(run20):
 
 
 def test_summary_lines():
-    from trainer.metrics import next_commands, summary_lines
+    from longctx.trainer.metrics import next_commands, summary_lines
 
     cmds = next_commands(Path("/r/my run"), 2, 100, ["experiment=quickstart", "run_dir=/r/old", "max_steps=100",
                                                      "data.paths=[a b/*.txt]", "resume=auto"])

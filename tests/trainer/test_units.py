@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from longctx.trainer import ConfigError
+from longctx.trainer.checkpoint import latest_checkpoint, list_checkpoints, resolve_resume
+from longctx.trainer.metrics import MetricsFile, batch_arithmetic, peak_flops, progress_line
+from longctx.trainer.schedule import LRSchedule
 from omegaconf import OmegaConf
-
-from trainer import ConfigError
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, resolve_resume
-from trainer.metrics import MetricsFile, batch_arithmetic, peak_flops, progress_line
-from trainer.schedule import LRSchedule
 
 
 def test_schedule_warmup_cosine_linear():
