@@ -128,10 +128,10 @@ def make_forward(method: str, q, k, v, causal: bool, block_mask=None):
     """A closure computing the method's output in our (B, N, H, D) layout; raises if unavailable."""
     import torch
     if method == "ours":
-        from kernels import flash_attention
+        from longctx.kernels import flash_attention
         return lambda: flash_attention(q, k, v, causal=causal, block_mask=block_mask)
     if method == "naive":
-        from kernels import reference_attention
+        from longctx.kernels import reference_attention
         return lambda: reference_attention(q, k, v, causal=causal, block_mask=block_mask)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # views, no copy
     if method in SDPA:
@@ -166,7 +166,7 @@ def check_errors(fwd, q, k, v, do, causal: bool, block_mask=None, heads: int | N
     """Relative errors of out, dq, dk, dv on the first `batch` batches and `heads` heads (None: all)
     against kernels.reference_attention in float64, the kernel tests' oracle."""
     import torch
-    from kernels import reference_attention
+    from longctx.kernels import reference_attention
     out = fwd()
     try:
         grads = torch.autograd.grad(out, (q, k, v), do)

@@ -49,7 +49,7 @@ def build_layout(kind: str, n: int, target: float, block: int, seed: int = 0):
     key = (kind, n, target, block, seed)
     if key in _LAYOUTS:
         return _LAYOUTS[key]
-    from kernels import block_mask as kbm
+    from longctx.kernels import block_mask as kbm
     if kind not in ("local", "bigbird"):
         raise ValueError(f"unknown layout {kind!r}")
 
@@ -71,7 +71,7 @@ def build_layout(kind: str, n: int, target: float, block: int, seed: int = 0):
 
 
 def run_case(case: dict, ready=None) -> dict:
-    from kernels import block_mask as kbm
+    from longctx.kernels import block_mask as kbm
     b, n, h, d = case["batch"], case["n"], case["heads"], case["headdim"]
     res = {**case, "status": "ok", "reason": "", "flops_fwd_dense_causal": 4.0 * b * h * n * n * d / 2.0}
     mask = None

@@ -49,9 +49,9 @@ def worker(a) -> None:
     import torch
     from bench_training import compose, random_batches, setup
 
-    from trainer.distributed import barrier, destroy, init_distributed, reduce_metrics
-    from trainer.metrics import peak_flops
-    from trainer.step import train_step
+    from longctx.trainer.distributed import barrier, destroy, init_distributed, reduce_metrics
+    from longctx.trainer.metrics import peak_flops
+    from longctx.trainer.step import train_step
 
     d = init_distributed(a.device, timeout_s=600)
     cuda = d.device.type == "cuda"
@@ -67,7 +67,7 @@ def worker(a) -> None:
             if model is None:
                 model, opt, prec, mb, accum, fpt = setup(cfg, d)
             else:  # the same model and optimizer; only the accumulation changes
-                import train as train_mod
+                from longctx import train as train_mod
                 mb, accum = train_mod.check_config(cfg, d.world_size)
             warmup = a.warmup if i == 0 else 1
             batches = random_batches(cfg, d, mb, accum, range(warmup + a.steps), seed=i)

@@ -42,8 +42,8 @@ class HFAdapter(nn.Module):
 
 def build(impl: str, sizes: dict, seq_len: int, num_labels: int, attention: str):
     if impl == "ours":
-        from model import GPT, GPTConfig
-        from model.classify import GPTClassifier
+        from longctx.model import GPT, GPTConfig
+        from longctx.model.classify import GPTClassifier
 
         gpt = GPT(GPTConfig(seq_len=seq_len, n_layer=sizes["n_layer"], n_head=sizes["n_head"], n_embd=sizes["n_embd"],
                             attn_impl=attention))
@@ -61,7 +61,7 @@ def bench_case(impl: str, sizes: dict, seq_len: int, micro_batch: int, steps: in
                device: torch.device, attention: str = "flash", num_labels: int = 10) -> dict:
     from eval_longdoc import finetune_step, single_label_loss
 
-    from trainer.optim import Precision
+    from longctx.trainer.optim import Precision
 
     row = {"impl": impl, "seq_len": seq_len, "micro_batch": micro_batch}
     torch.manual_seed(0)

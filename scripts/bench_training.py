@@ -77,10 +77,10 @@ def setup(cfg, dist, loss_chunk_tokens: int | None = None):
     (model.backend=hf_* gives the Hugging Face baseline of model/hf_baseline.py)."""
     import torch
 
-    import train as train_mod
-    from model import build_model
-    from trainer.optim import Precision, build_optimizer
-    from trainer.parallelize import parallel_name, parallelize
+    from longctx import train as train_mod
+    from longctx.model import build_model
+    from longctx.trainer.optim import Precision, build_optimizer
+    from longctx.trainer.parallelize import parallel_name, parallelize
 
     micro_batch, accum = train_mod.check_config(cfg, dist.world_size)
     torch.manual_seed(cfg.seed)
@@ -98,7 +98,7 @@ def random_batches(cfg, dist, micro_batch: int, accum: int, steps, seed: int = 0
     """DeviceBatches over random tokens: (step, micro_step) -> the same tokens on every run."""
     import torch
 
-    from trainer.step import DeviceBatches
+    from longctx.trainer.step import DeviceBatches
 
     vocab, T = int(cfg.model.vocab_size), int(cfg.seq_len)
 
@@ -169,9 +169,9 @@ def run_case(case: dict, ready=None) -> dict:
     """Set up one row, warm up, call ready() (the driver's turn), time; returns the measurements."""
     import torch
 
-    from trainer.distributed import init_distributed
-    from trainer.metrics import peak_flops
-    from trainer.step import train_step
+    from longctx.trainer.distributed import init_distributed
+    from longctx.trainer.metrics import peak_flops
+    from longctx.trainer.step import train_step
 
     dist = init_distributed(case["device"])
     cuda = dist.device.type == "cuda"

@@ -34,14 +34,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer import ConfigError
-from trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, is_distributed
-from trainer.init import apply_init_from, load_init
-from trainer.logger import build_logger, resolve_mode
-from trainer.metrics import peak_flops, progress_line
-from trainer.optim import Precision, build_optimizer
-from trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize
-from trainer.schedule import build_schedule
+from longctx.trainer import ConfigError
+from longctx.trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, is_distributed
+from longctx.trainer.init import apply_init_from, load_init
+from longctx.trainer.logger import build_logger, resolve_mode
+from longctx.trainer.metrics import peak_flops, progress_line
+from longctx.trainer.optim import Precision, build_optimizer
+from longctx.trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize
+from longctx.trainer.schedule import build_schedule
 
 log = logging.getLogger("eval_longdoc")
 
@@ -83,8 +83,8 @@ def read_results(out_dir: Path) -> list[dict]:
 
 def check_settings(cfg, world_size: int):
     """Every one-line error before any work. Returns (seq_lens, init source, rows already done)."""
-    from data.tasks import TaskError, check_task
-    from model import build_model
+    from longctx.data.tasks import TaskError, check_task
+    from longctx.model import build_model
 
     lens = list(cfg.seq_lens) if OmegaConf.is_list(cfg.seq_lens) or isinstance(cfg.seq_lens, list) else [cfg.seq_lens]
     if not lens:
@@ -174,7 +174,7 @@ def step_examples(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 def make_batch(docs, seq_len: int, long_docs: str, max_chunks: int):
     """Right-padded (S, N) ids, (S,) real lengths, (S,) document index (chunk mode) or None."""
-    from data.tokenizer import EOT_ID
+    from longctx.data.tokenizer import EOT_ID
 
     seqs, owner = [], []
     for j, d in enumerate(docs):
@@ -212,7 +212,7 @@ def majority_baseline(train_labels, test_labels) -> dict:
     the most frequent class)."""
     from collections import Counter
 
-    from model.classify import scores
+    from longctx.model.classify import scores
 
     rows = [tuple(r.nonzero()[0].tolist()) for r in train_labels]
     best = min(Counter(rows).items(), key=lambda kv: (-kv[1], kv[0]))[0]
@@ -258,8 +258,8 @@ def finetune_step(model, micro_batches, optimizer, prec, loss_fn, denom: int, gr
 
 def run_length(cfg, task, seq_len: int, source, dist, logger, wandb_step: int, train_ids, test_ids) -> dict:
     """Fine-tune at seq_len and score the test split; returns the results row (on every rank)."""
-    from model import build_model
-    from model.classify import GPTClassifier, predict, scores
+    from longctx.model import build_model
+    from longctx.model.classify import GPTClassifier, predict, scores
 
     lcfg = _with_seq_len(cfg, seq_len)
     world, rank = dist.world_size, dist.rank
@@ -454,7 +454,7 @@ def plot_results(rows: list[dict], path: Path, task_name: str) -> None:
 # ---- entry -------------------------------------------------------------------------------------
 def evaluate(cfg: DictConfig) -> list[dict]:
     """Run every length of cfg.seq_lens not yet in <out_dir>/results.json; returns all rows."""
-    from data.tasks import TaskError, load_task
+    from longctx.data.tasks import TaskError, load_task
 
     dist = init_distributed(str(cfg.device), timeout_s=cfg.parallel.get("timeout_s"))
     if not dist.is_main:
@@ -544,7 +544,7 @@ def main(cfg: DictConfig) -> None:
 def check_cli_choices(argv: list[str]) -> None:
     """`task=imdb` / `model=gpt2_huge` on the command line: one line naming the options (before Hydra's
     longer message). train.py's check covers model / attention / parallel / logger."""
-    import train as train_mod
+    from longctx import train as train_mod
 
     train_mod.check_group_choices([a for a in argv if not a.lstrip("+").startswith("task=")])
     options = sorted(p.stem for p in (ROOT / "configs" / "task").glob("*.yaml"))

@@ -82,7 +82,7 @@ def sweep_variants(kind: str, cands) -> list[dict]:  # dkdv / dq: the determinis
 
 
 def apply_variant(v) -> None:
-    from kernels import flash as F
+    from longctx.kernels import flash as F
     F._PROFILE_DQ_MODE = v.get("dq_mode", 1)
     F._OPTIONS["bwd_fused"] = None
     F._OPTIONS.update(v.get("opts", {}))
@@ -108,13 +108,13 @@ def timeit(fn, device, rep_ms=250.0) -> float:
 
 
 def ours_fwd(v, q, k, vv, causal, mask=None):
-    from kernels import flash_attention
+    from longctx.kernels import flash_attention
     return lambda: flash_attention(q, k, vv, causal=causal, block_mask=mask, deterministic=v["det"])
 
 
 def ours_bwd_only(v, q, k, vv, do, causal, mask=None):
     """The backward kernels alone on one saved forward (the public path minus autograd's overhead)."""
-    from kernels import flash as F
+    from longctx.kernels import flash as F
     sm = q.shape[-1] ** -0.5
     q, k, vv = q.detach(), k.detach(), vv.detach()
     o, lse = F._flash_fwd(q, k, vv, causal, sm, mask, "ieee")
@@ -149,7 +149,7 @@ def check_cases(smoke):
 def check_inputs(case, device, smoke):
     import torch
 
-    import kernels
+    from longctx import kernels
     B, Nq, Nk, H, D, causal, dtype, sparse = case
     blk = 32 if smoke else 128
     mask = kernels.bigbird_mask(Nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=5, block_m=blk,
@@ -175,7 +175,7 @@ def strided_qkv(device, smoke):
 def run_strided(var, qkv, do):
     import torch
 
-    from kernels import flash_attention
+    from longctx.kernels import flash_attention
     apply_variant(var)
     q, k, v = qkv.unbind(2)
     return torch.autograd.grad(flash_attention(q, k, v, causal=True, deterministic=var["det"]), qkv, do)[0]
@@ -184,7 +184,7 @@ def run_strided(var, qkv, do):
 def check_section(device, smoke):
     import torch
 
-    from kernels import flash as F
+    from longctx.kernels import flash as F
     rows, bad = [], 0
     tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
     real = F._empty_like, F._empty  # outputs poisoned with NaN: an element the kernel forgets to write fails
@@ -224,7 +224,7 @@ def check_section(device, smoke):
 # ------------------------------------------------------------------------------ timings
 def inspect_kernels() -> dict:
     """Registers, spills, shared memory and key PTX instructions of the last launched kernels."""
-    from kernels import flash as F
+    from longctx.kernels import flash as F
     out = {}
     for kind, h in (F._RECORD or {}).items():
         md = getattr(h, "metadata", None)
@@ -245,7 +245,7 @@ def time_variants(row, kind, variants, q, k, vv, do, causal, ff, deadline, mask=
     err_vs_first: its output against the first variant's (the same function under other settings)."""
     import torch
 
-    from kernels import flash as F
+    from longctx.kernels import flash as F
     first, label = None, f"D={q.shape[-1]} c={int(causal)} N={q.shape[1]}"
     for var in variants:
         if time.time() > deadline:

@@ -807,7 +807,7 @@ class BlockSparse(Table):
             import yaml
             from omegaconf import OmegaConf
 
-            import kernels
+            from longctx import kernels
             attn = OmegaConf.load(ROOT / "configs/attention/block_sparse.yaml")
             for o in self.LAYOUTS[layout][1:] + self.sizes(ctx)["layout_extra"]:
                 k, _, v = o.partition("=")

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import flash_attention, reference_attention  # noqa: E402
-from kernels import flash as F  # noqa: E402
+from longctx.kernels import flash_attention, reference_attention  # noqa: E402
+from longctx.kernels import flash as F  # noqa: E402
 
 
 def rel(a, b):
