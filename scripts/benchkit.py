@@ -258,16 +258,18 @@ def fmt_gb(nbytes) -> str:
     return "-" if nbytes is None else f"{nbytes / 1e9:.1f} GB"
 
 
-def table(headers: list, rows: list[list], markdown: bool = False, left: int = 1) -> str:
-    """Markdown, or text with the first `left` columns left-aligned and the rest right-aligned."""
+def table(headers: list, rows: list[list], markdown: bool = False, left: int | set = 1) -> str:
+    """Markdown, or text with the columns in `left` (a set of indices, or an int: the first ones)
+    left-aligned and the rest right-aligned."""
     rows = [[str(c) for c in r] for r in rows]
+    left = set(range(left)) if isinstance(left, int) else left
     if markdown:
         return "\n".join(["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)] +
                          ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max([len(str(h))] + [len(r[i]) for r in rows if i < len(r)]) for i, h in enumerate(headers)]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line([str(h) for h in headers]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
@@ -456,6 +458,14 @@ def add_common_args(p: argparse.ArgumentParser, *, out: str, max_minutes: float)
     p.add_argument("--no-isolate", action="store_true", help="run cases in this process (a CUDA crash then ends the run)")
     p.add_argument("--smoke", action="store_true", help="toy sizes that run anywhere (CPU: Triton interpreter)")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def add_step_args(p: argparse.ArgumentParser, *, steps: int, warmup: int, set_help: str) -> None:
+    """The training benchmarks' shared arguments (bench_training.py, bench_fsdp.py)."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"a train.py override, {set_help}")
+    p.add_argument("--steps", type=int, default=steps, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
 
 
 def parse_list(p, name: str, text, cast=int) -> list:
