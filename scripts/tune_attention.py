@@ -2,9 +2,10 @@
 
     python scripts/tune_attention.py --out bench_out/tune.json [--seqlen 8192] [--quick]
 
-1. Correctness on the GPU (bf16 and fp16 against a float32-math reference; fp32 via TF32 and
-   IEEE): causal and not, odd lengths, Nq != Nk, strided fused-qkv views, determinism of the
-   backward. Fails loudly (exit 1) when an error is out of bounds.
+1. Correctness: the kernel tests (tests/kernels/test_flash.py and test_block_sparse.py: output and
+   gradients against a float64 reference, odd lengths, Nq != Nk, strided fused-qkv views, the
+   backward variants) with LONGCTX_TEST_GPU=1, i.e. against the compiled kernels on this GPU.
+   Exit 1 when a test fails (the sweep still runs: its numbers say nothing about correctness).
 2. For each kernel (fwd; bwd = the fused backward; dkdv and dq = the two deterministic backward
    kernels), head dim and causal flag, times a list of (BLOCK_M, BLOCK_N, num_warps, num_stages)
    candidates at one sequence length and prints the best; the table in kernels/flash.py is
@@ -13,65 +14,39 @@
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from longctx.kernels import flash_attention, reference_attention  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchkit as bk  # noqa: E402
+
 from longctx.kernels import flash as F  # noqa: E402
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+TESTS = ["tests/kernels/test_flash.py", "tests/kernels/test_block_sparse.py"]
 
 
-def check(dev):
-    rows, bad = [], 0
-    cases = [  # B, Nq, Nk, H, D, causal, dtype, tol
-        (2, 1, 1, 3, 64, False, torch.bfloat16, 2e-2), (2, 257, 257, 3, 64, True, torch.bfloat16, 2e-2),
-        (2, 1000, 1000, 4, 128, True, torch.bfloat16, 2e-2), (1, 333, 777, 2, 80, True, torch.float16, 5e-3),
-        (1, 777, 333, 2, 96, True, torch.float16, 5e-3), (2, 512, 512, 2, 256, False, torch.bfloat16, 2e-2),
-        (1, 300, 300, 2, 40, True, torch.float32, 5e-3), (2, 4096, 4096, 4, 64, True, torch.bfloat16, 2e-2),
-    ]
-    for B, Nq, Nk, H, D, causal, dtype, tol in cases:
-        q = torch.randn(B, Nq, H, D, device=dev, dtype=dtype, requires_grad=True)
-        k = torch.randn(B, Nk, H, D, device=dev, dtype=dtype, requires_grad=True)
-        v = torch.randn(B, Nk, H, D, device=dev, dtype=dtype, requires_grad=True)
-        o = flash_attention(q, k, v, causal=causal)
-        do = torch.randn_like(o)
-        dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
-        q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
-        r = reference_attention(q2, k2, v2, causal=causal)
-        rq, rk, rv = torch.autograd.grad(r, (q2, k2, v2), do.float())
-        errs = [rel(o, r), rel(dq, rq), rel(dk, rk), rel(dv, rv)]
-        ok = all(e < tol for e in errs) and all(torch.isfinite(t).all() for t in (o, dq, dk, dv))
-        bad += not ok
-        rows.append(dict(case=[B, Nq, Nk, H, D, causal, str(dtype)], errs=errs, ok=ok))
-        print(f"check B={B} Nq={Nq} Nk={Nk} H={H} D={D} causal={causal} {dtype}: "
-              f"out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e} {'ok' if ok else 'FAIL'}")
-    # strided views of a fused projection + determinism
-    qkv = torch.randn(2, 2048, 3, 8, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    q, k, v = qkv.unbind(2)
-    o = flash_attention(q, k, v, causal=True, deterministic=True)
-    do = torch.randn_like(o)
-    g1 = torch.autograd.grad(o, qkv, do)[0]
-    g2 = torch.autograd.grad(flash_attention(q, k, v, causal=True, deterministic=True), qkv, do)[0]
-    q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    r = reference_attention(q2, k2, v2, causal=True)
-    e = rel(o, r)
-    det = torch.equal(g1, g2)
-    print(f"check strided fused qkv: out {e:.1e}; backward deterministic: {det}")
-    bad += (e > 2e-2) or not det
-    return rows, bad
+def check() -> dict:
+    """Run the kernel tests on this GPU; their pytest summary line and exit status."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS]
+    env = {**os.environ, "LONGCTX_TEST_GPU": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run(cmd, cwd=bk.REPO, env=env, capture_output=True, text=True, check=False)
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    print("\n".join(ln for ln in lines if "FAILED" in ln or "Error" in ln)[-4000:])
+    summary = lines[-1] if lines else p.stderr.strip()[-300:]
+    print(f"check ({' '.join(cmd[1:])}, LONGCTX_TEST_GPU=1): {summary}", flush=True)
+    return {"command": bk.command_line(), "tests": TESTS, "returncode": p.returncode, "summary": summary}
 
 
 def bench(fn, rep=60):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=15, rep=rep, return_mode="median")
+    return bk.time_fn(fn, "cuda", warmup_ms=15, rep_ms=rep)["ms"]  # median
 
 
 CANDIDATES = {
@@ -125,26 +100,28 @@ def sweep(dev, N, dims, quick):
     return results
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_out/tune.json")
     ap.add_argument("--seqlen", type=int, default=8192)
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--no-check", action="store_true", help="skip the kernel tests (step 1)")
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("tune_attention.py needs a CUDA GPU")
+    if not args.no_check and importlib.util.find_spec("pytest") is None:
+        sys.exit("error: the check runs the kernel tests with pytest, which is not installed: pip install pytest "
+                 "(or pass --no-check)")
     dev = torch.device("cuda")
     torch.manual_seed(0)
     t0 = time.time()
-    rows, bad = check(dev)
-    print(f"checks done in {time.time() - t0:.0f}s, failures: {bad}", flush=True)
+    checks = None if args.no_check else check()
+    print(f"checks done in {time.time() - t0:.0f}s", flush=True)
     res = [] if args.no_sweep else sweep(dev, args.seqlen, [int(d) for d in args.dims.split(",")], args.quick)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                                              checks=rows, sweep=res), indent=1))
-    sys.exit(1 if bad else 0)
+    bk.write_json(args.out, dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, checks=checks, sweep=res))
+    sys.exit(1 if checks and checks["returncode"] != 0 else 0)
 
 
 if __name__ == "__main__":
