@@ -56,7 +56,6 @@ PRESETS = {
 ALL_SEQLENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 QUICK_SEQLENS = [1024, 4096, 16384, 65536]
 SMOKE_SEQLENS = [64, 128]
-ARGS = None  # the parsed arguments (in a worker too: it parses the same command line)
 
 
 # ---------------------------------------------------------------------------------- the methods
@@ -271,12 +270,12 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_case(case: dict, ready=None) -> dict:
+def run_case(case: dict, a) -> dict:
     b, n, h, d = case["batch"], case["n"], case["heads"], case["headdim"]
     res = {**case, "status": "ok", "reason": "", "flops_fwd": 4.0 * b * h * n * n * d / (2.0 if case["causal"] else 1.0)}
-    if not ARGS.smoke and device() == "cpu":
+    if not a.smoke and device() == "cpu":
         return {**res, "status": "n/a", "reason": "no CUDA device"}
-    measure(res, case["method"], ARGS, device(), causal=case["causal"], bwd=ARGS.bwd)
+    measure(res, case["method"], a, device(), causal=case["causal"], bwd=a.bwd)
     for mode, mult in (("fwd", 1.0), ("bwd", 2.5), ("fwdbwd", 3.5)):
         if isinstance(res.get(mode), dict):
             res[mode]["tflops"] = bk.tflops(res["flops_fwd"] * mult, res[mode]["ms"])
@@ -415,18 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv):
     p = build_parser()
-    a = p.parse_args(argv)
-    bk.check_common_args(p, a)
-    methods = bk.parse_list(p, "methods", a.methods, str) if a.methods else SMOKE_METHODS if a.smoke else METHODS
-    bad = [m for m in methods if m not in METHODS + EXTRA_METHODS]
-    if bad or not methods:
-        p.error(f"--methods: unknown {bad}; choose from {METHODS + EXTRA_METHODS}")
-    a.method_list = list(dict.fromkeys(methods))
-    seqlens = (bk.parse_list(p, "seqlens", a.seqlens) if a.seqlens else
-               SMOKE_SEQLENS if a.smoke else QUICK_SEQLENS if a.quick else ALL_SEQLENS)
-    if not seqlens or min(seqlens) < 1:
-        p.error(f"--seqlens must be positive integers, got {seqlens}")
-    a.seqlen_list = sorted(set(seqlens))
+    a = bk.parse_common(p, argv, methods=METHODS + EXTRA_METHODS,
+                        default_methods=lambda a: SMOKE_METHODS if a.smoke else METHODS,
+                        default_seqlens=lambda a: SMOKE_SEQLENS if a.smoke else QUICK_SEQLENS if a.quick else ALL_SEQLENS)
     for name in ("heads", "headdim", "tokens", "max_batch"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -453,10 +443,8 @@ def make_cases(a) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    global ARGS
     argv = list(sys.argv[1:] if argv is None else argv)
     p, a = parse_args(argv)
-    ARGS = a
 
     def report(rows, plot):
         groups = build_tables(rows, a.method_list)

@@ -40,7 +40,6 @@ SEQLENS = [4096, 8192, 16384, 32768, 65536]
 DENSITIES = ["1/2", "1/4", "1/8", "1/16"]
 DEFAULTS = {"heads": 16, "headdim": 64, "tokens": 131072, "block": 128}
 SMOKE = {"seqlens": [256, 512], "densities": ["1/2", "1/4"], "heads": 2, "headdim": 32, "tokens": 512, "block": 64}
-ARGS = None
 _LAYOUTS: dict = {}
 
 
@@ -70,7 +69,7 @@ def build_layout(kind: str, n: int, target: float, block: int, seed: int = 0):
     return best[1], best[0]
 
 
-def run_case(case: dict, ready=None) -> dict:
+def run_case(case: dict, a) -> dict:
     from longctx.kernels import block_mask as kbm
     b, n, h, d = case["batch"], case["n"], case["heads"], case["headdim"]
     res = {**case, "status": "ok", "reason": "", "flops_fwd_dense_causal": 4.0 * b * h * n * n * d / 2.0}
@@ -79,9 +78,9 @@ def run_case(case: dict, ready=None) -> dict:
         mask = kbm.dense_block_mask(n, n, block_m=case["block"], block_n=case["block"], causal=True)
     elif case["method"] != "dense":
         mask, res["window_blocks"] = build_layout(case["layout"], n, float(Fraction(case["target"])), case["block"],
-                                                  ARGS.seed)
+                                                  a.seed)
     res.update(density=mask.causal_density if mask else 1.0, **({"kept_blocks": mask.nnz} if mask else {}))
-    ba.measure(res, "flex" if case["method"].startswith("flex") else "ours", ARGS, ba.device(), causal=True,
+    ba.measure(res, "flex" if case["method"].startswith("flex") else "ours", a, ba.device(), causal=True,
                block_mask=mask)
     for mode, mult in (("fwd", 1.0), ("fwdbwd", 3.5)):
         if isinstance(res.get(mode), dict):
@@ -187,21 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv):
     p = build_parser()
-    a = p.parse_args(argv)
-    bk.check_common_args(p, a)
-    s = {**DEFAULTS, "seqlens": SEQLENS, "densities": DENSITIES, **(SMOKE if a.smoke else {})}
-    a.seqlen_list = sorted(set(bk.parse_list(p, "seqlens", a.seqlens) if a.seqlens else s["seqlens"]))
-    if not a.seqlen_list or min(a.seqlen_list) < 1:
-        p.error(f"--seqlens must be positive, got {a.seqlen_list}")
+    a = bk.parse_common(p, argv, methods=METHODS + EXTRA_METHODS, default_methods=lambda a: METHODS,
+                        default_seqlens=lambda a: SMOKE["seqlens"] if a.smoke else SEQLENS)
+    s = {**DEFAULTS, "densities": DENSITIES, **(SMOKE if a.smoke else {})}
     dens = bk.parse_list(p, "densities", a.densities, Fraction) if a.densities else map(Fraction, s["densities"])
     a.density_list = [str(x) for x in dens]
     if not a.density_list or any(not 0 < Fraction(x) <= 1 for x in a.density_list):
         p.error(f"--densities must be fractions in (0, 1] like 1/4 or 0.25, got {a.densities!r}")
-    methods = bk.parse_list(p, "methods", a.methods, str) if a.methods else METHODS
-    if not methods or any(m not in METHODS + EXTRA_METHODS for m in methods):
-        p.error(f"--methods: unknown {[m for m in methods if m not in METHODS + EXTRA_METHODS]}; "
-                f"choose from {METHODS + EXTRA_METHODS}")
-    a.method_list = list(dict.fromkeys(methods))
     for name in ("heads", "headdim", "tokens", "block"):
         setattr(a, name, getattr(a, name) or s[name])
         if getattr(a, name) < 1:
@@ -224,10 +215,8 @@ def make_cases(a) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    global ARGS
     argv = list(sys.argv[1:] if argv is None else argv)
     p, a = parse_args(argv)
-    ARGS = a
     title = (f"block-sparse attention, causal, {a.layout} layout, H={a.heads}, D={a.headdim}, {a.dtype}, "
              f"block {a.block}x{a.block}, B*N={a.tokens}")
 

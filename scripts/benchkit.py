@@ -475,6 +475,23 @@ def parse_list(p, name: str, text, cast=int) -> list:
         p.error(f"--{name} must be a comma list, got {text!r}")
 
 
+def parse_common(p, argv, *, methods: list, default_methods, default_seqlens):
+    """Parse argv with the shared checks below, and --methods / --seqlens (comma lists, checked)
+    into a.method_list (given order, no repeats) and a.seqlen_list (sorted). The defaults are
+    functions of the parsed arguments (--smoke, --quick pick others)."""
+    a = p.parse_args(argv)
+    check_common_args(p, a)
+    chosen = parse_list(p, "methods", a.methods, str) if a.methods else default_methods(a)
+    if not chosen or any(m not in methods for m in chosen):
+        p.error(f"--methods: unknown {[m for m in chosen if m not in methods]}; choose from {methods}")
+    a.method_list = list(dict.fromkeys(chosen))
+    ns = parse_list(p, "seqlens", a.seqlens) if a.seqlens else default_seqlens(a)
+    if not ns or min(ns) < 1:
+        p.error(f"--seqlens must be positive integers, got {ns}")
+    a.seqlen_list = sorted(set(ns))
+    return a
+
+
 def check_common_args(p, a) -> None:
     """Timing defaults (lighter with --smoke) and one-line errors for the shared arguments."""
     for name, gpu, smoke in (("warmup_ms", 25.0, 0.0), ("rep_ms", 100.0, 0.0), ("min_reps", 3, 1)):
@@ -516,11 +533,12 @@ def env_header(env: dict, markdown: bool) -> str:
 
 def run_bench(p, a, argv: list[str], *, script: str, title: str, cases: list[dict], run_case, meta: dict,
               report) -> int:
-    """The kernel benchmarks' main after parsing: worker or driver. The driver runs the cases
+    """The kernel benchmarks' main after parsing: worker or driver, run_case(case, a) per case. The driver runs the cases
     (isolated unless --no-isolate), rewrites the JSON after each one, then report(rows, plot) ->
     {"json": extra keys, "text": table, "markdown": table, "plots": [png paths]}; prints the table last."""
+    one = lambda case, ready: run_case(case, a)  # noqa: E731
     if a._worker:
-        return serve(run_case, worker_setup)
+        return serve(one, worker_setup)
     start_clock()
     if not a.smoke:
         import torch
@@ -538,7 +556,7 @@ def run_bench(p, a, argv: list[str], *, script: str, title: str, cases: list[dic
     worker_log = out.with_suffix(".worker.log")
     worker_log.unlink(missing_ok=True)
     results, env = run_cases(
-        cases, run_case, worker_cmd=None if a.no_isolate else [sys.executable, script, *argv, "--_worker"],
+        cases, one, worker_cmd=None if a.no_isolate else [sys.executable, script, *argv, "--_worker"],
         setup=worker_setup, deadline=T0 + a.max_minutes * 60.0 - 10.0,  # ~10 s kept for tables and plots
         case_timeout=a.case_timeout, log_path=worker_log, on_result=save)
     if worker_log.is_file() and not worker_log.read_text(errors="replace").strip():

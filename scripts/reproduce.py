@@ -362,8 +362,9 @@ def _figure(ncols: int, size: tuple):
 
 
 def _save(fig, path: Path) -> None:
+    """Write the PNG (atomic); None: the plot's "nothing went wrong"."""
     fig.tight_layout()
-    bk.save_figure(fig, path)  # atomic
+    bk.save_figure(fig, path)
 
 
 def _loss_curves(ax, runs: dict, **legend) -> None:
@@ -478,8 +479,7 @@ class Table4(Table):
                           for r in sorted(done.values(), key=lambda r: r["label"]["seq_len"])},
                      title="context", fontsize=8)
         a2.set_title("training loss per context")
-        _save(fig, path)
-        return None
+        return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------ table 2
@@ -581,8 +581,7 @@ class Table2(Table):
         _loss_curves(a2, {f"{r['label']['model']} {r['label']['backend']}": r["result"] for r in done.values()},
                      fontsize=7)
         a2.set_title("same math: loss vs tokens")
-        _save(fig, path)
-        return None
+        return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------ block-sparse
@@ -759,8 +758,7 @@ class BlockSparse(Table):
         a2.bar(names, [done[k]["result"]["val_ppl"] for k in names], color="tab:orange")
         a2.set(ylabel="validation perplexity", title="quality at the same tokens")
         _loss_curves(a3, {k: done[k]["result"] for k in names}, fontsize=8)
-        _save(fig, path)
-        return None
+        return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------ figure 3
@@ -846,8 +844,7 @@ class Figure3(Table):
             a.set(xlabel="sequence length N", ylabel=yl)
             a.legend(fontsize=7)
         a2.set_yscale("log")
-        _save(fig, path)
-        return None
+        return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------ table 5
@@ -923,8 +920,7 @@ class Table5(Table):
         ax.set_xscale("log", base=2)
         ax.set(xlabel="document length (tokens)", ylabel="micro-F1 (%)")
         ax.legend(fontsize=7)
-        _save(fig, path)
-        return None
+        return _save(fig, path)
 
 
 TABLES: dict[str, Table] = {t.name: t for t in (Table4(), Table2(), BlockSparse(), Figure3(), Table5())}
