@@ -353,6 +353,19 @@ def _status_cell(state: dict, key: str) -> str | None:
     return "not run yet"
 
 
+def _md_table(head: list[str], rows: list[list], tail: list[str]) -> str:
+    """A markdown table (an empty cell as "| |"), then the lines of `tail`."""
+    def line(cells):
+        return "|" + "|".join(f" {c} " if c != "" else " " for c in cells) + "|"
+    return "\n".join([line(head), "|" + "---|" * len(head), *map(line, rows), *tail])
+
+
+def _blank(state: dict, key: str, before: list, empty: int, after: list) -> list | None:
+    """The row of a table line without a result ('failed: ...', 'not run yet'), else None."""
+    bad = _status_cell(state, key)
+    return None if bad is None else [*before, bad, *[""] * empty, *after]
+
+
 def _figure(ncols: int, size: tuple):
     import matplotlib
     matplotlib.use("Agg")
@@ -425,24 +438,18 @@ class Table4(Table):
                 f"included.")
 
     def markdown(self, state: dict, ctx: Ctx) -> str:
-        p = PAPER["table4"]
-        lines = [("| context | val ppl (ours) | val loss | tokens | train time | tokens/s | MFU | peak mem "
-                 "| paper: context, ppl, days (8xA100) |"), "|---|---|---|---|---|---|---|---|---|"]
+        p, rows = PAPER["table4"], []
         for key, r in state["rows"].items():
             n, pn = r["label"]["seq_len"], r["label"].get("paper_ctx", r["label"]["seq_len"])
-            paper = (f"{pn}, {p['ppl'][pn]}, {p['days'][pn]}" if pn in p["ppl"] else f"{pn}, -, -",)
-            bad = _status_cell(state, key)
-            if bad:
-                lines.append(f"| {n} | {bad} | | | | | | | {paper[0]} |")
-                continue
-            x = r["result"]
-            lines.append(f"| {n} | **{x['val_ppl']:.2f}** | {x['val_loss']:.4f} | {fmt_tok(x['tokens'])} | "
-                         f"{fmt_s(x['train_s'])} | {fmt_tok(x['tokens_per_s'])} | "
-                         f"{pct(x.get('mfu'))} | "
-                         f"{gb(x.get('mem_gb'))} | {paper[0]} |")
-        lines += ["", (f"Paper: {p['source']}; Megatron-LM at 1k: {p['megatron_1k_days']} days. Beyond 4k the "
-                      f"paper has no GPT-2 numbers."), "", self.verdict(state)]
-        return "\n".join(lines)
+            paper = f"{pn}, {p['ppl'][pn]}, {p['days'][pn]}" if pn in p["ppl"] else f"{pn}, -, -"
+            x = r.get("result")
+            rows.append(_blank(state, key, [n], 6, [paper]) or [
+                n, f"**{x['val_ppl']:.2f}**", f"{x['val_loss']:.4f}", fmt_tok(x["tokens"]), fmt_s(x["train_s"]),
+                fmt_tok(x["tokens_per_s"]), pct(x.get("mfu")), gb(x.get("mem_gb")), paper])
+        return _md_table(["context", "val ppl (ours)", "val loss", "tokens", "train time", "tokens/s", "MFU",
+                          "peak mem", "paper: context, ppl, days (8xA100)"], rows,
+                         ["", f"Paper: {p['source']}; Megatron-LM at 1k: {p['megatron_1k_days']} days. Beyond 4k "
+                          f"the paper has no GPT-2 numbers.", "", self.verdict(state)])
 
     @staticmethod
     def verdict(state: dict) -> str:
@@ -538,31 +545,23 @@ class Table2(Table):
                 "(equal work). The val loss shows all backends learn the same way.")
 
     def markdown(self, state: dict, ctx: Ctx) -> str:
-        p = PAPER["table2"]
-        lines = [("| model | backend | tokens | time at steady speed | tokens/s | MFU | peak mem | val loss "
-                 "| speed-up of ours | paper: days (speed-up of FlashAttention) |"),
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+        p, rows = PAPER["table2"], []
         for key, r in state["rows"].items():
             model, backend = r["label"]["model"], r["label"]["backend"]
             pm = p.get(model, {})
             paper = {"ours": f"{pm.get('flash_days', '-')} days (ppl {pm.get('ppl', '-')})",
-                     "hf_eager": (f"HF {pm['hf_days']} days ({pm['hf_days'] / pm['flash_days']:.1f}x)"
-                                  if pm else "-"),
+                     "hf_eager": f"HF {pm['hf_days']} days ({pm['hf_days'] / pm['flash_days']:.1f}x)" if pm else "-",
                      "hf_sdpa": "-"}[backend]
-            bad = _status_cell(state, key)
-            if bad:
-                lines.append(f"| {model} | {backend} | {bad} | | | | | | | {paper} |")
-                continue
-            x = r["result"]
-            ours = _res(state, f"{model.removeprefix('gpt2_')}_ours")
-            speedup = (f"{ours['tokens_per_s'] / x['tokens_per_s']:.2f}x" if ours and backend != "ours" else
-                       ("1.00x" if backend == "ours" else "-"))
-            lines.append(f"| {model} | {backend} | {fmt_tok(x['tokens'])} | {fmt_s(x['tokens'] / x['tokens_per_s'])} "
-                         f"| {fmt_tok(x['tokens_per_s'])} | {pct(x.get('mfu'))} | "
-                         f"{gb(x.get('mem_gb'))} | {x['val_loss']:.3f} | {speedup} | {paper} |")
-        lines += ["", (f"Paper: {p['source']}; Megatron-LM took {p['gpt2_small']['megatron_days']} days for "
-                      f"GPT-2 small. The paper's Hugging Face runs used its eager attention.")]
-        return "\n".join(lines)
+            x, ours = r.get("result"), _res(state, f"{model.removeprefix('gpt2_')}_ours")
+            rows.append(_blank(state, key, [model, backend], 6, [paper]) or [
+                model, backend, fmt_tok(x["tokens"]), fmt_s(x["tokens"] / x["tokens_per_s"]),
+                fmt_tok(x["tokens_per_s"]), pct(x.get("mfu")), gb(x.get("mem_gb")), f"{x['val_loss']:.3f}",
+                "1.00x" if backend == "ours" else f"{ours['tokens_per_s'] / x['tokens_per_s']:.2f}x" if ours else "-",
+                paper])
+        return _md_table(["model", "backend", "tokens", "time at steady speed", "tokens/s", "MFU", "peak mem",
+                          "val loss", "speed-up of ours", "paper: days (speed-up of FlashAttention)"], rows,
+                         ["", f"Paper: {p['source']}; Megatron-LM took {p['gpt2_small']['megatron_days']} days for "
+                          f"GPT-2 small. The paper's Hugging Face runs used its eager attention."])
 
     def plot(self, state: dict, path: Path) -> str | None:
         done = _done(state)
@@ -699,10 +698,7 @@ class BlockSparse(Table):
                 f"at that length rounded down to a multiple of 8192: 'fits' with its measured peak, or OOM.")
 
     def markdown(self, state: dict, ctx: Ctx) -> str:
-        lines = [("| layout | causal density | val ppl | val loss | tokens/s | speed vs dense | peak mem "
-                 "| longest context (est.) | one step at that length |"),
-                 "|---|---|---|---|---|---|---|---|---|"]
-        dense = _res(state, "dense")
+        dense, rows = _res(state, "dense"), []
         for layout in self.LAYOUTS:
             r = state["rows"].get(layout)
             if r is None:
@@ -713,22 +709,16 @@ class BlockSparse(Table):
             est = (pres or {}).get("estimate")
             est_txt = f"{fmt_tok(est)} tokens" if est else (
                 "n/a (no GPU memory statistics)" if pres else (_status_cell(state, f"probe_{layout}") or "-"))
-            if pres:
-                step = (f"{pres['seq_len']:,}: fits ({gb(pres.get('mem_gb'))})" if pres.get("fits")
-                        else f"{pres['seq_len']:,}: OOM")
-            else:
-                step = "-"
-            bad = _status_cell(state, layout)
-            if bad:
-                lines.append(f"| {layout} | {density} | {bad} | | | | | {est_txt} | {step} |")
-                continue
-            x = r["result"]
-            speed = f"{x['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "-"
-            lines.append(f"| {layout} | {density} | **{x['val_ppl']:.2f}** | {x['val_loss']:.4f} | "
-                         f"{fmt_tok(x['tokens_per_s'])} | {speed} | {gb(x.get('mem_gb'))} | "
-                         f"{est_txt} | {step} |")
-        lines += ["", f"Paper: {PAPER['blocksparse']['source']}."]
-        return "\n".join(lines)
+            step = "-" if not pres else (f"{pres['seq_len']:,}: fits ({gb(pres.get('mem_gb'))})" if pres.get("fits")
+                                         else f"{pres['seq_len']:,}: OOM")
+            x = r.get("result")
+            rows.append(_blank(state, layout, [layout, density], 4, [est_txt, step]) or [
+                layout, density, f"**{x['val_ppl']:.2f}**", f"{x['val_loss']:.4f}", fmt_tok(x["tokens_per_s"]),
+                f"{x['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "-", gb(x.get("mem_gb")),
+                est_txt, step])
+        return _md_table(["layout", "causal density", "val ppl", "val loss", "tokens/s", "speed vs dense",
+                          "peak mem", "longest context (est.)", "one step at that length"], rows,
+                         ["", f"Paper: {PAPER['blocksparse']['source']}."])
 
     def _density(self, layout: str, seq_len: int, ctx: Ctx) -> str:
         """The layout's kept share of the causal blocks, from the same config train.py builds it from."""
@@ -808,24 +798,18 @@ class Figure3(Table):
             return f"bench_attention.py: {bad}"
         by_n = state["rows"]["bench"]["result"]["by_n"]
         methods = list(dict.fromkeys(m for cells in by_n.values() for m in cells))
-        paper = PAPER["figure3"]["tflops"]
-        head = "| N | " + " | ".join(f"{m} fwd+bwd TFLOP/s" for m in methods) + \
-               " | ours vs naive (time) | mem ours / naive | FlashAttention-2 (published, H100) |"
-        lines = [head, "|" + "---|" * (len(methods) + 4)]
+        paper, rows = PAPER["figure3"]["tflops"], []
         for n in sorted(by_n, key=int):
             cells = by_n[n]
-
-            def show(m, cells=cells):
-                c = cells.get(m, {})
-                return f"{c['fwdbwd']:.3g}" if c.get("status") == "ok" and c.get("fwdbwd") else c.get("status", "-")
             o, nv = cells.get("ours", {}), cells.get("naive", {})
             ok = o.get("status") == "ok" and nv.get("status") == "ok"
-            speed = f"{nv['ms'] / o['ms']:.2f}x" if ok and o.get("ms") else "-"
-            mem = f"{o['mem_gb']:.3g} / {nv['mem_gb']:.3g} GB" if ok else "-"
-            lines.append(f"| {n} | " + " | ".join(show(m) for m in methods) +
-                         f" | {speed} | {mem} | {bk.fmt(paper.get(int(n)), 'd')} |")
-        lines += ["", f"Published: {PAPER['figure3']['source']} (512: {paper[512]}, 16k: {paper[16384]})."]
-        return "\n".join(lines)
+            rows.append([n, *(f"{c['fwdbwd']:.3g}" if c.get("status") == "ok" and c.get("fwdbwd") else
+                              c.get("status", "-") for c in (cells.get(m, {}) for m in methods)),
+                         f"{nv['ms'] / o['ms']:.2f}x" if ok and o.get("ms") else "-",
+                         f"{o['mem_gb']:.3g} / {nv['mem_gb']:.3g} GB" if ok else "-", bk.fmt(paper.get(int(n)), "d")])
+        return _md_table(["N", *(f"{m} fwd+bwd TFLOP/s" for m in methods), "ours vs naive (time)", "mem ours / naive",
+                          "FlashAttention-2 (published, H100)"], rows,
+                         ["", f"Published: {PAPER['figure3']['source']} (512: {paper[512]}, 16k: {paper[16384]})."])
 
     def plot(self, state: dict, path: Path) -> str | None:
         r = _res(state, "bench")
@@ -885,26 +869,23 @@ class Table5(Table):
         return {"rows": keep}
 
     def markdown(self, state: dict, ctx: Ctx) -> str:
-        p = PAPER["table5"]
-        lines = [("| task | length | micro-F1 | macro-F1 | majority-class micro-F1 | train / test examples "
-                 "| paper micro-F1 (MIMIC-III / ECtHR) |"), "|---|---|---|---|---|---|---|"]
+        p, rows = PAPER["table5"], []
         for key, r in state["rows"].items():
-            bad = _status_cell(state, key)
-            if bad:
-                lines.append(f"| {key} | | {bad} | | | | |")
+            blank = _blank(state, key, [key, ""], 4, [])
+            if blank:
+                rows.append(blank)
                 continue
             for x in r["result"]["rows"]:
                 n = x["seq_len"]
                 i = p["seq_lens"].index(n) if n in p["seq_lens"] else None
-                paper = f"{p['mimic'][i]} / {p['ecthr'][i]}" if i is not None else "-"
                 f1 = x.get("micro_f1")
                 scale = 100 if f1 is not None and f1 <= 1 else 1  # report in percent like the paper
-                lines.append(f"| {key} | {n} | {bk.fmt(f1 and f1 * scale, '.1f')} | "
-                             f"{bk.fmt(x.get('macro_f1') and x['macro_f1'] * scale, '.1f')} | "
-                             f"{bk.fmt(x.get('majority_micro_f1') and x['majority_micro_f1'] * scale, '.1f')} | "
-                             f"{x.get('train_examples', '-')} / {x.get('test_examples', '-')} | {paper} |")
-        lines += ["", f"Paper: {p['source']}."]
-        return "\n".join(lines)
+                rows.append([key, n, *(bk.fmt(x.get(k) and x[k] * scale, ".1f")
+                                       for k in ("micro_f1", "macro_f1", "majority_micro_f1")),
+                             f"{x.get('train_examples', '-')} / {x.get('test_examples', '-')}",
+                             f"{p['mimic'][i]} / {p['ecthr'][i]}" if i is not None else "-"])
+        return _md_table(["task", "length", "micro-F1", "macro-F1", "majority-class micro-F1", "train / test examples",
+                          "paper micro-F1 (MIMIC-III / ECtHR)"], rows, ["", f"Paper: {p['source']}."])
 
     def plot(self, state: dict, path: Path) -> str | None:
         done = _done(state)
