@@ -18,120 +18,45 @@ Supporting pieces live in trainer/ (one job per file).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
-import torch
 from longctx.trainer import ConfigError
-from longctx.trainer.checkpoint import (
-    check_compatible,
-    latest_checkpoint,
-    load_checkpoint,
-    read_meta,
-    resolve_resume,
-    save_checkpoint,
+from longctx.trainer.cli import (
+    check_override_keys,
+    check_run_dir_writable,
+    only_hydra_files,
+    remove_run_dir,
 )
-from longctx.trainer.cli import check_override_keys, check_run_dir_writable, only_hydra_files, remove_run_dir
-from longctx.trainer.distributed import (
-    all_reduce,
-    broadcast_object,
-    destroy,
-    init_distributed,
-    require_torchrun,
-)
-from longctx.trainer.init import apply_init_from, load_init
-from longctx.trainer.logger import build_logger, resolve_mode
-from longctx.trainer.metrics import (
-    MetricsFile,
-    Throughput,
-    batch_arithmetic,
-    build_summary,
-    eval_line,
-    peak_flops,
-    progress_line,
-    summary_lines,
-    write_summary,
-)
-from longctx.trainer.optim import Precision, build_optimizer
-from longctx.trainer.parallelize import compile_mode, compiled, parallel_name, parallelize
-from longctx.trainer.schedule import build_schedule
-from longctx.trainer.step import DeviceBatches, LossDiverged, train_step
+from longctx.trainer.config import Config, as_config
 from omegaconf import DictConfig, OmegaConf
+
+# torch and the trainer modules that need it are imported inside the functions below, so that
+# `python train.py --help` and tab completion do not wait for torch.
 
 log = logging.getLogger("train")
 
 
-def _nonneg_int(cfg, key: str, minimum: int = 0, null: bool = False) -> int | None:
-    v = OmegaConf.select(cfg, key)
-    if v is None and null:
-        return None
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        what = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
-        raise ConfigError(f"{key}={v!r} must be {what}{' or null' if null else ''}")
-    return v
-
-
-def _number(cfg, key: str, minimum: float = 0.0, *, above: bool = False, below: float | None = None,
-            null: bool = False) -> None:
-    """A real number >= minimum (> when `above`), < below when given; e.g. `train.lr=abc` -> one line."""
-    v = OmegaConf.select(cfg, key)
-    if v is None and null:
-        return
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or v < minimum or (above and v == minimum) or (below is not None and v >= below):
-        rng = f"{'>' if above else '>='} {minimum:g}" + (f" and < {below:g}" if below is not None else "")
-        raise ConfigError(f"{key}={v!r} must be a number {rng}{' or null' if null else ''}")
-
-
-def check_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
-    """Everything that can be wrong with the settings, found before any work: (micro_batch, accum)."""
+def check_config(cfg, world_size: int) -> tuple[int, int]:
+    """What the schema (trainer/config.py) cannot see alone, found before any work: the batch
+    arithmetic, the launcher, W&B's mode, the data files. Returns (micro_batch, accum)."""
     from longctx.data import check_data_config
+    from longctx.trainer.distributed import check_launch
+    from longctx.trainer.logger import resolve_mode
+    from longctx.trainer.metrics import batch_arithmetic
 
+    cfg = as_config(cfg)
     micro_batch, accum = batch_arithmetic(cfg, world_size)
-    if _nonneg_int(cfg, "max_steps") == 0:
-        raise ConfigError("max_steps=0: train for at least one step")
-    for key in ("seed", "eval_every", "eval_tokens", "ckpt_every", "ckpt_keep", "log_every", "train.warmup_steps"):
-        _nonneg_int(cfg, key)
-    _nonneg_int(cfg, "train.decay_steps", 1, null=True)
-    for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.vocab_size"):
-        _nonneg_int(cfg, key, 1)
-    _nonneg_int(cfg, "model.pad_vocab_multiple", 1, null=True)
-    _number(cfg, "model.dropout", below=1.0, null=True)
-    _number(cfg, "train.lr", above=True)
-    _number(cfg, "train.min_lr")
-    _number(cfg, "train.weight_decay")
-    _number(cfg, "train.eps", above=True)
-    _number(cfg, "train.grad_clip", null=True)
-    betas = OmegaConf.select(cfg, "train.betas")
-    if (not OmegaConf.is_list(betas) or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
-        raise ConfigError(f"train.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9,0.95]")
-    if not isinstance(OmegaConf.select(cfg, "model.bias", default=True), bool):
-        raise ConfigError(f"model.bias={OmegaConf.select(cfg, 'model.bias')!r} must be true or false")
-    if cfg.eval_tokens and cfg.eval_tokens % cfg.seq_len:
-        raise ConfigError(f"eval_tokens={cfg.eval_tokens} must be a multiple of seq_len={cfg.seq_len} "
-                          f"(use {max(1, cfg.eval_tokens // cfg.seq_len) * cfg.seq_len})")
-    if str(cfg.train.precision) not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"train.precision={cfg.train.precision!r}: use bf16, fp16 or fp32")
-    require_torchrun(parallel_name(cfg))  # parallel=ddp|fsdp needs torchrun (one line otherwise)
-    if parallel_name(cfg) == "single" and world_size > 1:
-        raise ConfigError(f"parallel=single but {world_size} processes were launched; use parallel=fsdp or "
-                          f"parallel=ddp with torchrun, or run one process")
-    if not str(OmegaConf.select(cfg, "run_dir") or "").strip():
-        raise ConfigError("run_dir is empty; give a folder, e.g. run_dir=outputs/my_run")
-    ac = str(OmegaConf.select(cfg, "parallel.activation_checkpointing", default="none"))
-    if ac not in ("none", "full", "selective"):
-        raise ConfigError(f"parallel.activation_checkpointing={ac!r}: use none, full or selective")
-    _nonneg_int(cfg, "parallel.ac_every", 1, null=True)
-    compile_mode(cfg)  # compile=auto|true|false|blocks|model, and model only with parallel=single
-    if str(cfg.logger.get("name")) == "wandb":
-        resolve_mode(str(cfg.logger.get("mode", "auto")))
-    build_schedule(cfg)  # validates min_lr <= lr and the decay name
+    check_launch(cfg.parallel.name, world_size)  # parallel=ddp|fsdp needs torchrun, single one process
+    if cfg.logger.name == "wandb":
+        resolve_mode(cfg.logger.mode)
     try:
         check_data_config(cfg.data)  # lists the files (cheap); reading and tokenising come later
     except ValueError as e:
@@ -139,67 +64,62 @@ def check_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     return micro_batch, accum
 
 
-@torch.no_grad()
-def evaluate(model, data, cfg, micro_batch: int, dist, prec: Precision) -> tuple[float, float, int]:
-    """Validation loss over the first eval_tokens tokens of the val split: sum of loss / token count
-    over all ranks. Returns (val_loss, val_ppl, tokens)."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=dist.device)  # [sum of token losses, tokens]
-    for x, y in data.val_batches(cfg.seq_len, micro_batch, cfg.eval_tokens, dist.rank, dist.world_size):
-        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-        with prec.autocast():
-            _, loss = model(x, y)
-        total[0] += loss.double() * y.numel()
-        total[1] += y.numel()
-    all_reduce(total, "sum")
-    model.train()
-    loss_sum, count = total.tolist()
-    val_loss = loss_sum / max(count, 1)
-    return val_loss, math.exp(min(val_loss, 700.0)), int(count)
+@dataclasses.dataclass
+class Run:
+    """What setup() builds and the loop uses."""
+    cfg: Config
+    dist: Any
+    run_dir: Path
+    data: Any
+    model: Any
+    optimizer: Any
+    prec: Any
+    schedule: Any
+    metrics: Any
+    logger: Any
+    meter: Any
+    micro_batch: int
+    accum: int
+    tokens_per_step: int
+    start_step: int
+    model_meta: dict
+    config_yaml: str
+    t_start: float
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
 
 
-def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """Run training as configured; returns the end-of-run summary (what summary.json holds: step,
-    loss, val_loss, val_ppl, tokens/s, paths, next commands; rank 0 only, {} elsewhere)."""
-    from longctx.data import (  # per call: tests patch them
-        CacheError,
-        DataError,
-        TokenData,
-        load_data,
-        prepare_data,
-    )
+def prepare(cfg: Config, dist, run_dir: Path) -> tuple:
+    """Every check before any work, then the run dir: (micro_batch, accum, init, resume_from, config_yaml)."""
+    import torch
     from longctx.model import build_model
+    from longctx.trainer.checkpoint import check_compatible, read_meta, resolve_resume
+    from longctx.trainer.init import apply_init_from
 
-    t_start = time.perf_counter()
-    # ---- processes and devices -----------------------------------------------------------------
-    dist = init_distributed(str(cfg.device), timeout_s=cfg.parallel.get("timeout_s"))
-    if not dist.is_main:
-        logging.getLogger().setLevel(logging.WARNING)  # one process talks
-    run_dir = Path(broadcast_object(str(run_dir or cfg.run_dir)))  # every rank writes to rank 0's dir
-
-    # ---- settings: every check before any work ---------------------------------------------------
     micro_batch, accum = check_config(cfg, dist.world_size)
     init = apply_init_from(cfg)  # init_from=: model sizes come from that checkpoint (one line on a conflict)
     resume_from = resolve_resume(cfg.resume, run_dir)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if resume_from is not None:
-        check_compatible(read_meta(resume_from), model_cfg, cfg.seq_len, resume_from)
+        check_compatible(read_meta(resume_from), dataclasses.asdict(cfg.model), cfg.seq_len, resume_from)
     try:
         with torch.device("meta"):  # shapes only, no memory: a bad model config fails here
             build_model(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
-    tokens_per_step = micro_batch * cfg.seq_len * accum * dist.world_size
-    log.info(f"run dir: {run_dir}")
-    log.info(f"tokens/step = micro_batch x seq_len x accum x GPUs = {micro_batch} x {cfg.seq_len} x {accum} "
-             f"x {dist.world_size} = {tokens_per_step:,}")
+    return micro_batch, accum, init, resume_from, config_yaml
 
-    # ---- seed, data ------------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+
+def load_token_data(cfg: Config, dist, micro_batch: int):
+    """Token files: prepared on rank 0 (the others wait), opened and checked everywhere."""
+    from longctx.data import CacheError, DataError, TokenData, load_data, prepare_data  # per call: tests patch them
+    from longctx.trainer.distributed import broadcast_object
+
     data_errors = (ValueError, DataError, CacheError)  # bad data settings, missing/corrupt cache, offline
     problem = folder = None
     if dist.is_main:
@@ -217,24 +137,49 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         data.train_batch(0, seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=1)
     except data_errors as e:
         raise ConfigError(str(e)) from e
-    log.info(f"data: {cfg.data.get('name', '?')}, {len(data.train):,} train / {len(data.val):,} val tokens")
+    log.info(f"data: {cfg.data.name}, {len(data.train):,} train / {len(data.val):,} val tokens")
+    return data
 
-    # ---- model, parallelism, optimizer -----------------------------------------------------------
+
+def setup(cfg: Config, run_dir: str | Path | None = None) -> Run:
+    """Processes, checks, data, model, parallelism, optimizer, schedule, resume: everything but the loop."""
+    import torch
+    from longctx.model import build_model
+    from longctx.trainer.checkpoint import load_checkpoint
+    from longctx.trainer.distributed import broadcast_object, init_distributed
+    from longctx.trainer.init import load_init
+    from longctx.trainer.logger import build_logger
+    from longctx.trainer.metrics import MetricsFile, Throughput, peak_flops
+    from longctx.trainer.optim import Precision, build_optimizer
+    from longctx.trainer.parallelize import parallelize
+    from longctx.trainer.schedule import build_schedule
+
+    t_start = time.perf_counter()
+    dist = init_distributed(cfg.device, timeout_s=cfg.parallel.timeout_s)
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one process talks
+    run_dir = Path(broadcast_object(str(run_dir or cfg.run_dir)))  # every rank writes to rank 0's dir
+    micro_batch, accum, init, resume_from, config_yaml = prepare(cfg, dist, run_dir)
+    tokens_per_step = micro_batch * cfg.seq_len * accum * dist.world_size
+    log.info(f"run dir: {run_dir}")
+    log.info(f"tokens/step = micro_batch x seq_len x accum x GPUs = {micro_batch} x {cfg.seq_len} x {accum} "
+             f"x {dist.world_size} = {tokens_per_step:,}")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    data = load_token_data(cfg, dist, micro_batch)
     model = build_model(cfg)
     if resume_from is None:
         load_init(model, init, cfg)  # init_from= weights, positions extended to seq_len (no-op without it)
     model = model.to(dist.device)
     n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.seq_len)
-    log.info(f"model: {cfg.model.get('name', '?')}, {n_params / 1e6:.1f}M params, attention={cfg.attention.get('impl')}, "
-             f"{flops_per_token / 1e9:.2f} GFLOP/token, parallel={parallel_name(cfg)}, device={dist.device}")
+    log.info(f"model: {cfg.model.name}, {n_params / 1e6:.1f}M params, attention={cfg.attention.impl}, "
+             f"{flops_per_token / 1e9:.2f} GFLOP/token, parallel={cfg.parallel.name}, device={dist.device}")
     model = parallelize(model, cfg, dist)
     optimizer = build_optimizer(model, cfg, dist.device)
-    prec = Precision(str(cfg.train.precision), dist.device, sharded=parallel_name(cfg) == "fsdp")
+    prec = Precision(cfg.train.precision, dist.device, sharded=cfg.parallel.name == "fsdp")
     schedule = build_schedule(cfg)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank; batches come from (seed, step, rank)
 
-    # ---- resume ----------------------------------------------------------------------------------
-    ckpt_root = run_dir / "checkpoints"
     metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=dist.is_main)
     start_step = 0
     if resume_from is not None:
@@ -245,84 +190,138 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         log.info(f"resumed from {resume_from} (step {start_step})")
         metrics.truncate_after(start_step)
     elif cfg.resume == "auto":
-        log.info(f"resume=auto: no checkpoint in {ckpt_root}, starting from scratch")
+        log.info(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'}, starting from scratch")
     logger = build_logger(cfg, run_dir, dist.is_main, resuming=resume_from is not None)
-
-    def checkpoint(step: int) -> None:
-        meta = {"model": model_cfg, "seq_len": cfg.seq_len, "world_size": dist.world_size,
-                "schedule": schedule.state_dict(), "tokens_per_step": tokens_per_step,
-                "grad_scaler": prec.scaler.state_dict() if prec.scaler is not None else None}
-        path = save_checkpoint(ckpt_root, step, model, optimizer, meta=meta, config_yaml=config_yaml,
-                               rank=dist.rank, is_main=dist.is_main, keep=cfg.ckpt_keep or None)
-        log.info(f"checkpoint: {path}")
-
-    # ---- the loop --------------------------------------------------------------------------------
     meter = Throughput(tokens_per_step, flops_per_token, peak_flops(dist.device), dist.world_size,
                        cfg.max_steps, dist.device)
-    batches = DeviceBatches(  # this rank's micro-batches of every remaining step, prefetched one ahead
-        lambda s, m: data.train_batch(s, seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=micro_batch,
-                                      micro_step=m, grad_accum=accum, rank=dist.rank, world_size=dist.world_size),
-        dist.device, range(start_step, cfg.max_steps), accum)
-    row = {"step": start_step}
-    if start_step >= cfg.max_steps:
-        log.info(f"nothing to do: the checkpoint is at step {start_step}, max_steps={cfg.max_steps}")
+    return Run(cfg, dist, run_dir, data, model, optimizer, prec, schedule, metrics, logger, meter, micro_batch,
+               accum, tokens_per_step, start_step, dataclasses.asdict(cfg.model), config_yaml, t_start)
+
+
+def evaluate(r: Run) -> tuple[float, float, int]:
+    """Validation loss over the first eval_tokens tokens of the val split: sum of loss / token count
+    over all ranks. Returns (val_loss, val_ppl, tokens)."""
+    import torch
+    from longctx.trainer.distributed import all_reduce
+
+    cfg, dist, model = r.cfg, r.dist, r.model
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=dist.device)  # [sum of token losses, tokens]
+    with torch.no_grad():
+        for x, y in r.data.val_batches(cfg.seq_len, r.micro_batch, cfg.eval_tokens, dist.rank, dist.world_size):
+            x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+            with r.prec.autocast():
+                _, loss = model(x, y)
+            total[0] += loss.double() * y.numel()
+            total[1] += y.numel()
+    all_reduce(total, "sum")
     model.train()
+    loss_sum, count = total.tolist()
+    val_loss = loss_sum / max(count, 1)
+    return val_loss, math.exp(min(val_loss, 700.0)), int(count)
+
+
+def checkpoint(r: Run, step: int) -> None:
+    from longctx.trainer.checkpoint import save_checkpoint
+
+    meta = {"model": r.model_meta, "seq_len": r.cfg.seq_len, "world_size": r.dist.world_size,
+            "schedule": r.schedule.state_dict(), "tokens_per_step": r.tokens_per_step,
+            "grad_scaler": r.prec.scaler.state_dict() if r.prec.scaler is not None else None}
+    path = save_checkpoint(r.ckpt_root, step, r.model, r.optimizer, meta=meta, config_yaml=r.config_yaml,
+                           rank=r.dist.rank, is_main=r.dist.is_main, keep=r.cfg.ckpt_keep or None)
+    log.info(f"checkpoint: {path}")
+
+
+def after_step(r: Run, done: int, lr: float, result) -> None:
+    """Log, evaluate and checkpoint as due after optimizer step `done` (1-based)."""
+    from longctx.trainer.metrics import eval_line, progress_line
+
+    cfg = r.cfg
+    last = done == cfg.max_steps
+    do_eval = cfg.eval_tokens > 0 and (last or (cfg.eval_every and done % cfg.eval_every == 0))
+    do_log = last or do_eval or (cfg.log_every and done % cfg.log_every == 0)
+    do_ckpt = last or (cfg.ckpt_every and done % cfg.ckpt_every == 0)
+    if do_log or do_ckpt:
+        loss_v, norm_v = result.check()  # LossDiverged before anything is logged or saved
+    if do_log:
+        row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": norm_v, **r.meter.read(done),
+               "tokens": done * r.tokens_per_step}
+        log.info(progress_line(row, cfg.max_steps))
+        if do_eval:
+            r.meter.pause()
+            t0 = time.perf_counter()
+            val_loss, val_ppl, n_tok = evaluate(r)
+            log.info(eval_line(done, val_loss, val_ppl, n_tok, time.perf_counter() - t0))
+            row.update(val_loss=val_loss, val_ppl=val_ppl)
+            r.meter.resume()
+        row.pop("eta_s", None)
+        r.metrics.write(row)
+        r.logger.log(row, step=done)
+    if do_ckpt:
+        r.meter.pause()
+        checkpoint(r, done)
+        r.meter.resume()
+
+
+def loop(r: Run) -> None:
+    """The training loop: train_step (trainer/step.py) then logging / evaluation / checkpoints."""
+    from longctx.trainer.parallelize import compiled
+    from longctx.trainer.step import DeviceBatches, train_step
+
+    cfg = r.cfg
+    batches = DeviceBatches(  # this rank's micro-batches of every remaining step, prefetched one ahead
+        lambda s, m: r.data.train_batch(s, seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=r.micro_batch,
+                                        micro_step=m, grad_accum=r.accum, rank=r.dist.rank,
+                                        world_size=r.dist.world_size),
+        r.dist.device, range(r.start_step, cfg.max_steps), r.accum)
+    if r.start_step >= cfg.max_steps:
+        log.info(f"nothing to do: the checkpoint is at step {r.start_step}, max_steps={cfg.max_steps}")
+    r.model.train()
     result = None  # the last step's StepResult: loss and grad norm, read (and checked) when needed
-    try:
-        for step in range(start_step, cfg.max_steps):
-            lr = schedule.apply(optimizer, step)
-            t_step = time.perf_counter()
-            result = train_step(model, batches, optimizer, prec, accum=accum, grad_clip=cfg.train.grad_clip,
-                                step=step, pending=result)  # checks the previous step before applying this one
-            meter.tick()
-            if step == start_step:
-                result.check()  # waits for the device: the first step's time
-                log.info(f"first step: {time.perf_counter() - t_step:.1f}s (one-time costs included: kernel "
-                         f"compilation{', torch.compile' if compiled(model) else ''})")
+    for step in range(r.start_step, cfg.max_steps):
+        lr = r.schedule.apply(r.optimizer, step)
+        t_step = time.perf_counter()
+        result = train_step(r.model, batches, r.optimizer, r.prec, accum=r.accum, grad_clip=cfg.train.grad_clip,
+                            step=step, pending=result)  # checks the previous step before applying this one
+        r.meter.tick()
+        if step == r.start_step:
+            result.check()  # waits for the device: the first step's time
+            log.info(f"first step: {time.perf_counter() - t_step:.1f}s (one-time costs included: kernel "
+                     f"compilation{', torch.compile' if compiled(r.model) else ''})")
+        after_step(r, step + 1, lr, result)
 
-            done = step + 1
-            last = done == cfg.max_steps
-            do_eval = cfg.eval_tokens > 0 and (last or (cfg.eval_every and done % cfg.eval_every == 0))
-            do_log = last or do_eval or (cfg.log_every and done % cfg.log_every == 0)
-            do_ckpt = last or (cfg.ckpt_every and done % cfg.ckpt_every == 0)
-            if do_log or do_ckpt:
-                loss_v, norm_v = result.check()  # LossDiverged before anything is logged or saved
-            if do_log:
-                row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": norm_v, **meter.read(done),
-                       "tokens": done * tokens_per_step}
-                log.info(progress_line(row, cfg.max_steps))
-            if do_eval:
-                meter.pause()
-                t0 = time.perf_counter()
-                val_loss, val_ppl, n_tok = evaluate(model, data, cfg, micro_batch, dist, prec)
-                log.info(eval_line(done, val_loss, val_ppl, n_tok, time.perf_counter() - t0))
-                row.update(val_loss=val_loss, val_ppl=val_ppl)
-                meter.resume()
-            if do_log:
-                row.pop("eta_s", None)
-                metrics.write(row)
-                logger.log(row, step=done)
-            if do_ckpt:
-                meter.pause()
-                checkpoint(done)
-                meter.resume()
-    except BaseException:
-        logger.finish(exit_code=1)
-        raise
-    logger.finish()
 
-    # ---- summary: where everything is, what it reached, what to run next ---------------------------
+def finish(r: Run) -> dict:
+    """The end-of-run summary: where everything is, what it reached, what to run next (rank 0)."""
+    from longctx.trainer.checkpoint import latest_checkpoint
+    from longctx.trainer.distributed import destroy
+    from longctx.trainer.metrics import build_summary, summary_lines, write_summary
+
     summary = {}
-    if dist.is_main:
+    if r.dist.is_main:
         summary = build_summary(
-            run_dir=run_dir, rows=metrics.rows(), totals=meter.totals(), tokens_per_step=tokens_per_step,
-            wall_s=time.perf_counter() - t_start, device=dist.device, checkpoint=latest_checkpoint(ckpt_root),
-            log_file=_log_file(), world_size=dist.world_size, max_steps=cfg.max_steps, overrides=_hydra_overrides())
-        write_summary(run_dir / "summary.json", summary)
+            run_dir=r.run_dir, rows=r.metrics.rows(), totals=r.meter.totals(), tokens_per_step=r.tokens_per_step,
+            wall_s=time.perf_counter() - r.t_start, device=r.dist.device, checkpoint=latest_checkpoint(r.ckpt_root),
+            log_file=_log_file(), world_size=r.dist.world_size, max_steps=r.cfg.max_steps,
+            overrides=_hydra_overrides())
+        write_summary(r.run_dir / "summary.json", summary)
         for line in summary_lines(summary):
             log.info(line)
     destroy()
     return summary
+
+
+def train(cfg, run_dir: str | Path | None = None) -> dict:
+    """Run training as configured (a Config, or a composed DictConfig: checked and typed first);
+    returns the end-of-run summary (what summary.json holds; rank 0 only, {} elsewhere)."""
+    r = setup(as_config(cfg), run_dir)
+    try:
+        loop(r)
+    except BaseException:
+        r.logger.finish(exit_code=1)
+        raise
+    r.logger.finish()
+    return finish(r)
 
 
 def _hydra_run_dir(cfg: DictConfig | None = None) -> str | None:
@@ -406,6 +405,9 @@ def run(cfg: DictConfig, run_dir: str | None) -> int:
     run, e.g. with resume=auto, is kept). A diverged loss or running out of GPU memory prints its
     line and exits 1; Ctrl-C exits 130 with the line that says how to continue.
     """
+    import torch
+    from longctx.trainer.step import LossDiverged
+
     run_dir = run_dir or str(cfg.run_dir)  # (Hydra's output dir is cfg.run_dir too)
     fresh = only_hydra_files(run_dir)
     main_rank = int(os.environ.get("RANK", "0")) == 0

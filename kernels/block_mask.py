@@ -157,7 +157,8 @@ class BlockMask:
 
     Attributes (read-only):
         layout   bool CPU tensor (Hm, nMb, nNb) (a copy: the mask itself cannot be changed)
-        block_m, block_n  block sizes the mask was built for (must equal the kernel's)
+        block_m, block_n  block sizes the mask was built for (the kernel runs each block as one or more of
+                          its own tiles, so any power of two >= 16 works)
         seq_q, seq_k      sequence lengths it was built for
         causal   True when built with causal=True: blocks strictly above the diagonal were
                  dropped and the kernel must also mask inside diagonal blocks (call it with

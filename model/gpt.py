@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 
-from .attention import IMPLS, attend
+from .attention import ATTENTION, FALLBACKS, IMPLS, resolve
 from .loss import CHUNK_TOKENS, lm_head_cross_entropy
 
 
@@ -38,6 +37,7 @@ class GPTConfig:
     dropout: float = 0.0           # embedding + residual dropout (no attention-prob dropout)
     bias: bool = True              # biases in Linear and LayerNorm, as GPT-2
     attn_impl: str = "flash"       # flash | block_sparse | sdpa | naive (model/attention.py)
+    cpu_fallback: str = "sdpa"     # where our kernel cannot run: sdpa (run a fallback, logged) | error
 
     def __post_init__(self):
         if self.seq_len <= 0:
@@ -46,6 +46,8 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.attn_impl not in IMPLS:
             raise ValueError(f"unknown attention impl {self.attn_impl!r}; expected one of {', '.join(IMPLS)}")
+        if self.cpu_fallback not in FALLBACKS:
+            raise ValueError(f"attention.cpu_fallback={self.cpu_fallback!r}: use sdpa or error")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -56,20 +58,20 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, impl: str):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # fused q, k, v
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.attn_impl = cfg.attn_impl
-        self.block_mask = None  # set by GPT.set_block_mask for attn_impl == "block_sparse"
+        self.attn_impl = impl  # the implementation that runs (resolved once by GPT, model/attention.py)
+        self.attend = ATTENTION[impl]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, block_mask=None) -> torch.Tensor:
         B, N, C = x.shape
         # (B, N, 3C) viewed as (B, N, 3, H, D): q, k, v are strided (B, N, H, D) views, no copies
         q, k, v = self.c_attn(x).view(B, N, 3, self.n_head, self.head_dim).unbind(dim=2)
-        y = attend(q, k, v, self.attn_impl, causal=True, block_mask=self.block_mask)
+        y = self.attend(q, k, v, True, block_mask)
         return self.resid_dropout(self.c_proj(y.reshape(B, N, C)))
 
 
@@ -85,33 +87,42 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)). One tensor in, one out."""
+    """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)). One tensor in, one out
+    (block_mask: the model's BlockMask for block-sparse attention, else None)."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, impl: str):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, impl)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, block_mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), block_mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    """block_mask: a kernels BlockMask, required with attn_impl="block_sparse" (passed to every
+    block's forward; not a parameter or buffer). device: where it will run (None: cuda if
+    available), which decides once whether our kernel can run there (model/attention.py)."""
+
+    def __init__(self, cfg: GPTConfig, block_mask=None, device: str | torch.device | None = None):
         super().__init__()
+        if cfg.attn_impl == "block_sparse" and block_mask is None:
+            raise ValueError("attention=block_sparse needs a block_mask (build_model makes one from "
+                             "cfg.attention); got None")
+        impl = resolve(cfg.attn_impl, cfg.cpu_fallback, device)
         self.config = cfg
         V = cfg.padded_vocab_size
         self.wte = nn.Embedding(V, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.blocks = nn.ModuleList([Block(cfg, impl) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input/output embedding
-        self.block_mask = None  # plain attribute: not a parameter, not in the state dict
+        self.block_mask = block_mask  # plain attribute: not a parameter, not in the state dict
         # tokens per logits chunk of the loss (model/loss.py); 0 = the plain loss over full logits
         self.loss_chunk_tokens = CHUNK_TOKENS
         self.compile_loss = False  # torch.compile the loss's per-chunk math (set by trainer/parallelize.py)
@@ -130,13 +141,6 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def set_block_mask(self, block_mask) -> None:
-        """Use `block_mask` (a kernels BlockMask, or None) in every attention layer."""
-        self.block_mask = block_mask
-        for m in self.modules():  # also finds layers inside wrapped (checkpointed/compiled) blocks
-            if isinstance(m, CausalSelfAttention):
-                m.block_mask = block_mask
-
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, return_logits: bool = False):
         """idx, targets: int64 (B, N), N <= seq_len; targets may use -1 to ignore a position.
 
@@ -153,7 +157,7 @@ class GPT(nn.Module):
         pos = torch.arange(N, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, self.block_mask)
         x = self.ln_f(x)
         if targets is not None and not return_logits and self.loss_chunk_tokens > 0:
             return None, lm_head_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1,
@@ -247,24 +251,30 @@ class GPT(nn.Module):
 
 
 def build_model(cfg) -> GPT:
-    """GPT from the composed Hydra config: cfg.model (sizes), cfg.attention.impl, cfg.seq_len.
+    """GPT from train.py's config (a typed Config; a composed DictConfig or a dict is typed first by
+    trainer/config.py): cfg.model (sizes), cfg.attention, cfg.seq_len.
 
     For attention.impl == "block_sparse" the block mask is built once from cfg.attention by
     kernels.build_block_mask_from_config and kept on the model (not a parameter or buffer).
     """
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.create(cfg)
-    if cfg.model.get("backend", "ours") != "ours":  # Hugging Face GPT-2 baseline: model/hf_baseline.py
+    from longctx.trainer.config import as_config
+
+    cfg = as_config(cfg)
+    if cfg.model.backend != "ours":  # Hugging Face GPT-2 baseline: model/hf_baseline.py
         from .hf_baseline import build_hf_model
         return build_hf_model(cfg)
-    m, attn = cfg.model, cfg.attention
-    gcfg = GPTConfig(
-        seq_len=int(cfg.seq_len), vocab_size=int(m.vocab_size),
-        pad_vocab_multiple=int(m.get("pad_vocab_multiple", 64)), n_layer=int(m.n_layer),
-        n_head=int(m.n_head), n_embd=int(m.n_embd), dropout=float(m.get("dropout", 0.0)),
-        bias=bool(m.get("bias", True)), attn_impl=str(attn.impl))
-    model = GPT(gcfg)
+    gcfg = gpt_config(cfg)
+    mask = None
     if gcfg.attn_impl == "block_sparse":
-        from longctx.kernels import build_block_mask_from_config  # written with the block-sparse issue
-        model.set_block_mask(build_block_mask_from_config(attn, gcfg.seq_len, gcfg.n_head))
-    return model
+        from longctx.kernels import build_block_mask_from_config
+        mask = build_block_mask_from_config(cfg.attention, gcfg.seq_len, gcfg.n_head)
+    device = None if cfg.device == "auto" else cfg.device
+    return GPT(gcfg, block_mask=mask, device=device)
+
+
+def gpt_config(cfg, attn_impl: str | None = None) -> GPTConfig:
+    """The GPTConfig of a typed Config: cfg.model's sizes at cfg.seq_len (ValueError on bad sizes)."""
+    m = cfg.model
+    return GPTConfig(seq_len=cfg.seq_len, vocab_size=m.vocab_size, pad_vocab_multiple=m.pad_vocab_multiple or 1,
+                     n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout or 0.0, bias=m.bias,
+                     attn_impl=attn_impl or cfg.attention.impl, cpu_fallback=cfg.attention.cpu_fallback)

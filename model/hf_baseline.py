@@ -83,16 +83,17 @@ class HFGPT(nn.Module):
 
 def build_hf_model(cfg) -> HFGPT:
     """HFGPT from the composed config: cfg.model (sizes, backend), cfg.seq_len. ValueError on bad input."""
-    from .gpt import GPT, GPTConfig
+    from longctx.trainer.config import as_config
 
-    m = cfg.model
-    backend = str(m.get("backend", "ours"))
+    from .gpt import GPT, gpt_config
+
+    cfg = as_config(cfg)
+    backend = cfg.model.backend
     if backend not in BACKENDS:
         raise ValueError(f"model.backend={backend}: use ours, {', '.join(BACKENDS)}")
-    if not bool(m.get("bias", True)):
+    if not cfg.model.bias:
         raise ValueError(f"model.backend={backend} needs model.bias=true (Hugging Face GPT-2 always has biases)")
-    impl = str(cfg.get("attention", {}).get("impl", "flash"))
-    if impl == "block_sparse":
+    if cfg.attention.impl == "block_sparse":
         raise ValueError(f"attention=block_sparse needs model.backend=ours (model.backend={backend} runs "
                          f"Hugging Face's {BACKENDS[backend]} attention)")
     try:
@@ -100,10 +101,7 @@ def build_hf_model(cfg) -> HFGPT:
     except ImportError as e:
         raise ValueError(f"model.backend={backend} needs transformers: pip install transformers ({e})") from None
 
-    gcfg = GPTConfig(seq_len=int(cfg.seq_len), vocab_size=int(m.vocab_size),
-                     pad_vocab_multiple=int(m.get("pad_vocab_multiple", 64)), n_layer=int(m.n_layer),
-                     n_head=int(m.n_head), n_embd=int(m.n_embd), dropout=float(m.get("dropout", 0.0)),
-                     bias=True, attn_impl="sdpa")  # validates the sizes; also the FLOPs reference
+    gcfg = gpt_config(cfg, attn_impl="sdpa")  # validates the sizes; also the FLOPs reference
     with torch.device("meta"):
         flops_ref = GPT(gcfg)
     hcfg = GPT2Config(vocab_size=gcfg.padded_vocab_size, n_positions=gcfg.seq_len, n_embd=gcfg.n_embd,
@@ -113,5 +111,5 @@ def build_hf_model(cfg) -> HFGPT:
     hf = GPT2LMHeadModel._from_config(hcfg, attn_implementation=BACKENDS[backend])
     if hf.transformer.wte.weight.device.type != "meta":  # train.py first builds on meta to check sizes
         log.info(f"model.backend={backend}: Hugging Face GPT2LMHeadModel with {BACKENDS[backend]} attention "
-                 f"(attention={impl} is not used)")
+                 f"(attention={cfg.attention.impl} is not used)")
     return HFGPT(hf, flops_ref, backend)

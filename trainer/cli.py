@@ -2,7 +2,9 @@
 starts (so a typo or an unwritable run_dir is one line and no folder), and the cleanup that
 leaves nothing behind when a run is stopped by a config or data error.
 
-    check_override_keys(argv, ...)  `train.lrr=1` -> `error: train.lrr: no such setting; did you mean train.lr?`
+    check_override_keys(argv, ...)  `train.lrr=1` -> `error: train.lrr: no such setting; did you mean train.lr?`;
+                                    `train.lr=abc` -> `error: train.lr='abc' must be a number` (the schema,
+                                    trainer/config.py: types while composing, ranges after)
     check_run_dir_writable(argv)    run_dir on a read-only/immutable folder, a file, or empty -> one line
     only_hydra_files(run_dir)       the run dir holds nothing but what Hydra just made (.hydra/, train.log)
     remove_run_dir(run_dir)         removes it and the empty folders above it that Hydra made
@@ -17,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from longctx.trainer import ConfigError
+from longctx.trainer.config import as_config, error_line
 from omegaconf import OmegaConf
 
 
@@ -25,6 +28,7 @@ def check_override_keys(argv: list[str], config_dir: Path, groups: tuple[str, ..
     message is five lines and suggests +train.lrr=1, which would add the typo as a new key)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf.errors import ConfigAttributeError, ValidationError
 
     overrides = [a for a in argv if "=" in a and not a.lstrip("+~").startswith("hydra")]
     if not overrides or any(a.startswith("-") for a in argv):  # flags (--multirun, -cn, ...): Hydra's call
@@ -32,12 +36,17 @@ def check_override_keys(argv: list[str], config_dir: Path, groups: tuple[str, ..
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             try:
-                compose(config_name="config", overrides=overrides)
-                return
-            except Exception as e:  # noqa: BLE001 - only an unknown key is reworded, Hydra reports the rest
+                composed = compose(config_name="config", overrides=overrides)
+            except Exception as e:  # noqa: BLE001 - an unknown key or a wrong type is reworded, Hydra reports the rest
+                cause = e.__cause__
+                if isinstance(cause, ValidationError) and not isinstance(cause, ConfigAttributeError):
+                    raise ConfigError(error_line(cause)) from None  # `train.lr=abc`: the key and the type
                 m = re.search(r"Could not override '([^']+)'", str(e))
                 if m is None:
                     return
+            else:
+                as_config(composed)  # ranges and allowed values (ConfigError, one line)
+                return
             key = m.group(1)
             chosen = [a for a in overrides if a.split("=", 1)[0].lstrip("+") in groups]
             known = _dotted_keys(OmegaConf.to_container(compose(config_name="config", overrides=chosen)))

@@ -35,8 +35,7 @@ __all__ = [
     "destroy",
     "is_distributed",
     "under_torchrun",
-    "grad_accum_steps",
-    "require_torchrun",
+    "check_launch",
     "collective_guard",
     "DistributedError",
 ]
@@ -53,10 +52,6 @@ class DistInfo:
     device: torch.device = torch.device("cpu")
     is_main: bool = True
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 or dist.is_available() and dist.is_initialized()
-
 
 class DistributedError(RuntimeError):
     """A collective failed or timed out; the message names the rank."""
@@ -71,14 +66,18 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def require_torchrun(parallel_name: str) -> None:
-    """One-line error (ConfigError) for `parallel=ddp|fsdp` started as a plain `python train.py`."""
+def check_launch(parallel_name: str, world_size: int) -> None:
+    """One-line errors (ConfigError) for a launch that does not fit `parallel=`: ddp|fsdp started as
+    a plain `python train.py`, or single under a multi-process torchrun."""
     if parallel_name in ("ddp", "fsdp") and not under_torchrun():
         raise ConfigError(
             f"parallel={parallel_name} needs one process per device; launch with "
             f"`torchrun --standalone --nproc_per_node=N train.py parallel={parallel_name} ...` "
             f"(or use parallel=single for one process)"
         )
+    if parallel_name == "single" and world_size > 1:
+        raise ConfigError(f"parallel=single but {world_size} processes were launched; use parallel=fsdp or "
+                          f"parallel=ddp with torchrun, or run one process")
 
 
 def _resolve_device(device: str, local_rank: int) -> torch.device:
@@ -223,22 +222,3 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def grad_accum_steps(global_batch_tokens: int, seq_len: int, micro_batch: int, world_size: int) -> int:
-    """Micro-steps per optimizer step so that every step sees `global_batch_tokens` tokens.
-
-    tokens per step = micro_batch x seq_len x grad_accum x world_size
-    Raises ConfigError (a ValueError; one line, with the numbers and a fix) when it does not divide.
-    """
-    for name, v in (("global_batch_tokens", global_batch_tokens), ("seq_len", seq_len),
-                    ("micro_batch", micro_batch), ("world_size", world_size)):
-        if int(v) <= 0:
-            raise ConfigError(f"{name} must be positive, got {v}")
-    per_micro = micro_batch * seq_len * world_size
-    if global_batch_tokens % per_micro:
-        lo = max(per_micro, global_batch_tokens // per_micro * per_micro)
-        raise ConfigError(
-            f"global batch {global_batch_tokens} tokens is not divisible by world_size x micro_batch x seq_len = "
-            f"{world_size} x {micro_batch} x {seq_len} = {per_micro}; use a global batch of {lo} or "
-            f"{lo + per_micro} tokens, or change micro_batch / seq_len / the number of processes"
-        )
-    return global_batch_tokens // per_micro

@@ -110,35 +110,39 @@ def explicit_model_keys() -> set[str] | None:
 
 
 def apply_init_from(cfg, explicit: set[str] | None = None) -> InitSource | None:
-    """Resolve cfg.init_from and put its sizes into cfg.model (in place); None without init_from."""
-    from omegaconf import open_dict
+    """Resolve cfg.init_from and put its sizes into cfg.model (in place; a typed Config or a
+    DictConfig); None without init_from."""
+    import contextlib
 
-    source = resolve_init(cfg.get("init_from"))
+    from omegaconf import OmegaConf, open_dict
+
+    source = resolve_init(getattr(cfg, "init_from", None))
     if source is None:
         return None
     positions_mode(cfg)
-    if str(cfg.model.get("backend", "ours")) != "ours":
-        raise ConfigError(f"init_from loads weights into our GPT; model.backend={cfg.model.backend} is the "
+    model = cfg.model
+    if str(getattr(model, "backend", "ours")) != "ours":
+        raise ConfigError(f"init_from loads weights into our GPT; model.backend={model.backend} is the "
                           f"Hugging Face baseline: use model.backend=ours (or leave init_from out)")
     explicit = explicit_model_keys() if explicit is None else explicit
     keys = SIZE_KEYS if explicit is None else [k for k in SIZE_KEYS if k in explicit]
-    diff = [(k, cfg.model.get(k), source.model.get(k)) for k in keys if k in cfg.model
-            and cfg.model.get(k) is not None and cfg.model.get(k) != source.model.get(k)]
+    diff = [(k, getattr(model, k), source.model.get(k)) for k in keys if getattr(model, k, None) is not None
+            and getattr(model, k) != source.model.get(k)]
     if diff:
         what = ", ".join(f"{k}={a} vs {b}" for k, a, b in diff)
         raise ConfigError(f"init_from={source.name} is a model with "
                           f"{', '.join(f'{k}={source.model[k]}' for k in ('n_layer', 'n_head', 'n_embd'))} but "
-                          f"model={cfg.model.get('name', '?')} asks for other sizes ({what} in the checkpoint); "
+                          f"model={getattr(model, 'name', '?')} asks for other sizes ({what} in the checkpoint); "
                           f"leave model= out (sizes come from init_from) or pick a matching checkpoint")
-    with open_dict(cfg):
+    with open_dict(cfg) if OmegaConf.is_config(cfg) else contextlib.nullcontext():
         for k, v in source.model.items():
             if k in SIZE_KEYS or k in ("pad_vocab_multiple", "name"):
-                cfg.model[k] = v
+                setattr(model, k, v)
     return source
 
 
 def positions_mode(cfg) -> str:
-    mode = str(cfg.get("init_positions", "tile"))
+    mode = str(getattr(cfg, "init_positions", None) or "tile")
     from longctx.model.hf import EXTEND_MODES
 
     if mode not in EXTEND_MODES:

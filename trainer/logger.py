@@ -17,7 +17,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from longctx.trainer import ConfigError
-from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +57,10 @@ def resolve_mode(mode: str) -> tuple[str, str | None]:
 
 class WandbLogger:
     def __init__(self, cfg, run_dir: Path, resuming: bool):
-        lcfg = cfg.logger
-        mode, note = resolve_mode(str(lcfg.get("mode", "auto")))
+        from longctx.trainer.config import as_group, to_dict
+
+        lcfg = as_group("logger", cfg.logger)
+        mode, note = resolve_mode(lcfg.mode)
         if note:
             log.info(note)
         import wandb  # lazy: only runs that log to W&B pay for the import
@@ -67,10 +68,10 @@ class WandbLogger:
         self.wandb = wandb
         id_file = Path(run_dir) / "wandb_run_id"
         run_id = id_file.read_text().strip() if resuming and id_file.exists() else secrets.token_hex(4)
-        kw = {"project": lcfg.get("project") or "longctx-gpt", "entity": lcfg.get("entity"),
-              "name": lcfg.get("run_name") or Path(run_dir).name, "group": lcfg.get("group"),
-              "tags": list(lcfg.get("tags") or []), "dir": str(run_dir), "id": run_id, "resume": "allow",
-              "config": OmegaConf.to_container(cfg, resolve=True)}
+        kw = {"project": lcfg.project, "entity": lcfg.entity,
+              "name": lcfg.run_name or Path(run_dir).name, "group": lcfg.group,
+              "tags": list(lcfg.tags), "dir": str(run_dir), "id": run_id, "resume": "allow",
+              "config": to_dict(cfg)}
         try:
             self.run = wandb.init(mode=mode, **kw)
         except Exception as e:
@@ -90,11 +91,10 @@ class WandbLogger:
 
 
 def build_logger(cfg, run_dir: Path, is_main: bool, resuming: bool):
-    name = str(cfg.logger.get("name", "none"))
-    if not is_main or name == "none":
-        return NullLogger()
-    if name != "wandb":
-        raise ConfigError(f"logger.name={name!r}: use logger=wandb or logger=none")
-    if str(cfg.logger.get("mode", "auto")) == "disabled":
+    """The run's logger from cfg.logger (a LoggerConfig / WandbConfig; a DictConfig is typed first)."""
+    from longctx.trainer.config import as_group
+
+    lcfg = as_group("logger", cfg.logger)
+    if not is_main or lcfg.name == "none" or lcfg.mode == "disabled":
         return NullLogger()
     return WandbLogger(cfg, run_dir, resuming)

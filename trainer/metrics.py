@@ -54,7 +54,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def batch_arithmetic(cfg, world_size: int) -> tuple[int, int]:
-    """(micro_batch, grad_accum) such that
+    """(micro_batch, grad_accum) of a typed Config (a DictConfig or dict is typed first) such that
         global_batch_tokens = micro_batch x seq_len x grad_accum x world_size   (exactly)
     micro_batch=auto picks the largest micro-batch <= max(1, 16384 // seq_len) sequences (16k tokens)
     that divides each process's share of the global batch, so a preset runs on 1, 2, 4, 8, ...
@@ -62,19 +62,14 @@ def batch_arithmetic(cfg, world_size: int) -> tuple[int, int]:
     An explicit micro_batch larger than that share (global_batch_tokens / (seq_len x GPUs)
     sequences) is lowered to the share, with one log line: more cannot be meant literally.
     """
-    seq_len = cfg.seq_len
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
-        raise ConfigError(f"seq_len={seq_len!r} must be a positive integer, e.g. seq_len=1024")
-    gbt = cfg.train.global_batch_tokens
-    if not isinstance(gbt, int) or gbt <= 0:
-        raise ConfigError(f"train.global_batch_tokens={gbt!r} must be a positive integer, e.g. 524288")
-    mb = cfg.train.micro_batch
+    from longctx.trainer.config import as_config
+
+    cfg = as_config(cfg)  # types and ranges: the schema (trainer/config.py)
+    seq_len, gbt, mb = cfg.seq_len, cfg.train.global_batch_tokens, cfg.train.micro_batch
     if mb == "auto":
         mb = max(1, 16384 // seq_len)
         while mb > 1 and gbt % (mb * seq_len * world_size):
             mb -= 1
-    if not isinstance(mb, int) or isinstance(mb, bool) or mb <= 0:
-        raise ConfigError(f"train.micro_batch={mb!r} must be a positive integer or auto")
     share = gbt // (seq_len * world_size)  # sequences per process per optimizer step
     if share == 0:
         raise ConfigError(

@@ -20,17 +20,18 @@ from longctx.trainer.parallelize import unwrap
 
 log = logging.getLogger(__name__)
 
-_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# The dtype of each precision name (train.precision, parallel.param_dtype / reduce_dtype).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
-    t = cfg.train
+    """AdamW per cfg.train (a typed Config; a DictConfig is typed first)."""
+    from longctx.trainer.config import as_group
+
+    t = as_group("train", cfg.train)
     groups = unwrap(model).optim_groups(float(t.weight_decay))
-    betas = tuple(float(b) for b in t.betas)
-    if len(betas) != 2:
-        raise ConfigError(f"train.betas={list(t.betas)} must be two numbers, e.g. [0.9, 0.95]")
     kw = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=float(t.lr), betas=betas, eps=float(t.get("eps", 1e-8)), **kw)
+    return torch.optim.AdamW(groups, lr=float(t.lr), betas=tuple(float(b) for b in t.betas), eps=float(t.eps), **kw)
 
 
 class Precision:
@@ -38,16 +39,15 @@ class Precision:
     clipping; `prec.step(opt)` instead of opt.step()."""
 
     def __init__(self, name: str, device: torch.device, sharded: bool = False):
-        if name not in _PRECISIONS:
+        if name not in DTYPES:
             raise ConfigError(f"train.precision={name!r}: use bf16, fp16 or fp32")
-        self.requested = name
         self.device = device
         if device.type != "cuda":
             if name != "fp32":
                 log.info(f"precision: fp32 on {device.type} (train.precision={name} applies on CUDA)")
             name = "fp32"
         self.name = name
-        self.dtype = _PRECISIONS[name]
+        self.dtype = None if name == "fp32" else DTYPES[name]  # None: no autocast
         self.scaler = None
         if name == "fp16":
             if sharded:

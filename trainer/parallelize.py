@@ -23,7 +23,7 @@ always in this order:
      The compilation itself happens in the first step (train.py logs its time).
   3. data parallelism, `parallel.name`:
        single: nothing
-       ddp:    DistributedDataParallel (the returned model still exposes the GPT's methods)
+       ddp:    DistributedDataParallel (`unwrap(model)` is the GPT under it)
        fsdp:   FSDP2 `fully_shard` on every block, then on the root. The root group holds the
                embeddings, the final norm and the tied lm_head (lm_head.weight IS wte.weight,
                one parameter, sharded once). MixedPrecisionPolicy(param_dtype, reduce_dtype)
@@ -45,8 +45,7 @@ import logging
 
 import torch
 import torch.nn as nn
-from longctx.trainer import ConfigError
-from longctx.trainer.distributed import DistInfo, require_torchrun
+from longctx.trainer.distributed import DistInfo, check_launch
 
 log = logging.getLogger(__name__)
 
@@ -55,50 +54,11 @@ __all__ = ["parallelize", "grad_sync", "clip_grad_norm", "unwrap", "parallel_nam
 # compile=auto|true on CUDA, per parallel mode: measured on one H200 (docs/benchmarks.md, training speed)
 DEFAULT_COMPILE = {"single": "model", "ddp": "blocks", "fsdp": "blocks"}
 
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    None: None, "none": None, "null": None,
-}
-
-
-def _get(cfg, key, default=None):
-    """cfg.key for a DictConfig / dict / namespace, with a default when missing."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    try:
-        v = cfg.get(key, default)  # DictConfig
-    except AttributeError:
-        v = getattr(cfg, key, default)
-    return default if v is None else v
-
-
-def _dtype(name, key):
-    k = name.lower() if isinstance(name, str) else name
-    if k not in _DTYPES:
-        raise ConfigError(f"parallel.{key}={name!r}: use one of bf16, fp16, fp32")
-    return _DTYPES[k]
-
-
 def parallel_name(cfg) -> str:
-    p = _get(cfg, "parallel")
-    name = p if isinstance(p, str) else _get(p, "name", "single")
-    return str(name)
+    """cfg.parallel.name ("single" | "ddp" | "fsdp") of a typed Config, a DictConfig or a dict."""
+    from longctx.trainer.config import as_config
 
-
-class _DDP(nn.parallel.DistributedDataParallel):
-    """DDP that forwards unknown attributes (blocks, optim_groups, flops_per_token) to the model."""
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":
-                raise
-            return getattr(self.module, name)
+    return as_config(cfg).parallel.name
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -116,14 +76,8 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-    mode = str(mode or "none").lower()
-    if mode in ("none", "false", "off"):
+    if mode == "none":  # (values checked by ParallelConfig, trainer/config.py)
         return
-    if mode not in ("full", "selective"):
-        raise ConfigError(f"parallel.activation_checkpointing={mode!r}: use none, full or selective")
-    every = int(every)
-    if every < 1:
-        raise ConfigError(f"parallel.ac_every={every}: must be >= 1")
     blocks = _blocks(model)
     for i, block in enumerate(blocks):
         if mode == "full" or i % every == 0:
@@ -134,18 +88,13 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
 def compile_mode(cfg, device: torch.device | str | None = None) -> str | None:
     """`cfg.compile` resolved for `device`: "blocks", "model" or None (eager).
 
-    Raises ConfigError for a value that is not auto | true | false | blocks | model, or for
-    compile=model with parallel=ddp|fsdp. device=None checks the setting only (before any work).
+    cfg: a typed Config (a DictConfig or dict is typed first: a bad value, or compile=model with
+    parallel=ddp|fsdp, is a ConfigError from the schema, trainer/config.py).
     """
-    raw = _get(cfg, "compile", "auto")
-    value = ("true" if raw else "false") if isinstance(raw, bool) else str(raw).lower()
-    name = parallel_name(cfg)
-    if value not in ("auto", "true", "false", "blocks", "model"):
-        raise ConfigError(f"compile={raw!r}: use auto (GPU: the fastest measured way, CPU: off), true, false, "
-                          f"blocks (each transformer block) or model (the whole model)")
-    if value == "model" and name != "single":
-        raise ConfigError(f"compile=model compiles the whole model as one graph, which parallel={name} cannot "
-                          f"wrap; use compile=blocks (or auto) with parallel={name}")
+    from longctx.trainer.config import as_config
+
+    cfg = as_config(cfg)
+    value, name = cfg.compile, cfg.parallel.name
     if value == "false" or (value == "auto" and device is not None and torch.device(device).type != "cuda"):
         return None
     if value in ("auto", "true"):
@@ -174,33 +123,30 @@ def apply_compile(model: nn.Module, mode: str = "blocks", fullgraph: bool = Fals
     model.compile_mode = mode
 
 
-def apply_fsdp(model: nn.Module, pcfg, dist: DistInfo, cfg=None) -> None:
+def apply_fsdp(model: nn.Module, pcfg, dist: DistInfo, precision: str = "bf16") -> None:
+    """FSDP2 per `pcfg` (an FSDPConfig); param_dtype auto follows `precision` (train.precision) on
+    CUDA, fp32 on the CPU (the CPU always trains in fp32, as train.py does)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    from longctx.trainer.optim import DTYPES
+
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
-    param_dtype = _get(pcfg, "param_dtype", "auto")
-    if str(param_dtype).lower() == "auto":
-        # follow train.precision (bf16 | fp16 | fp32); the CPU always trains in fp32, as train.py does
-        param_dtype = "fp32" if dist.device.type != "cuda" else str(_get(_get(cfg, "train"), "precision", "bf16"))
-    mp = MixedPrecisionPolicy(
-        param_dtype=_dtype(param_dtype, "param_dtype"),
-        reduce_dtype=_dtype(_get(pcfg, "reduce_dtype", "fp32"), "reduce_dtype"),
-    )
+    param_dtype = pcfg.param_dtype
+    if param_dtype == "auto":
+        param_dtype = "fp32" if dist.device.type != "cuda" else precision
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[pcfg.reduce_dtype])
     kw = {"mesh": mesh, "mp_policy": mp}
-    if bool(_get(pcfg, "cpu_offload", False)):
+    if pcfg.cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda")
-    reshard = bool(_get(pcfg, "reshard_after_forward", True))
-    reshard_last = bool(_get(pcfg, "reshard_last_block", False))
+    reshard = pcfg.reshard_after_forward
     blocks = _blocks(model)
     n = len(blocks)
     for i, block in enumerate(blocks):
-        fully_shard(block, reshard_after_forward=reshard and (i < n - 1 or reshard_last), **kw)
+        fully_shard(block, reshard_after_forward=reshard and (i < n - 1 or pcfg.reshard_last_block), **kw)
     # Root: embeddings (wte == lm_head.weight, tied, one parameter), position embeddings, final norm.
     fully_shard(model, reshard_after_forward=reshard, **kw)
-    prefetch = int(_get(pcfg, "prefetch", 1))
-    if prefetch < 0:
-        raise ConfigError(f"parallel.prefetch={prefetch}: use 0 (FSDP2's implicit prefetch) or k >= 1 blocks")
+    prefetch = pcfg.prefetch
     if prefetch:
         model.set_modules_to_forward_prefetch(list(blocks[:prefetch]))
         for i, block in enumerate(blocks):
@@ -211,38 +157,31 @@ def apply_fsdp(model: nn.Module, pcfg, dist: DistInfo, cfg=None) -> None:
 def parallelize(model: nn.Module, cfg, dist: DistInfo) -> nn.Module:
     """Activation checkpointing -> torch.compile -> FSDP2/DDP, per `cfg.parallel` and `cfg.compile`.
 
-    The model must already be on `dist.device` (FSDP2 shards what it finds there; with
-    parallel.cpu_offload the shards then move to CPU).
+    cfg: a typed Config (a DictConfig or dict is typed first). The model must already be on
+    `dist.device` (FSDP2 shards what it finds there; with parallel.cpu_offload the shards then
+    move to CPU).
     """
-    pcfg = _get(cfg, "parallel")
-    if isinstance(pcfg, str):
-        pcfg = {"name": pcfg}
-    name = parallel_name(cfg)
-    if name not in ("single", "ddp", "fsdp"):
-        raise ConfigError(f"parallel={name!r}: use single, ddp or fsdp")
-    require_torchrun(name)
-    if name == "single" and dist.world_size > 1:
-        raise ConfigError(
-            f"parallel=single but {dist.world_size} processes were launched; "
-            f"use parallel=fsdp or parallel=ddp with torchrun, or run one process"
-        )
+    from longctx.trainer.config import as_config
 
-    apply_activation_checkpointing(model, _get(pcfg, "activation_checkpointing", "none"), _get(pcfg, "ac_every", 2))
+    cfg = as_config(cfg)
+    pcfg = cfg.parallel
+    check_launch(pcfg.name, dist.world_size)  # (train.py checked it before any work; scripts rely on this)
+    apply_activation_checkpointing(model, pcfg.activation_checkpointing, pcfg.ac_every)
     mode = compile_mode(cfg, dist.device)
     if mode is not None:
-        apply_compile(model, mode, fullgraph=bool(_get(pcfg, "compile_fullgraph", False)))
-        log.info(f"compile: {mode} (compile={_get(cfg, 'compile', 'auto')}); compiled in the first step")
+        apply_compile(model, mode, fullgraph=pcfg.compile_fullgraph)
+        log.info(f"compile: {mode} (compile={cfg.compile}); compiled in the first step")
 
-    if name == "fsdp":
-        apply_fsdp(model, pcfg, dist, cfg)
-    elif name == "ddp":
+    if pcfg.name == "fsdp":
+        apply_fsdp(model, pcfg, dist, cfg.train.precision)
+    elif pcfg.name == "ddp":
         ids = [dist.device.index] if dist.device.type == "cuda" else None
-        model = _DDP(
+        model = nn.parallel.DistributedDataParallel(
             model,
             device_ids=ids,
-            bucket_cap_mb=int(_get(pcfg, "bucket_cap_mb", 25)),
+            bucket_cap_mb=pcfg.bucket_cap_mb,
             gradient_as_bucket_view=True,
-            find_unused_parameters=bool(_get(pcfg, "find_unused_parameters", False)),
+            find_unused_parameters=pcfg.find_unused_parameters,
         )
     return model
 

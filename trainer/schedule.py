@@ -60,7 +60,11 @@ class LRSchedule:
 
 
 def build_schedule(cfg) -> LRSchedule:
+    """The schedule of cfg.train (a typed Config; a DictConfig or dict is typed first)."""
+    from longctx.trainer.config import as_config
+
+    cfg = as_config(cfg)
     t = cfg.train
-    decay_steps = t.get("decay_steps") or cfg.max_steps
+    decay_steps = t.decay_steps or cfg.max_steps
     return LRSchedule(lr=float(t.lr), min_lr=float(t.min_lr), warmup_steps=int(t.warmup_steps),
                       decay_steps=int(decay_steps), decay=str(t.decay))

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(seq_len=32, vocab_size=96, pad_vocab_multiple=32, n_layer=2, n_head=2, n_embd=32)
 
 
-def tiny(impl="sdpa", seed=0, **kw) -> GPT:
+def tiny(impl="sdpa", seed=0, block_mask=None, device=None, **kw) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY, "attn_impl": impl, **kw}))
+    return GPT(GPTConfig(**{**TINY, "attn_impl": impl, **kw}), block_mask=block_mask, device=device)
 
 
 def compose(model_name: str, impl: str = "sdpa", seq_len: int = 1024):
@@ -91,10 +91,8 @@ def test_logits_match_reference(impl, bias):
 
 
 def _loss_and_grads(impl, state, idx, tgt, block_mask=None):
-    m = tiny(impl)
+    m = tiny(impl, block_mask=block_mask)
     m.load_state_dict(state)
-    if block_mask is not None:
-        m.set_block_mask(block_mask)
     _, loss = m(idx, tgt)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in m.named_parameters()}
@@ -135,7 +133,7 @@ def test_block_sparse_seam_dense_layout_equals_naive():
                             "attention": {"impl": "block_sparse", "layout": "local", "block_size": 16,
                                           "window_blocks": 1}})
     m = build_model(cfg)
-    assert m.block_mask is not None and all(b.attn.block_mask is m.block_mask for b in m.blocks)
+    assert m.block_mask is not None and all(b.attn.attn_impl == "block_sparse" for b in m.blocks)
     assert torch.equal(m.block_mask.layout, local_mask(32, block_m=16, block_n=16, window_blocks=1,
                                                        causal=True).layout)
     assert not any("mask" in k for k in m.state_dict())
@@ -144,11 +142,13 @@ def test_block_sparse_seam_dense_layout_equals_naive():
 def test_qkv_are_strided_views_in_bnhd(monkeypatch):
     seen = []
 
-    def spy(q, k, v, impl, causal=True, block_mask=None):
-        seen.append((q, k, v))
-        return attention.attend(q, k, v, impl, causal=causal, block_mask=block_mask)
+    sdpa = attention.ATTENTION["sdpa"]
 
-    monkeypatch.setattr(gpt, "attend", spy)
+    def spy(q, k, v, causal, block_mask):
+        seen.append((q, k, v))
+        return sdpa(q, k, v, causal, block_mask)
+
+    monkeypatch.setitem(attention.ATTENTION, "sdpa", spy)  # looked up once, when the model is built
     m = tiny("sdpa")
     m(torch.randint(0, 96, (2, 16)))
     q, k, v = seen[0]
@@ -232,17 +232,22 @@ def test_bad_config(kw, match):
         GPTConfig(**kw)
 
 
-def test_flash_cpu_fallback_logs_once(monkeypatch, caplog):
+def test_flash_cpu_fallback_resolved_once_and_logged_once(monkeypatch, caplog):
+    """Without CUDA (and no interpreter) attention=flash is resolved to sdpa when the model is built,
+    logged once per process; cpu_fallback=error stops with one line instead."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(attention, "_fallback_logged", set())
-    m, ref = tiny("flash"), tiny("sdpa")
     idx = torch.randint(0, 96, (2, 16))
     with caplog.at_level(logging.INFO, logger="longctx.model.attention"):
+        m, m2, ref = tiny("flash", device="cpu"), tiny("flash", device="cpu"), tiny("sdpa")
         out1, _ = m(idx)
-        m(idx)
+        m2(idx)
     msgs = [r.getMessage() for r in caplog.records if r.name == "longctx.model.attention"]
     assert len(msgs) == 1 and "needs a CUDA GPU" in msgs[0] and "sdpa" in msgs[0]
+    assert all(b.attn.attn_impl == "sdpa" for b in m.blocks)
     torch.testing.assert_close(out1, ref(idx)[0])
+    with pytest.raises(ValueError, match="attention=flash needs a CUDA GPU .*cpu_fallback=sdpa"):
+        tiny("flash", cpu_fallback="error", device="cpu")
 
 
 def test_autocast_logits_dtype_and_fp32_loss():

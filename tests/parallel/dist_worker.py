@@ -21,9 +21,10 @@ warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unava
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from longctx.model import GPT, GPTConfig  # noqa: E402
-from longctx.trainer.distributed import all_reduce, barrier, destroy, grad_accum_steps, init_distributed  # noqa: E402
+from longctx.trainer.distributed import all_reduce, barrier, destroy, init_distributed  # noqa: E402
+from longctx.trainer.metrics import batch_arithmetic  # noqa: E402
 from longctx.trainer.optim import Precision  # noqa: E402
-from longctx.trainer.parallelize import parallelize  # noqa: E402
+from longctx.trainer.parallelize import parallelize, unwrap  # noqa: E402
 from longctx.trainer.step import DeviceBatches, train_step  # noqa: E402
 
 VOCAB, SEQ = 96, 16
@@ -74,15 +75,17 @@ def main(argv=None):
         with open(f"{a.out}.rank{d.rank}", "w") as f:
             f.write(msg)
         os._exit(0)
-    cfg = {"compile": a.compile,
+    cfg = {"compile": a.compile, "seq_len": SEQ,
+           "train": {"global_batch_tokens": a.global_batch * SEQ, "micro_batch": a.micro_batch},
            "parallel": {"name": a.parallel, "activation_checkpointing": a.ac,
-                        "param_dtype": "fp32", "reduce_dtype": "fp32"}}
+                        **({"param_dtype": "fp32", "reduce_dtype": "fp32"} if a.parallel == "fsdp" else {})}}
     for kv in a.fsdp:
         k, v = kv.split("=", 1)
         cfg["parallel"][k] = {"true": True, "false": False}.get(v.lower(), v)
     model = parallelize(tiny_model(), cfg, d)
-    opt = torch.optim.AdamW(model.optim_groups(0.1), lr=3e-3, betas=(0.9, 0.95), foreach=False)
-    accum = grad_accum_steps(a.global_batch * SEQ, SEQ, a.micro_batch, d.world_size)
+    opt = torch.optim.AdamW(unwrap(model).optim_groups(0.1), lr=3e-3, betas=(0.9, 0.95), foreach=False)
+    micro_batch, accum = batch_arithmetic(cfg, d.world_size)
+    assert micro_batch == a.micro_batch
 
     if a.load:
         import torch.distributed.checkpoint as dcp

@@ -141,17 +141,6 @@ def test_parallel_without_torchrun_says_how_to_launch(monkeypatch):
             parallelize(dist_worker.tiny_model(), {"parallel": {"name": name}}, init_distributed("cpu"))
 
 
-def test_grad_accum_steps():
-    from longctx.trainer.distributed import grad_accum_steps
-
-    assert grad_accum_steps(524288, 1024, 8, 4) == 16  # 8 x 1024 x 16 x 4 = 524288
-    assert grad_accum_steps(524288, 16384, 1, 2) == 16
-    with pytest.raises(ValueError, match=r"3 x 8 x 1024 = 24576; use a global batch of 516096 or 540672"):
-        grad_accum_steps(524288, 1024, 8, 3)
-    with pytest.raises(ValueError, match="seq_len must be positive"):
-        grad_accum_steps(524288, 0, 8, 1)
-
-
 def test_compile_mode_resolution():
     from longctx.trainer import ConfigError
     from longctx.trainer.parallelize import DEFAULT_COMPILE, compile_mode
