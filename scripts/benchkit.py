@@ -269,7 +269,7 @@ def table(headers: list, rows: list[list], markdown: bool = False, left: int | s
     widths = [max([len(str(h))] + [len(r[i]) for r in rows if i < len(r)]) for i, h in enumerate(headers)]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([line([str(h) for h in headers]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
