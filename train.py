@@ -54,6 +54,9 @@ def check_config(cfg, world_size: int) -> tuple[int, int]:
 
     cfg = as_config(cfg)
     micro_batch, accum = batch_arithmetic(cfg, world_size)
+    if cfg.eval_tokens and cfg.eval_tokens % cfg.seq_len:
+        raise ConfigError(f"eval_tokens={cfg.eval_tokens} must be a multiple of seq_len={cfg.seq_len} "
+                          f"(use {max(1, cfg.eval_tokens // cfg.seq_len) * cfg.seq_len})")
     check_launch(cfg.parallel.name, world_size)  # parallel=ddp|fsdp needs torchrun, single one process
     if cfg.logger.name == "wandb":
         resolve_mode(cfg.logger.mode)

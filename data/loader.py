@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .prepare import _rebuild_mode, prepare_data
+from .prepare import prepare_data, typed
 from .tokenfile import CacheError, open_tokens
 from .tokenizer import VOCAB_SIZE, tokenizer_fingerprint
 
@@ -32,6 +32,14 @@ def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _check_rank(rank, world_size) -> int:
+    """world_size (an integer >= 1) after checking 0 <= rank < world_size."""
+    world_size = _check_int("world_size", world_size, 1)
+    if not 0 <= _check_int("rank", rank, 0) < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return world_size
 
 
 @dataclass(frozen=True)
@@ -85,14 +93,10 @@ class TokenData:
         world_size: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) int64 CPU tensors of shape (micro_batch, seq_len); y is x shifted left by one."""
-        step = _check_int("step", step, 0)
-        seed = _check_int("seed", seed, 0)
-        seq_len = _check_int("seq_len", seq_len, 1)
-        micro_batch = _check_int("micro_batch", micro_batch, 1)
-        grad_accum = _check_int("grad_accum", grad_accum, 1)
-        world_size = _check_int("world_size", world_size, 1)
-        if not 0 <= _check_int("rank", rank, 0) < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        step, seed = _check_int("step", step, 0), _check_int("seed", seed, 0)
+        seq_len, micro_batch, grad_accum = (_check_int(n, v, 1) for n, v in (
+            ("seq_len", seq_len), ("micro_batch", micro_batch), ("grad_accum", grad_accum)))
+        world_size = _check_rank(rank, world_size)
         if not 0 <= _check_int("micro_step", micro_step, 0) < grad_accum:
             raise ValueError(f"micro_step must be in [0, grad_accum={grad_accum}), got {micro_step}")
         self._check_seq_len(seq_len, "train", len(self.train))
@@ -117,12 +121,9 @@ class TokenData:
         self, seq_len: int, micro_batch: int, eval_tokens: int, rank: int = 0, world_size: int = 1
     ) -> ValPlan:
         """Check the arguments of `val_batches` and say how the pass is laid out (no data read)."""
-        seq_len = _check_int("seq_len", seq_len, 1)
-        micro_batch = _check_int("micro_batch", micro_batch, 1)
-        eval_tokens = _check_int("eval_tokens", eval_tokens, 1)
-        world_size = _check_int("world_size", world_size, 1)
-        if not 0 <= _check_int("rank", rank, 0) < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        seq_len, micro_batch, eval_tokens = (_check_int(n, v, 1) for n, v in (
+            ("seq_len", seq_len), ("micro_batch", micro_batch), ("eval_tokens", eval_tokens)))
+        world_size = _check_rank(rank, world_size)
         if eval_tokens % seq_len:
             raise ValueError(
                 f"eval_tokens={eval_tokens} is not a multiple of seq_len={seq_len}: pick eval_tokens "
@@ -176,5 +177,5 @@ def load_data(data_cfg) -> TokenData:
     (without the barrier it is still safe: ranks wait on the cache lock). data.rebuild=always is
     honoured by `prepare_data` only; here it counts as auto, so the files are not built twice.
     """
-    mode = _rebuild_mode(data_cfg)
-    return TokenData(prepare_data(data_cfg, rebuild="auto" if mode == "always" else mode))
+    data_cfg = typed(data_cfg)
+    return TokenData(prepare_data(data_cfg, rebuild="auto" if data_cfg.rebuild == "always" else data_cfg.rebuild))

@@ -63,11 +63,24 @@ class DataError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ config
-def _get(cfg, key, default=None):
-    if cfg is None:
-        return default
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return default if value is None and default is not None else value
+def typed(data_cfg):
+    """The typed data config (trainer/config.py's DataConfig of data_cfg.name) of a DataConfig,
+    DictConfig or dict; a bad key, type or value is a ConfigError (a ValueError), one line."""
+    from longctx.trainer.config import as_group
+
+    return as_group("data", data_cfg)
+
+
+def _with(data_cfg, **kw):
+    """data_cfg with some keys replaced (a copy; any of the forms `typed` takes)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(data_cfg):
+        return dataclasses.replace(data_cfg, **kw)
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(data_cfg, resolve=True) if OmegaConf.is_config(data_cfg) else dict(data_cfg)
+    return {**d, **kw}
 
 
 def _as_list(value):
@@ -78,73 +91,38 @@ def _as_list(value):
     return list(value)
 
 
-def _opt_int(cfg, key, minimum):
-    value = _get(cfg, key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"data.{key} must be an integer >= {minimum} or null, got {value!r}")
-    return value
-
-
-def _rebuild_mode(cfg) -> str:
-    value = _get(cfg, "rebuild", "auto")
-    if value is True:
-        return "always"
-    if value is False:
-        return "never"
-    if value not in ("auto", "always", "never"):
-        raise ValueError(f"data.rebuild must be auto, always or never (or true/false), got {value!r}")
-    return value
-
-
 def cache_root(cfg) -> Path:
-    value = _get(cfg, "cache_dir") or os.environ.get("LONGCTX_CACHE") or DEFAULT_CACHE_DIR
+    value = cfg.cache_dir or os.environ.get("LONGCTX_CACHE") or DEFAULT_CACHE_DIR
     return Path(os.path.expanduser(str(value))).absolute()
 
 
 def _source_and_fingerprint(cfg):
-    """Check the config and describe the source (cheap: lists files, never downloads)."""
-    name = _get(cfg, "name")
-    if name not in SOURCES:
-        raise ValueError(f"data.name must be one of {', '.join(SOURCES)}, got {name!r}")
-    default_fraction, default_seed = (0.0005, 2357) if name == "openwebtext" else (0.005, 0)
-    val_fraction = float(_get(cfg, "val_fraction", default_fraction))
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-    seed = _opt_int(cfg, "split_seed", 0)
-    seed = default_seed if seed is None else seed
-    max_files = _opt_int(cfg, "max_files", 2)
-    text_field = str(_get(cfg, "text_field", "text"))
+    """Describe the source of a typed data config (cheap: lists files, never downloads)."""
+    name = cfg.name
+    seed = cfg.split_seed if cfg.split_seed is not None else (2357 if name == "openwebtext" else 0)
     if name == "stdlib":
-        src = sources.stdlib_source(_get(cfg, "root"), max_files, seed)
+        src = sources.stdlib_source(cfg.root, cfg.max_files, seed)
     elif name == "local":
-        src = sources.local_source(_as_list(_get(cfg, "paths")), text_field, max_files, seed)
+        src = sources.local_source(_as_list(cfg.paths), cfg.text_field, cfg.max_files, seed)
     else:
         src = None
     if src is not None:
         fp = dict(src.fingerprint())
     else:
-        fp = {
-            "source": "openwebtext",
-            "hf_name": str(_get(cfg, "hf_name", "Skylion007/openwebtext")),
-            "hf_config": _get(cfg, "hf_config"),
-            "hf_revision": _get(cfg, "hf_revision"),
-            "text_field": text_field,
-        }
-    fp.update({"val_fraction": val_fraction, "split_seed": seed})
+        fp = {"source": "openwebtext", "hf_name": cfg.hf_name, "hf_config": cfg.hf_config,
+              "hf_revision": cfg.hf_revision, "text_field": cfg.text_field}
+    fp.update({"val_fraction": float(cfg.val_fraction), "split_seed": seed})
     return name, src, fp
 
 
 def check_data_config(data_cfg) -> None:
     """Raise ValueError (one line) for a bad data setting; cheap (lists files, reads none)."""
-    _source_and_fingerprint(data_cfg)
-    _rebuild_mode(data_cfg)
-    _opt_int(data_cfg, "num_proc", 1)
+    _source_and_fingerprint(typed(data_cfg))
 
 
 def cache_folder(data_cfg) -> Path:
     """The folder where `prepare_data` puts (or finds) the token files for this config."""
+    data_cfg = typed(data_cfg)
     name, _, fp = _source_and_fingerprint(data_cfg)
     return _folder_for(data_cfg, name, fp, tokenizer_fingerprint())
 
@@ -208,10 +186,10 @@ def prepare_data(data_cfg, *, progress: bool | None = None, rebuild: str | None 
     text_field (openwebtext), progress. `progress` and `rebuild` arguments override the config.
     Safe to call from several processes at once.
     """
-    name, src, fp = _source_and_fingerprint(data_cfg)  # all config errors surface here, before work
-    mode = _rebuild_mode({"rebuild": rebuild} if rebuild is not None else data_cfg)
-    num_proc = _opt_int(data_cfg, "num_proc", 1)
-    show = bool(_get(data_cfg, "progress", True)) if progress is None else progress
+    data_cfg = typed(data_cfg if rebuild is None else _with(data_cfg, rebuild=rebuild))  # config errors: here
+    name, src, fp = _source_and_fingerprint(data_cfg)  # (and bad paths), before any work
+    mode, num_proc = data_cfg.rebuild, data_cfg.num_proc
+    show = data_cfg.progress if progress is None else progress
     tok_fp = tokenizer_fingerprint()
     folder = _folder_for(data_cfg, name, fp, tok_fp)
     if mode != "always":
@@ -439,7 +417,7 @@ def _build_from_hub(cfg, fp, folder, tok_fp, num_proc, show) -> dict:
     from tqdm.auto import tqdm
 
     num_proc = num_proc or os.cpu_count() or 1
-    kwargs = {"split": "train", "cache_dir": _get(cfg, "hf_cache_dir"), "num_proc": num_proc}
+    kwargs = {"split": "train", "cache_dir": cfg.hf_cache_dir, "num_proc": num_proc}
     if fp["hf_revision"]:
         kwargs["revision"] = fp["hf_revision"]
     try:

@@ -57,6 +57,17 @@ class GPTConfig:
         return (self.vocab_size + m - 1) // m * m
 
 
+def decay_groups(model: nn.Module, embeddings, weight_decay: float) -> list[dict]:
+    """Two AdamW groups of model's trainable parameters: weight decay on 2-D weights except the
+    `embeddings`; none on those, biases and norms."""
+    skip = {id(p) for p in embeddings}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in skip else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, impl: str):
         super().__init__()
@@ -203,14 +214,7 @@ class GPT(nn.Module):
 
         Every parameter appears exactly once (lm_head.weight is wte.weight: one embedding).
         """
-        embeddings = {id(self.wte.weight), id(self.wpe.weight)}
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return decay_groups(self, [self.wte.weight, self.wpe.weight], weight_decay)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -71,14 +71,9 @@ class HFGPT(nn.Module):
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
         """Decay on 2-D weights (Conv1D / Linear); none on biases, norms and embeddings (as ours)."""
-        embeddings = {id(p) for p in self._embeddings()}
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        from .gpt import decay_groups
+
+        return decay_groups(self, self._embeddings(), weight_decay)
 
 
 def build_hf_model(cfg) -> HFGPT:
@@ -88,9 +83,7 @@ def build_hf_model(cfg) -> HFGPT:
     from .gpt import GPT, gpt_config
 
     cfg = as_config(cfg)
-    backend = cfg.model.backend
-    if backend not in BACKENDS:
-        raise ValueError(f"model.backend={backend}: use ours, {', '.join(BACKENDS)}")
+    backend = cfg.model.backend  # ours | hf_eager | hf_sdpa: checked by the schema (trainer/config.py)
     if not cfg.model.bias:
         raise ValueError(f"model.backend={backend} needs model.bias=true (Hugging Face GPT-2 always has biases)")
     if cfg.attention.impl == "block_sparse":

@@ -244,13 +244,12 @@ def main(argv: list[str]) -> int:
     overrides already shrunk by the parent) in order; rank 0 writes the results to argv[1]."""
     import logging
 
-    from longctx.trainer.distributed import destroy
+    import longctx.trainer.distributed as distributed
 
-    from longctx import train as train_mod
-
+    destroy = distributed.destroy
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = []
-    train_mod.destroy = lambda: None  # one process group for all the runs (a second init would hang)
+    distributed.destroy = lambda: None  # one process group for all the runs (a second init would hang)
     for item in json.loads(Path(argv[0]).read_text()):
         cmd = parse(item["text"], item["source"])
         r = run_command(cmd, "", cfg=compose(item["overrides"]))

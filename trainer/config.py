@@ -50,7 +50,8 @@ def _number(obj, key: str, minimum: float = 0.0, *, above: bool = False, below: 
 def _choice(obj, key: str, allowed: tuple, prefix: str = "", hint: str = "") -> None:
     v = getattr(obj, key)
     if v not in allowed:
-        raise ConfigError(f"{prefix}{key}={v!r}: use {hint or ', '.join(map(str, allowed))}")
+        names = [str(a) for a in allowed]
+        raise ConfigError(f"{prefix}{key}={v!r}: use {hint or ', '.join(names[:-1]) + ' or ' + names[-1]}")
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -225,8 +226,8 @@ class ParallelConfig:
     "single | ddp | fsdp (ddp/fsdp under torchrun)"
     activation_checkpointing: str = "none"
     "none | full (every block) | selective (every ac_every-th block)"
-    ac_every: int = 2
-    "selective: checkpoint blocks 0, ac_every, 2*ac_every, ..."
+    ac_every: Optional[int] = 2
+    "selective: checkpoint blocks 0, ac_every, 2*ac_every, ... (null = 2)"
     compile_fullgraph: bool = False
     "with compile on: torch.compile(..., fullgraph=...)"
     timeout_s: Optional[float] = 1800
@@ -235,7 +236,8 @@ class ParallelConfig:
     def __post_init__(self):
         _choice(self, "name", ("single", "ddp", "fsdp"), "parallel.")
         _choice(self, "activation_checkpointing", ("none", "full", "selective"), "parallel.")
-        _int(self, "ac_every", 1, prefix="parallel.")
+        _int(self, "ac_every", 1, null=True, prefix="parallel.")
+        self.ac_every = self.ac_every or 2
 
 
 @dataclass
@@ -425,17 +427,19 @@ class Config:
             raise ConfigError(f"compile=model compiles the whole model as one graph, which parallel="
                               f"{self.parallel.name} cannot wrap; use compile=blocks (or auto) with "
                               f"parallel={self.parallel.name}")
-        _int(self, "seq_len", 1)
+        if not isinstance(self.seq_len, int) or self.seq_len <= 0:
+            raise ConfigError(f"seq_len={self.seq_len!r} must be a positive integer, e.g. seq_len=1024")
         _int(self, "max_steps")
         if self.max_steps == 0:
             raise ConfigError("max_steps=0: train for at least one step")
         for key in ("seed", "eval_every", "eval_tokens", "ckpt_every", "ckpt_keep", "log_every"):
             _int(self, key)
-        _choice(self, "device", ("auto", "cuda", "cpu"))
+        d = self.device
+        if d not in ("auto", "cuda", "cpu") and not d.startswith("cuda:"):
+            raise ConfigError(f"device={d!r} is not one of auto, cuda, cuda:N, cpu")
+        if d.startswith("cuda:") and not d[5:].isdigit():
+            raise ConfigError(f"device={d!r}: the GPU index must be a number")
         _choice(self, "init_positions", ("tile", "interpolate"))
-        if self.eval_tokens and self.eval_tokens % self.seq_len:
-            raise ConfigError(f"eval_tokens={self.eval_tokens} must be a multiple of seq_len={self.seq_len} "
-                              f"(use {max(1, self.eval_tokens // self.seq_len) * self.seq_len})")
         if not str(self.run_dir or "").strip():
             raise ConfigError("run_dir is empty; give a folder, e.g. run_dir=outputs/my_run")
 
@@ -468,7 +472,12 @@ def register() -> None:
 # ------------------------------------------------------------------------------ DictConfig -> objects
 def _schema_for(group: str, node) -> type:
     key, by_value, fallback = GROUP_SCHEMAS[group]
-    value = node.get(key) if key is not None and hasattr(node, "get") else getattr(node, key, None) if key else None
+    if key is None:
+        return fallback
+    value = node.get(key) if hasattr(node, "get") else getattr(node, key, None)
+    if group in ("data", "parallel", "logger") and value is not None and value not in by_value:
+        names = list(by_value)  # one schema per option: an unknown name is the first thing to say
+        raise ConfigError(f"{group}.{key}={value!r}: use {', '.join(names[:-1])} or {names[-1]}")
     return by_value.get(value, fallback)
 
 
@@ -530,6 +539,8 @@ def error_line(e: Exception) -> str:
         want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
             getattr(ref, "__origin__", None) and ref.__args__[0] or ref, None)
         value = getattr(e, "value", None)
+        if want is None and "is not a valid bool" in msg:
+            want = "true or false"
         if want is None and "could not be converted to" in msg:
             want = msg.rsplit("could not be converted to", 1)[1].strip(" .").lower()
             want = {"integer": "an integer", "float": "a number", "boolean": "true or false"}.get(want, want)

@@ -271,12 +271,12 @@ def test_openwebtext_pipeline_on_a_fake_dataset(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "kw, msg",
     [
-        (dict(name="wikipedia"), "data.name must be one of stdlib, local, openwebtext"),
-        (dict(val_fraction=0.0), r"data.val_fraction must be in \(0, 1\)"),
-        (dict(val_fraction=1.5), r"data.val_fraction must be in \(0, 1\)"),
-        (dict(max_files=1), "data.max_files must be an integer >= 2"),
-        (dict(num_proc=0), "data.num_proc must be an integer >= 1"),
-        (dict(rebuild="sometimes"), "data.rebuild must be auto, always or never"),
+        (dict(name="wikipedia"), "data.name='wikipedia': use stdlib, local or openwebtext"),
+        (dict(val_fraction=0.0), r"data.val_fraction=0.0 must be a number > 0 and < 1"),
+        (dict(val_fraction=1.5), r"data.val_fraction=1.5 must be a number > 0 and < 1"),
+        (dict(max_files=1), "data.max_files=1 must be an integer >= 2"),
+        (dict(num_proc=0), "data.num_proc=0 must be an integer >= 1"),
+        (dict(rebuild="sometimes"), "data.rebuild='sometimes': use auto, always or never"),
         (dict(paths=[]), "data=local needs files"),
         (dict(paths=["/nonexistent/*.txt"]), "matches no files"),
     ],

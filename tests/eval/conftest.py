@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.conftest import run_inprocess, write_corpus
+from tests.trainer.conftest import make_corpus, run_inprocess
 
 
 def hf_tiny(vocab_size: int = 50257, n_positions: int = 64, seed: int = 0, n_layer: int = 2, n_embd: int = 32):
@@ -35,9 +35,7 @@ def hf_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def corpus_eval(tmp_path_factory) -> dict:
-    base = tmp_path_factory.mktemp("corpus_eval")
-    write_corpus(base / "text")
-    return {"glob": str(base / "text" / "*.txt"), "cache": str(base / "cache")}
+    return make_corpus(tmp_path_factory.mktemp("corpus_eval"))
 
 
 @pytest.fixture(scope="session")

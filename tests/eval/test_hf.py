@@ -141,19 +141,19 @@ def test_export_hf_of_a_training_checkpoint(tiny_run, tmp_path, capsys):
 def test_train_init_from_hf_dir_and_run_dir(corpus_eval, hf_dir, tiny_run, tmp_path, monkeypatch):
     """init_from=<HF folder> at seq_len 96 > 64 positions: step 1's loss is the loss of the
     extended pretrained model; init_from=<our run dir> starts at that run's weights."""
-    from longctx import train as train_mod
+    import longctx.trainer.parallelize as par
     from tests.trainer.conftest import read_rows, run_inprocess
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir)
     seen = {}
-    real = train_mod.parallelize
+    real = par.parallelize
 
     def capture(model, cfg, dist):
         seen["wpe"] = model.wpe.weight.detach().clone()
         seen["h0"] = model.blocks[0].attn.c_attn.weight.detach().clone()
         return real(model, cfg, dist)
 
-    monkeypatch.setattr(train_mod, "parallelize", capture)
+    monkeypatch.setattr(par, "parallelize", capture)  # (train.py imports it when the run is set up)
     sizes = {"model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32}
     run_inprocess(corpus_eval, tmp_path / "a", init_from=str(hf_dir), seq_len=96, max_steps=1, eval_tokens=0,
                   ckpt_every=0, **sizes, **{"train.global_batch_tokens": 384})

@@ -80,7 +80,7 @@ def test_eager_and_sdpa_agree_and_checkpointing_acts_through_blocks():
 
 
 @pytest.mark.parametrize("kw, msg", [
-    ({"backend": "hf_flash"}, "model.backend='hf_flash': use ours, hf_eager, hf_sdpa"),
+    ({"backend": "hf_flash"}, "model.backend='hf_flash': use ours, hf_eager or hf_sdpa"),
     ({"backend": "hf_sdpa", "bias": False}, "needs model.bias=true"),
     ({"backend": "hf_sdpa", "impl": "block_sparse"}, "attention=block_sparse needs model.backend=ours"),
 ])

@@ -35,11 +35,15 @@ def write_corpus(folder: Path, n_files: int = 24, seed: int = 0) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> dict:
-    base = tmp_path_factory.mktemp("corpus")
+def make_corpus(base: Path) -> dict:
+    """write_corpus under base/text; the glob data.paths takes and a cache folder for data.cache_dir."""
     write_corpus(base / "text")
     return {"glob": str(base / "text" / "*.txt"), "cache": str(base / "cache")}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def base_overrides(corpus: dict, run_dir: Path, **kw) -> list[str]:

@@ -52,7 +52,7 @@ def test_bad_value_leaves_no_outputs_folder(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "train.lr=abc", "logger=none", "device=cpu"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert "train.lr='abc' must be a number > 0" in _one_error_line(r)
+    assert "train.lr='abc' must be a number" in _one_error_line(r)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from longctx.trainer import checkpoint as ckpt_mod
+from longctx.trainer import step as step_mod
 from longctx.trainer.checkpoint import latest_checkpoint, list_checkpoints
 
 from longctx import train as train_mod
@@ -149,7 +150,7 @@ def test_nan_loss_stops_naming_the_step(corpus, tmp_path, monkeypatch):
 
     # train.py imports build_model inside train(), so patching the package is enough
     monkeypatch.setattr(model_pkg, "build_model", build_poisoned)
-    with pytest.raises(train_mod.LossDiverged, match=r"loss is nan at step 5"):
+    with pytest.raises(step_mod.LossDiverged, match=r"loss is nan at step 5"):
         run_inprocess(corpus, tmp_path, ckpt_every=2)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_0000002", "step_0000004"]
     assert [r["step"] for r in read_rows(tmp_path)] == [1, 2, 3, 4]
