@@ -6,12 +6,17 @@
   memory of one call minus what was allocated before it), `rel_err`, `classify_error`.
 - `Worker` / `serve`: work runs in a child process (the script itself with --_worker) that reads
   cases as JSON lines on stdin and answers with tagged JSON lines on stdout (its other output is
-  passed through). `run_cases` drives a list of cases through one: a crash or hang costs that case
-  only (a fresh worker takes the rest); after an OOM / crash / timeout of a method its larger N in
-  the same group are skipped; past the deadline the remaining cases are "skipped (time budget)".
+  passed through); a case may say "warmed up" and wait for a go-ahead (bench_training.py warms
+  several workers at once, then times them one by one). `run_cases` drives a list of cases through
+  one worker: a crash or hang costs that case only (a fresh worker takes the rest); after an OOM /
+  crash / timeout of a method its larger N in the same group are skipped; past the deadline the
+  remaining cases are "skipped (time budget)".
 - `write_json` / `write_text` (atomic: temporary file + rename, so a killed run never leaves a
-  half-written file), `table` (aligned text or markdown), `plot_panels` (log-log PNG panels).
-- `add_common_args` / `check_common_args` / `run_bench`: the kernel benchmarks' shared CLI and main.
+  half-written file), `save_figure` (the same for a PNG), `table` (aligned text or markdown),
+  `plot_panels` (log-log PNG panels).
+- `add_common_args` / `parse_common` / `run_bench`: the kernel benchmarks' shared CLI and main
+  (bench_attention.py, bench_block_sparse.py); `add_step_args`: the training benchmarks' shared
+  arguments (bench_training.py, bench_fsdp.py).
 
 Importable without torch (a parent of isolated workers never imports it).
 """
