@@ -3,15 +3,17 @@
 Every setting comes from the Hydra config tree in configs/ (see configs/config.yaml). Many GPUs:
 `torchrun --standalone --nproc_per_node=8 train.py parallel=fsdp run_dir=outputs/run1`.
 
-The loop, top to bottom:
-  init_distributed -> check the config (one-line errors, before any work) -> seed
+train() = setup -> loop -> finish:
+  setup: init_distributed -> check the config (typed by trainer/config.py; one-line errors, before
+  any work) -> seed
   -> data (prepare on rank 0, barrier, load everywhere) -> build_model -> parallelize
-  -> AdamW + LR schedule -> maybe resume -> for each step:
+  -> AdamW + LR schedule -> maybe resume
+  loop: for each step:
        train_step (trainer/step.py): for each micro-step: (x, y) = the next prefetched micro-batch;
        loss = model(x, y) / accum; backward (gradients reduced over ranks on the last one only);
        clip -> optimizer step (a non-finite loss or grad norm is never applied: LossDiverged)
        -> log -> evaluate every eval_every -> checkpoint every ckpt_every
-  -> summary (console, train.log, <run_dir>/summary.json: losses, speed, paths, next commands)
+  finish: summary (console, train.log, <run_dir>/summary.json: losses, speed, paths, next commands)
 `run()` wraps it for the command line: `error: <one line>` for bad input, and a run stopped by a
 config or data error leaves no run dir behind (trainer/cli.py).
 Supporting pieces live in trainer/ (one job per file).
@@ -29,6 +31,7 @@ from typing import Any
 
 import hydra
 from longctx.trainer import ConfigError
+from longctx.trainer.cli import check_group_choices as _check_group_choices
 from longctx.trainer.cli import (
     check_override_keys,
     check_run_dir_writable,
@@ -148,7 +151,6 @@ def setup(cfg: Config, run_dir: str | Path | None = None) -> Run:
     """Processes, checks, data, model, parallelism, optimizer, schedule, resume: everything but the loop."""
     import torch
     from longctx.model import build_model
-    from longctx.trainer.checkpoint import load_checkpoint
     from longctx.trainer.distributed import broadcast_object, init_distributed
     from longctx.trainer.init import load_init
     from longctx.trainer.logger import build_logger
@@ -184,21 +186,30 @@ def setup(cfg: Config, run_dir: str | Path | None = None) -> Run:
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank; batches come from (seed, step, rank)
 
     metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=dist.is_main)
-    start_step = 0
-    if resume_from is not None:
-        meta = load_checkpoint(resume_from, model, optimizer, rank=dist.rank)
-        start_step = int(meta["step"])
-        if prec.scaler is not None and meta.get("grad_scaler"):
-            prec.scaler.load_state_dict(meta["grad_scaler"])
-        log.info(f"resumed from {resume_from} (step {start_step})")
-        metrics.truncate_after(start_step)
-    elif cfg.resume == "auto":
+    start_step = restore(resume_from, model, optimizer, prec, metrics, dist.rank)
+    if resume_from is None and cfg.resume == "auto":
         log.info(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'}, starting from scratch")
     logger = build_logger(cfg, run_dir, dist.is_main, resuming=resume_from is not None)
     meter = Throughput(tokens_per_step, flops_per_token, peak_flops(dist.device), dist.world_size,
                        cfg.max_steps, dist.device)
     return Run(cfg, dist, run_dir, data, model, optimizer, prec, schedule, metrics, logger, meter, micro_batch,
                accum, tokens_per_step, start_step, dataclasses.asdict(cfg.model), config_yaml, t_start)
+
+
+def restore(resume_from, model, optimizer, prec, metrics, rank: int) -> int:
+    """Load the checkpoint to resume from (if any) into model, optimizer and grad scaler; drop the
+    metrics rows after it. Returns the step to start at."""
+    from longctx.trainer.checkpoint import load_checkpoint
+
+    if resume_from is None:
+        return 0
+    meta = load_checkpoint(resume_from, model, optimizer, rank=rank)
+    start_step = int(meta["step"])
+    if prec.scaler is not None and meta.get("grad_scaler"):
+        prec.scaler.load_state_dict(meta["grad_scaler"])
+    log.info(f"resumed from {resume_from} (step {start_step})")
+    metrics.truncate_after(start_step)
+    return start_step
 
 
 def evaluate(r: Run) -> tuple[float, float, int]:
@@ -358,46 +369,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 GROUPS = ("model", "data", "attention", "parallel", "logger", "experiment")
 
 
-def _group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-
-
 def check_group_choices(argv: list[str]) -> None:
-    """`model=gpt2_huge` -> one line naming the bad option and the valid ones (before Hydra's own,
-    longer message). Sweeps are checked option by option: `model=gpt2_tiny,gpt2_small`,
-    `model=choice(...)`, `model=glob(gpt2_*)` (must match at least one option); a malformed
-    override is left to Hydra's parser, which names it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ValueType
-
-    parser = None
-    for arg in argv:
-        key = arg.lstrip("+~").partition("=")[0].partition("@")[0]
-        if arg.startswith("-") or "=" not in arg or key not in GROUPS:
-            continue  # flags (-m, --multirun, --cfg job) and plain keys
-        parser = parser or OverridesParser.create()
-        try:
-            override = parser.parse_override(arg)
-        except Exception:  # Hydra reports the syntax error itself
-            continue
-        options = _group_options(key)
-        value = override.value()
-        if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
-            if not value.filter(options):
-                raise ConfigError(f"{arg} matches no option; choose from: {', '.join(options)}")
-            continue
-        if override.is_sweep_override():
-            try:
-                choices = list(override.sweep_string_iterator())
-            except Exception:  # nested sweeps (choice(a,b),c): Hydra expands and checks them
-                continue
-        else:
-            choices = [value]
-        for choice in choices:
-            if choice is None or choice in ("null", ""):
-                continue
-            if not isinstance(choice, str) or choice not in options:
-                raise ConfigError(f"{key}={choice} is not an option; choose one of: {', '.join(options)}")
+    """`model=gpt2_huge` -> one line naming the bad option and the valid ones (trainer/cli.py)."""
+    _check_group_choices(argv, CONFIG_DIR, GROUPS)
 
 
 def run(cfg: DictConfig, run_dir: str | None) -> int:

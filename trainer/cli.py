@@ -2,6 +2,7 @@
 starts (so a typo or an unwritable run_dir is one line and no folder), and the cleanup that
 leaves nothing behind when a run is stopped by a config or data error.
 
+    check_group_choices(argv, ...)  `model=gpt2_huge` -> one line naming the options
     check_override_keys(argv, ...)  `train.lrr=1` -> `error: train.lrr: no such setting; did you mean train.lr?`;
                                     `train.lr=abc` -> `error: train.lr='abc' must be a number` (the schema,
                                     trainer/config.py: types while composing, ranges after)
@@ -62,6 +63,48 @@ def _dotted_keys(d: dict, prefix: str = "") -> list[str]:
     for k, v in d.items():
         out += _dotted_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
     return out
+
+
+def _group_options(config_dir: Path, group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+
+
+def check_group_choices(argv: list[str], config_dir: Path, groups: tuple[str, ...]) -> None:
+    """`model=gpt2_huge` -> one line naming the bad option and the valid ones (before Hydra's own,
+    longer message). Sweeps are checked option by option: `model=gpt2_tiny,gpt2_small`,
+    `model=choice(...)`, `model=glob(gpt2_*)` (must match at least one option); a malformed
+    override is left to Hydra's parser, which names it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    parser = None
+    for arg in argv:
+        key = arg.lstrip("+~").partition("=")[0].partition("@")[0]
+        if arg.startswith("-") or "=" not in arg or key not in groups:
+            continue  # flags (-m, --multirun, --cfg job) and plain keys
+        parser = parser or OverridesParser.create()
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # Hydra reports the syntax error itself
+            continue
+        options = _group_options(config_dir, key)
+        value = override.value()
+        if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            if not value.filter(options):
+                raise ConfigError(f"{arg} matches no option; choose from: {', '.join(options)}")
+            continue
+        if override.is_sweep_override():
+            try:
+                choices = list(override.sweep_string_iterator())
+            except Exception:  # nested sweeps (choice(a,b),c): Hydra expands and checks them
+                continue
+        else:
+            choices = [value]
+        for choice in choices:
+            if choice is None or choice in ("null", ""):
+                continue
+            if not isinstance(choice, str) or choice not in options:
+                raise ConfigError(f"{key}={choice} is not an option; choose one of: {', '.join(options)}")
 
 
 HYDRA_FILES = {".hydra", "train.log"}  # what Hydra puts in the run dir before train() starts
