@@ -250,6 +250,17 @@ def write_json(path, obj) -> None:
     write_text(path, json.dumps(clean_floats(obj), indent=1, default=str, allow_nan=False) + "\n")
 
 
+def read_jsonl(path) -> list[dict]:
+    """The rows of a JSON-lines file (train.py's metrics.jsonl); a line cut short by a kill is skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def fmt(x, spec: str = ".0f", none: str = "-") -> str:
     return none if x is None else format(x, spec)
 

@@ -13,7 +13,6 @@ A plot of the curves (and of the differences) is written with --out. The summary
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -26,14 +25,7 @@ def read_metrics(run_dir: str) -> dict[int, dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; pass train.py run directories (run_dir=...)")
-    rows = {}
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if "loss" in r:
-            rows[int(r["step"])] = r
+    rows = {int(r["step"]): r for r in bk.read_jsonl(path) if "loss" in r}
     if not rows:
         raise SystemExit(f"error: {path} has no training rows")
     return rows

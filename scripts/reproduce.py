@@ -912,13 +912,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise RowError(f"{path} is missing")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-    return sorted(rows, key=lambda r: r.get("step", 0))
+    return sorted(bk.read_jsonl(path), key=lambda r: r.get("step", 0))
 
 
 def train_summary(run_dir: Path, max_steps: int, need_eval: bool = True) -> dict:
