@@ -69,7 +69,7 @@ def worker(a) -> None:
             else:  # the same model and optimizer; only the accumulation changes
                 from longctx import train as train_mod
                 mb, accum = train_mod.check_config(cfg, d.world_size)
-            warmup = a.warmup if i == 0 else 1
+            warmup = a.warmup  # every batch size: a new accumulation count re-warms the allocator
             batches = random_batches(cfg, d, mb, accum, range(warmup + a.steps), seed=i)
             t0 = time.perf_counter()
             for s in range(warmup):

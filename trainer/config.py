@@ -283,20 +283,13 @@ PARALLEL_SCHEMAS = {"single": ParallelConfig, "ddp": DDPConfig, "fsdp": FSDPConf
 # --------------------------------------------------------------------------------------- logger
 @dataclass
 class LoggerConfig:
-    """configs/logger/none.yaml: console, train.log and metrics.jsonl only."""
+    """configs/logger/{none,wandb}.yaml. none: the console, train.log and metrics.jsonl only; wandb:
+    Weights & Biases too (trainer/logger.py), rank 0 only. One schema for both, so a preset can set
+    e.g. logger.group and still run with logger=none."""
     name: str = "none"
     "none | wandb"
-
-    def __post_init__(self):
-        _choice(self, "name", ("none", "wandb"), "logger.")
-
-
-@dataclass
-class WandbConfig(LoggerConfig):
-    """configs/logger/wandb.yaml: Weights & Biases (trainer/logger.py), rank 0 only."""
-    name: str = "wandb"
     mode: str = "auto"
-    "auto (online if logged in, else offline) | online | offline | disabled"
+    "wandb: auto (online if logged in, else offline) | online | offline | disabled"
     project: str = "longctx-gpt"
     "W&B project"
     entity: Optional[str] = None
@@ -309,11 +302,11 @@ class WandbConfig(LoggerConfig):
     "W&B tags"
 
     def __post_init__(self):
-        super().__post_init__()
+        _choice(self, "name", ("none", "wandb"), "logger.")
         _choice(self, "mode", ("auto", "online", "offline", "disabled"), "logger.")
 
 
-LOGGER_SCHEMAS = {"none": LoggerConfig, "wandb": WandbConfig}
+LOGGER_SCHEMAS = {"none": LoggerConfig, "wandb": LoggerConfig}
 
 
 # ---------------------------------------------------------------------------------- train/optim
@@ -414,7 +407,7 @@ class Config:
     parallel: Any = None
     "group parallel=: ParallelConfig | DDPConfig | FSDPConfig"
     logger: Any = None
-    "group logger=: LoggerConfig | WandbConfig"
+    "group logger=: LoggerConfig"
 
     def __post_init__(self):
         if self.compile is True or self.compile is False:

@@ -91,7 +91,7 @@ class WandbLogger:
 
 
 def build_logger(cfg, run_dir: Path, is_main: bool, resuming: bool):
-    """The run's logger from cfg.logger (a LoggerConfig / WandbConfig; a DictConfig is typed first)."""
+    """The run's logger from cfg.logger (a LoggerConfig; a DictConfig is typed first)."""
     from longctx.trainer.config import as_group
 
     lcfg = as_group("logger", cfg.logger)

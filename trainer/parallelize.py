@@ -28,8 +28,9 @@ always in this order:
                embeddings, the final norm and the tied lm_head (lm_head.weight IS wte.weight,
                one parameter, sharded once). MixedPrecisionPolicy(param_dtype, reduce_dtype)
                (param_dtype auto = train.precision on CUDA, fp32 on the CPU),
-               reshard_after_forward (the last block can keep its parameters gathered, since the
-               backward needs them at once), optional CPUOffloadPolicy, and explicit prefetch
+               reshard_after_forward (default false: gathered params stay until the block's
+               backward, one all-gather per block and micro-step; with true, the last block can
+               still keep its parameters gathered, since the backward needs them at once), optional CPUOffloadPolicy, and explicit prefetch
                (`parallel.prefetch` = k > 0: each block issues the all-gathers of the next k
                blocks in the forward and of the previous k in the backward, so communication
                runs under the current block's compute even when the CPU is not far ahead).
@@ -126,10 +127,9 @@ def apply_compile(model: nn.Module, mode: str = "blocks", fullgraph: bool = Fals
 def apply_fsdp(model: nn.Module, pcfg, dist: DistInfo, precision: str = "bf16") -> None:
     """FSDP2 per `pcfg` (an FSDPConfig); param_dtype auto follows `precision` (train.precision) on
     CUDA, fp32 on the CPU (the CPU always trains in fp32, as train.py does)."""
+    from longctx.trainer.optim import DTYPES
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    from longctx.trainer.optim import DTYPES
 
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     param_dtype = pcfg.param_dtype

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -58,6 +59,14 @@ def main(argv=None):
     ap.add_argument("--fsdp", action="append", default=[], help="extra parallel.KEY=VALUE (e.g. cpu_offload=true)")
     a = ap.parse_args(argv)
 
+    if a.hang_rank is not None:  # both ranks up (torch imported) before the 3 s timeout can bite: on a
+        import time                 # loaded machine one process may start seconds after the other
+
+        ranks = range(int(os.environ["WORLD_SIZE"]))
+        Path(f"{a.out}.ready{os.environ['RANK']}").touch()
+        t_wait = time.time()
+        while not all(Path(f"{a.out}.ready{r}").exists() for r in ranks) and time.time() - t_wait < 100:
+            time.sleep(0.05)
     d = init_distributed("cpu", timeout_s=3 if a.hang_rank is not None else 120)
     if a.hang_rank is not None:  # a rank hangs: the others' next collective times out, naming them
         import time

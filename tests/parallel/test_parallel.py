@@ -173,11 +173,12 @@ def test_single_process_helpers():
         all_reduce(t, "prod")
 
 
-def test_fsdp_options_no_reshard_and_cpu_offload(runs, tmp_path):
-    """reshard_after_forward=false (ZeRO-2-like), cpu_offload=true and prefetching 2 blocks ahead
+def test_fsdp_options_reshard_and_cpu_offload(runs, tmp_path):
+    """reshard_after_forward=true (re-shard after each forward; the default false runs in every other
+    FSDP test), cpu_offload=true and prefetching 2 blocks ahead
     change no number (on the CPU the offload policy's code path runs, though there is nothing to
     move). The default prefetch (1 block) runs in every other FSDP test."""
-    r = torchrun(2, "--parallel", "fsdp", "--steps", "3", "--fsdp", "reshard_after_forward=false",
+    r = torchrun(2, "--parallel", "fsdp", "--steps", "3", "--fsdp", "reshard_after_forward=true",
                  "--fsdp", "cpu_offload=true", "--fsdp", "prefetch=2", "--ac", "full",
                  "--out", str(tmp_path / "o.json"))
     close(r["losses"], runs["ref"]["losses"][:3])
@@ -187,9 +188,10 @@ def test_collective_timeout_names_the_rank(tmp_path):
     """Rank 1 stalls past the 3 s timeout: rank 0's all_reduce fails with its rank in the message."""
     out = tmp_path / "hang"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(WORKER), "--hang-rank", "1", "--out", str(out)], cwd=ROOT, env=env,
-                   capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(WORKER), "--hang-rank", "1", "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert Path(f"{out}.rank0").is_file(), (p.stdout + p.stderr)[-3000:]
     msg = Path(f"{out}.rank0").read_text()
     assert msg.startswith("rank 0/2 on ") and "all_reduce(sum) failed" in msg, msg
     assert "parallel.timeout_s (now 3 s)" in msg, msg
