@@ -328,7 +328,7 @@ def finish(r: Run) -> dict:
 def train(cfg, run_dir: str | Path | None = None) -> dict:
     """Run training as configured (a Config, or a composed DictConfig: checked and typed first);
     returns the end-of-run summary (what summary.json holds; rank 0 only, {} elsewhere)."""
-    r = setup(as_config(cfg), run_dir)
+    r = setup(as_config(cfg, strict=True), run_dir)
     try:
         loop(r)
     except BaseException:

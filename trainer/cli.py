@@ -46,7 +46,7 @@ def check_override_keys(argv: list[str], config_dir: Path, groups: tuple[str, ..
                 if m is None:
                     return
             else:
-                as_config(composed)  # ranges and allowed values (ConfigError, one line)
+                as_config(composed, strict=True)  # ranges and allowed values (ConfigError, one line)
                 return
             key = m.group(1)
             chosen = [a for a in overrides if a.split("=", 1)[0].lstrip("+") in groups]

@@ -474,15 +474,19 @@ def _schema_for(group: str, node) -> type:
     return by_value.get(value, fallback)
 
 
-def as_config(cfg) -> Config:
+def as_config(cfg, strict: bool = False) -> Config:
     """The typed Config of a composed DictConfig (or a plain, possibly partial, dict); a Config is
-    returned as it is. A wrong type, an unknown key or a value out of range: ConfigError, one line."""
+    returned as it is. A wrong type or a value out of range: ConfigError, one line. strict (train.py,
+    the command line): an unknown key too; otherwise keys the schema does not know are left out, so
+    the trainer's functions also take a config of another program (scripts/eval_longdoc.py)."""
     if isinstance(cfg, Config):
         return cfg
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
+        if OmegaConf.is_config(cfg) and not strict:  # plain nodes: keys can be left out
+            cfg = OmegaConf.to_container(cfg, resolve=False)
         raw = OmegaConf.create(cfg) if not OmegaConf.is_config(cfg) else cfg.copy()
         OmegaConf.set_struct(raw, False)
         base = OmegaConf.structured(Config)
@@ -493,9 +497,15 @@ def as_config(cfg) -> Config:
             elif "defaults" in node:  # a preset read straight from its YAML file: its defaults list
                 node = raw[group] = {k: v for k, v in node.items() if k != "defaults"}  # is not a setting
             cls = _schema_for(group, node)
+            if not strict and group in raw:
+                known = {f.name for f in dataclasses.fields(cls)}
+                raw[group] = {k: v for k, v in raw[group].items() if k in known}
             OmegaConf.set_struct(base, False)
             base[group] = OmegaConf.structured(cls)
             OmegaConf.set_struct(base, True)
+        if not strict:
+            known = {f.name for f in dataclasses.fields(Config)}
+            raw = OmegaConf.create({k: v for k, v in raw.items() if k in known})
         merged = OmegaConf.merge(base, raw)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
