@@ -24,7 +24,8 @@ What is measured per (preset, causal, N, method), median over timed calls after 
            float64 reference_attention; flagged when above --check-tol
 Sequence lengths keep B*N constant (see the presets). After an OOM (or crash) of a method, its
 larger N in the same table are not tried. Each case runs in a worker process, so a CUDA crash
-costs that case only; --max-minutes bounds the whole run.
+costs that case only; --max-minutes bounds the whole run. The harness is scripts/benchkit.py;
+bench_block_sparse.py and kernel_lab.py use this file's methods and measurement.
 
   python scripts/bench_attention.py --quick --bwd derived --max-minutes 5.3 --out $OUT/attention.json --markdown
   python scripts/bench_attention.py --smoke --out /tmp/attn.json                   # CPU toy run
@@ -32,19 +33,18 @@ costs that case only; --max-minutes bounds the whole run.
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib as bl  # noqa: E402
+import benchkit as bk  # noqa: E402
 
 METHODS = ["ours", "naive", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex"]
 EXTRA_METHODS = ["sdpa_math"]
 SMOKE_METHODS = METHODS + EXTRA_METHODS
-
+SDPA = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
+        "sdpa_math": "MATH"}
 # batch = min(max_batch, tokens // N) (at least 1): B*N constant once N is large enough.
 PRESETS = {
     # ANCHORS' first table: H100, H=32, D=128, B=8 up to 16k (B*N = 131072 from there on, B=2 at 64k)
@@ -57,352 +57,336 @@ ALL_SEQLENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 QUICK_SEQLENS = [1024, 4096, 16384, 65536]
 SMOKE_SEQLENS = [64, 128]
 
-ARGS = None     # parsed arguments (worker)
-DEVICE = "cpu"  # set by the worker's setup
+
+# ---------------------------------------------------------------------------------- the methods
+def make_inputs(b, n, h, d, dtype, device, seed=0):
+    """q, k, v (requiring grad) and dO of shape (B, N, H, D), standard normal."""
+    import torch
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, do = (torch.randn((b, n, h, d), device=device, dtype=dtype, generator=g) for _ in range(4))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
 
 
-def batch_for(preset: dict, n: int) -> int:
-    b = max(1, preset["tokens"] // n)
-    return min(b, preset["max_batch"]) if preset["max_batch"] else b
-
-
-# ------------------------------------------------------------------------------ the methods
-def _causal_mod(b, h, q_idx, kv_idx):  # module level: one function object, so compiled code is reused
+def _causal_mod(b, h, q_idx, kv_idx):  # one module-level object: compiled flex code is reused
     return q_idx >= kv_idx
 
 
 _FLEX = {}
 
 
-def _flex_fn(cuda: bool):
-    """flex_attention compiled once per process (dynamic=False: one specialisation per shape)."""
-    if "fn" not in _FLEX:
+def flex_fn(cuda: bool):
+    """flex_attention, compiled once per process on a GPU (dynamic=False: one specialisation per shape)."""
+    if cuda not in _FLEX:
         import torch
         from torch.nn.attention.flex_attention import flex_attention
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
-    return _FLEX["fn"]
+        _FLEX[cuda] = torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
+    return _FLEX[cuda]
 
 
-def make_forward(method: str, q, k, v, causal: bool):
-    """A closure computing the method's output in our (B, N, H, D) layout. Raises if unavailable."""
+def to_flex_block_mask(bm, device):
+    """Our causal BlockMask -> a FlexAttention BlockMask keeping the same blocks: kept blocks entirely
+    on or below the diagonal are flex "full" blocks (no mask_mod call), the other kept blocks (on the
+    diagonal) "partial" blocks with the causal mask_mod; the same block sizes."""
     import torch
-    import torch.nn.functional as F
-    n = q.shape[1]
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+    layout = bm.layout  # (Hm, nMb, nNb) on the CPU; the small index tensors move to `device` at the end
+    n_q, n_k = bm.seq_q, bm.seq_k
+    q_first = torch.arange(layout.shape[1])[:, None] * bm.block_m + (n_k - n_q)  # bottom-right aligned
+    k_last = torch.clamp((torch.arange(layout.shape[2])[None, :] + 1) * bm.block_n, max=n_k) - 1
+    full_pos = k_last <= q_first  # every (q, k) of the block has k <= q
+
+    def compress(sel):  # kept column indices first (ascending) and their count per row, int32 (1, Hm, nMb, .)
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return sel.sum(-1, dtype=torch.int32)[None].contiguous().to(device), order[None].contiguous().to(device)
+
+    return FlexBlockMask.from_kv_blocks(*compress(layout & ~full_pos), *compress(layout & full_pos),
+                                        BLOCK_SIZE=(bm.block_m, bm.block_n), mask_mod=_causal_mod,
+                                        seq_lengths=(n_q, n_k))
+
+
+def flex_structure_matches(bm, flex_bm, device) -> bool:
+    """Does flex_bm keep the same full / partial blocks as create_block_mask on the element mask?"""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+    layout, bmm, bnn = bm.layout.to(device), bm.block_m, bm.block_n
+    ref = create_block_mask(lambda b, h, q, kv: layout[0, q // bmm, kv // bnn] & (q >= kv), None, None,
+                            bm.seq_q, bm.seq_k, device=device, BLOCK_SIZE=(bmm, bnn))
+
+    def dense(num, idx):
+        out = torch.zeros(num.shape[2], layout.shape[-1], dtype=torch.bool)
+        for r, (c, row) in enumerate(zip(num[0, 0].tolist(), idx[0, 0].cpu().long())):
+            out[r, row[:c]] = True
+        return out
+
+    return all(torch.equal(dense(getattr(ref, f"{p}kv_num_blocks"), getattr(ref, f"{p}kv_indices")),
+                           dense(getattr(flex_bm, f"{p}kv_num_blocks"), getattr(flex_bm, f"{p}kv_indices")))
+               for p in ("", "full_"))
+
+
+def make_forward(method: str, q, k, v, causal: bool, block_mask=None):
+    """A closure computing the method's output in our (B, N, H, D) layout; raises if unavailable."""
+    import torch
     if method == "ours":
-        from kernels import flash_attention
-        return lambda: flash_attention(q, k, v, causal=causal)
+        from longctx.kernels import flash_attention
+        return lambda: flash_attention(q, k, v, causal=causal, block_mask=block_mask)
     if method == "naive":
-        from kernels import reference_attention
-        return lambda: reference_attention(q, k, v, causal=causal)
-    if method.startswith("sdpa_"):
+        from longctx.kernels import reference_attention
+        return lambda: reference_attention(q, k, v, causal=causal, block_mask=block_mask)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # views, no copy
+    if method in SDPA:
+        import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        name = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
-                "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_math": "MATH"}[method]
-        backend = getattr(SDPBackend, name, None)
+        backend = getattr(SDPBackend, SDPA[method], None)
         if backend is None:
-            raise NotImplementedError(f"SDPBackend.{name} not available in torch {torch.__version__}")
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # views, no copy
+            raise NotImplementedError(f"SDPBackend.{SDPA[method]} not available in torch {torch.__version__}")
 
         def sdpa():
             with sdpa_kernel(backend):
-                o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-            return o.transpose(1, 2)
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
         return sdpa
     if method == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
-        cuda = bl.is_cuda(q.device)
-        block_mask = (create_block_mask(_causal_mod, None, None, n, n, device=q.device)
-                      if causal else None)
-        fn = _flex_fn(cuda)
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        return lambda: fn(qt, kt, vt, block_mask=block_mask).transpose(1, 2)
+        cuda = bk.is_cuda(q.device)
+        if block_mask is not None:
+            if not cuda:
+                raise NotImplementedError("FlexAttention needs CUDA here (eager flex ignores the block structure "
+                                          "and has no backward on CPU)")
+            fbm = to_flex_block_mask(block_mask, q.device)
+        else:
+            n = q.shape[1]
+            fbm = create_block_mask(_causal_mod, None, None, n, n, device=q.device) if causal else None
+        fn = flex_fn(cuda)
+        return lambda: fn(qt, kt, vt, block_mask=fbm).transpose(1, 2)
     raise ValueError(f"unknown method {method!r}")
 
 
-# ------------------------------------------------------------------------------- one case
-def correctness(fwd, q, k, v, dout, causal: bool, heads: int = 2) -> dict:
-    """Relative errors of out, dq, dk, dv on batch 0, heads [0, heads) vs a float64 reference."""
+def check_errors(fwd, q, k, v, do, causal: bool, block_mask=None, heads: int | None = 2,
+                 batch: int | None = 1) -> dict:
+    """Relative errors of out, dq, dk, dv on the first `batch` batches and `heads` heads (None: all)
+    against kernels.reference_attention in float64, the kernel tests' oracle."""
     import torch
-    from kernels import reference_attention
-    hc = min(heads, q.shape[2])
+    from longctx.kernels import reference_attention
     out = fwd()
-    errs = {}
     try:
-        grads = torch.autograd.grad(out, (q, k, v), dout)
-    except NotImplementedError:  # e.g. FlexAttention has no backward on CPU: check the forward only
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    except NotImplementedError:  # e.g. FlexAttention has no backward on a CPU: the forward only
         grads = None
-    ref_in = [t[:1, :, :hc].detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference_attention(*ref_in, causal=causal)
-    errs["out"] = bl.rel_err(out[:1, :, :hc], ref)
-    if grads is not None:
-        ref_g = torch.autograd.grad(ref, ref_in, dout[:1, :, :hc].double())
-        for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_g):
-            errs[name] = bl.rel_err(g[:1, :, :hc], rg)
-    else:
-        errs["grads"] = "not checked (no backward on this device)"
-    del out, grads
-    return errs
+    part = (slice(0, batch), slice(None), slice(0, heads))
+    ref_in = [t[part].detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*ref_in, causal=causal, block_mask=block_mask)
+    errs = {"out": bk.rel_err(out[part], ref)}
+    if grads is None:
+        return {**errs, "grads": "not checked (no backward on this device)"}
+    ref_grads = torch.autograd.grad(ref, ref_in, do[part].double())
+    return {**errs, **{name: bk.rel_err(g[part], rg) for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads)}}
 
 
-def _measure(case: dict, res: dict, stage: dict) -> None:
+# --------------------------------------------------------------------------------- one case
+def measure(res: dict, method: str, a, device, *, causal: bool, block_mask=None, bwd: str = "none") -> dict:
+    """Fill the result row `res` (a case: batch, n, heads, headdim, dtype) for `method`: first call,
+    check (N <= a.check_max_n), peak memory of one fwd+bwd, fwd and fwd+bwd times, bwd per `bwd`
+    (direct | derived | none); status / reason / failed_in when something raised."""
     import torch
-    a = ARGS
-    dtype = getattr(torch, bl.DTYPES[res["dtype"]])
-    b, n, h, d, causal = case["batch"], case["n"], case["heads"], case["headdim"], case["causal"]
-    gen = torch.Generator(device=DEVICE).manual_seed(a.seed * 1_000_003 + n)
-    shape = (b, n, h, d)
-    q, k, v, dout = (torch.randn(shape, device=DEVICE, dtype=dtype, generator=gen) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(True)
-    timing = dict(warmup_ms=a.warmup_ms, rep_ms=a.rep_ms, min_reps=a.min_reps,
-                  min_warmup=0 if a.smoke else 1)
-
-    stage["name"] = "setup"
-    fwd = make_forward(case["method"], q, k, v, causal)
-    stage["name"] = "first call"
-    t = time.perf_counter()
-    out = fwd()
-    bl._sync(DEVICE)
-    res["first_call_s"] = round(time.perf_counter() - t, 3)  # includes torch.compile for flex
-    del out
-
-    if n <= a.check_max_n:
-        stage["name"] = "check"
-        errs = correctness(fwd, q, k, v, dout, causal)
-        res["check"] = errs
-        worst = max((e for e in errs.values() if isinstance(e, float)), default=0.0)
-        res["check_ok"] = bool(worst <= a.check_tol)
-        if not res["check_ok"]:
-            res["reason"] = f"check FAILED: max rel. err {worst:.2e} > {a.check_tol:g}"
-
-    def fwd_bwd():
-        return torch.autograd.grad(fwd(), (q, k, v), dout)
-
-    if "check" not in res or bl.is_cuda(DEVICE):
-        stage["name"] = "fwd+bwd warm-up"
-        fwd_bwd()  # compiles flex's backward; the cost stays out of the timings below
-    stage["name"] = "memory"
-    res["mem_bytes"] = bl.peak_extra_bytes(fwd_bwd, DEVICE)
-
-    stage["name"] = "fwd"
-    res["fwd"] = bl.time_fn(fwd, DEVICE, **timing)
-    stage["name"] = "fwd+bwd"
-    res["fwdbwd"] = bl.time_fn(fwd_bwd, DEVICE, **timing)
-    stage["name"] = "bwd"
-    if a.bwd == "derived":
-        res["bwd"] = {"ms": max(res["fwdbwd"]["ms"] - res["fwd"]["ms"], 0.0), "derived": True}
-        return
-    out = fwd()
+    b, n, h, d = res["batch"], res["n"], res["heads"], res["headdim"]
+    timing = dict(warmup_ms=a.warmup_ms, rep_ms=a.rep_ms, min_reps=a.min_reps, min_warmup=0 if a.smoke else 1)
+    stage, t0 = "setup", time.perf_counter()
     try:
-        res["bwd"] = bl.time_fn(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
-                                DEVICE, **timing)
-    except Exception as exc:
-        if bl.classify_error(exc)[0] == "OOM":
-            raise
-        # a backend that cannot run backward twice on one graph: derive it
-        res["bwd"] = {"ms": max(res["fwdbwd"]["ms"] - res["fwd"]["ms"], 0.0), "derived": True,
-                      "why": bl.short(repr(exc), 120)}
-    del out
+        q, k, v, do = make_inputs(b, n, h, d, getattr(torch, bk.DTYPES[res["dtype"]]), device, a.seed * 1_000_003 + n)
+        if method == "flex" and block_mask is not None and n <= a.check_max_n:
+            same = flex_structure_matches(block_mask, to_flex_block_mask(block_mask, device), device)
+            res.update(check={"flex_blocks_match": same}, check_ok=same)
+        fwd = make_forward(method, q, k, v, causal, block_mask)
 
+        def fwd_bwd():
+            return torch.autograd.grad(fwd(), (q, k, v), do)
 
-def run_case(case: dict) -> dict:
-    res = dict(case)
-    res.update(status="ok", reason="")
-    b, n, h, d = case["batch"], case["n"], case["heads"], case["headdim"]
-    res["flops_fwd"] = 4.0 * b * h * n * n * d / (2.0 if case["causal"] else 1.0)
-    if not ARGS.smoke and not bl.is_cuda(DEVICE):
-        res.update(status="n/a", reason="no CUDA device")
-        return res
-    stage = {"name": "start"}
-    t0 = time.perf_counter()
-    try:
-        _measure(case, res, stage)
+        stage = "first call"
+        t = time.perf_counter()
+        fwd()
+        bk.sync(device)
+        res["first_call_s"] = round(time.perf_counter() - t, 3)  # includes torch.compile for flex
+        if n <= a.check_max_n:
+            stage = "check"
+            errs = res.setdefault("check", {})
+            errs.update(check_errors(fwd, q, k, v, do, causal, block_mask))
+            worst = max((e for e in errs.values() if isinstance(e, float)), default=0.0)
+            res["check_ok"] = bool(worst <= a.check_tol and errs.get("flex_blocks_match", True))
+            if not res["check_ok"]:
+                res["reason"] = f"check FAILED: max rel. err {worst:.2e} > {a.check_tol:g}" + (
+                    "" if errs.get("flex_blocks_match", True) else "; flex blocks differ from the layout")
+        if "check" not in res or bk.is_cuda(device):
+            stage = "fwd+bwd warm-up"
+            fwd_bwd()  # compiles flex's backward; the cost stays out of the timings below
+        stage = "memory"
+        res["mem_bytes"] = bk.peak_extra_bytes(fwd_bwd, device)
+        stage = "fwd"
+        res["fwd"] = bk.time_fn(fwd, device, **timing)
+        stage = "fwd+bwd"
+        res["fwdbwd"] = bk.time_fn(fwd_bwd, device, **timing)
+        stage = "bwd"
+        derived = {"ms": max(res["fwdbwd"]["ms"] - res["fwd"]["ms"], 0.0), "derived": True}
+        if bwd == "derived":
+            res["bwd"] = derived
+        elif bwd == "direct":
+            out = fwd()
+            try:
+                res["bwd"] = bk.time_fn(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), device,
+                                        **timing)
+            except Exception as exc:  # a backend that cannot run backward twice on one graph: derive it
+                if bk.classify_error(exc)[0] == "OOM":
+                    raise
+                res["bwd"] = {**derived, "why": bk.short(repr(exc), 120)}
+            del out
     except Exception as exc:
-        status, reason = bl.classify_error(exc)
-        if case["method"] == "flex" and status == "error" and stage["name"] in ("setup", "first call"):
-            status, reason = "n/a", bl.short(f"flex compile failed: {reason}", 160)
-        if status == "OOM" and not bl.is_cuda(DEVICE):
+        status, reason = bk.classify_error(exc)
+        if method == "flex" and status == "error" and stage in ("setup", "first call"):
+            status, reason = "n/a", bk.short(f"flex failed to compile/run: {reason}", 160)
+        if status == "OOM" and not bk.is_cuda(device):
             status = "error"
-        res.update(status=status, reason=reason, failed_in=stage["name"])
-    bl.free_memory()
+        res.update(status=status, reason=reason, failed_in=stage)
+    bk.free_memory()
     res["case_s"] = round(time.perf_counter() - t0, 2)
-    for mode, mult in (("fwd", 1.0), ("bwd", 2.5), ("fwdbwd", 3.5)):
-        if isinstance(res.get(mode), dict):
-            res[mode]["tflops"] = bl.tflops(res["flops_fwd"] * mult, res[mode]["ms"])
-    bl.log(case_line(res))
     return res
 
 
-def case_line(r: dict) -> str:
-    head = (f"{r['group']:<22} N={r['n']:<6} B={r['batch']:<4} {r['method']:<15}")
-    parts = []
+def case_line(r: dict, tf_key: str = "tflops", lead: str = "") -> str:
+    parts = [lead] if lead else []
     for mode, label in (("fwd", "fwd"), ("bwd", "bwd"), ("fwdbwd", "f+b")):
-        m = r.get(mode)
-        if isinstance(m, dict):
-            parts.append(f"{label} {m['ms']:8.3f} ms {bl.fmt_tf(m.get('tflops')):>5} TF/s")
+        if isinstance(r.get(mode), dict):
+            parts.append(f"{label} {r[mode]['ms']:8.3f} ms {bk.fmt_tf(r[mode].get(tf_key)):>5} TF/s")
     if r.get("mem_bytes") is not None:
         parts.append(f"mem {r['mem_bytes'] / 1e9:5.2f} GB")
-    if "check" in r:
-        errs = [e for e in r["check"].values() if isinstance(e, float)]
-        parts.append(f"err {max(errs):.1e}" + ("" if r.get("check_ok", True) else " FLAGGED"))
+    errs = [e for e in r.get("check", {}).values() if isinstance(e, float)]
+    if errs or "check" in r:
+        parts.append((f"err {max(errs):.1e}" if errs else "checked") + ("" if r.get("check_ok", True) else " FLAGGED"))
     if r["status"] != "ok":
-        parts.append(f"{r['status']}: {r.get('reason', '')}" +
-                     (f" (in {r['failed_in']})" if r.get("failed_in") else ""))
+        parts.append(f"{r['status']}: {r.get('reason', '')}" + (f" (in {r['failed_in']})" if r.get("failed_in") else ""))
     parts.append(f"[{r.get('case_s', 0):.1f} s]")
-    return head + " | ".join(parts)
+    return f"{r['group']:<22} N={r['n']:<6} B={r['batch']:<4} {r['method']:<15}" + " | ".join(parts)
+
+
+def device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_case(case: dict, a) -> dict:
+    b, n, h, d = case["batch"], case["n"], case["heads"], case["headdim"]
+    res = {**case, "status": "ok", "reason": "", "flops_fwd": 4.0 * b * h * n * n * d / (2.0 if case["causal"] else 1.0)}
+    if not a.smoke and device() == "cpu":
+        return {**res, "status": "n/a", "reason": "no CUDA device"}
+    measure(res, case["method"], a, device(), causal=case["causal"], bwd=a.bwd)
+    for mode, mult in (("fwd", 1.0), ("bwd", 2.5), ("fwdbwd", 3.5)):
+        if isinstance(res.get(mode), dict):
+            res[mode]["tflops"] = bk.tflops(res["flops_fwd"] * mult, res[mode]["ms"])
+    bk.log(case_line(res))
+    return res
 
 
 # -------------------------------------------------------------------------------- reporting
-def group_key(preset: str, causal: bool) -> str:
-    return f"{preset}/{'causal' if causal else 'noncausal'}"
-
-
-def cell_status(r: dict | None) -> str | None:
-    if r is None:
-        return "-"
-    if r["status"] == "ok":
-        return None
-    return {"n/a": "n/a", "OOM": "OOM", "skipped": "skip", "crash": "crash", "timeout": "timeout",
-            "error": "error"}.get(r["status"], r["status"])
-
-
-def tf(r, mode):
+def _get(r, mode, key):
     m = r.get(mode) if r else None
-    return m.get("tflops") if isinstance(m, dict) else None
+    return m.get(key) if isinstance(m, dict) else None
 
 
-def ms(r, mode):
-    m = r.get(mode) if r else None
-    return m.get("ms") if isinstance(m, dict) else None
-
-
-def build_tables(results: list[dict], methods: list[str]) -> list[dict]:
-    """Per group: TFLOP/s table (fwd / fwd+bwd (mem)), ms table (fwd / bwd / fwd+bwd), notes."""
-    groups = []
-    for g in dict.fromkeys(r["group"] for r in results):
-        rs = [r for r in results if r["group"] == g]
-        first = rs[0]
-        by = {(r["n"], r["method"]): r for r in rs}
-        ns = sorted({r["n"] for r in rs})
-        tf_rows, ms_rows = [], []
-        for n in ns:
-            b = next(r["batch"] for r in rs if r["n"] == n)
-            tr, mr = [str(n), str(b)], [str(n), str(b)]
-            for m in methods:
-                r = by.get((n, m))
-                st = cell_status(r)
-                flag = "" if (r is None or r.get("check_ok", True)) else " (!)"
-                if st is not None and tf(r, "fwd") is None:
-                    tr.append(st)
-                    mr.append(st)
-                    continue
-                mem = f" ({bl.fmt_gb(r.get('mem_bytes'))})" if r.get("mem_bytes") is not None else ""
-                tail = "" if st is None else f" [{st}]"
-                tr.append(f"{bl.fmt_tf(tf(r, 'fwd'))} / {bl.fmt_tf(tf(r, 'fwdbwd'))}{mem}{flag}{tail}")
-                mr.append(f"{bl.fmt(ms(r, 'fwd'), '.3g')} / {bl.fmt(ms(r, 'bwd'), '.3g')} / "
-                          f"{bl.fmt(ms(r, 'fwdbwd'), '.3g')}{flag}{tail}")
-            tf_rows.append(tr)
-            ms_rows.append(mr)
-        notes = {}
-        for r in rs:
-            if r["status"] != "ok" or not r.get("check_ok", True):
-                key = (r["method"], r["status"], r.get("reason", ""))
-                notes.setdefault(key, []).append(r["n"])
-        note_lines = [f"{m} N={','.join(map(str, ns_))}: {st}: {why}" for (m, st, why), ns_ in notes.items()]
-        title = (f"{g}: H={first['heads']}, D={first['headdim']}, {first['dtype']}, "
-                 f"{'causal' if first['causal'] else 'non-causal'}")
-        groups.append({"group": g, "title": title, "headers": ["N", "B", *methods],
-                       "tflops_rows": tf_rows, "ms_rows": ms_rows, "notes": note_lines,
-                       "targets": target_rows(by, ns, methods)})
-    return groups
-
-
-def target_rows(by: dict, ns: list[int], methods: list[str]) -> list[list[str]]:
-    """Issue 2's targets at N >= 4096: ours >= flex and >= 1.2 x sdpa_flash (fwd and fwd+bwd)."""
-    if "ours" not in methods:
-        return []
-    rows = []
-    for n in ns:
-        if n < 4096:
-            continue
-        o = by.get((n, "ours"))
-        if not o or o["status"] != "ok":
-            continue
-        row = [str(n)]
-        for mode in ("fwd", "fwdbwd"):
-            for peer, mult in (("flex", 1.0), ("sdpa_flash", 1.2), ("sdpa_cudnn", None)):
-                p = by.get((n, peer))
-                if tf(p, mode) and tf(o, mode):
-                    ratio = tf(o, mode) / ((mult or 1.0) * tf(p, mode))
-                    verdict = "" if mult is None else (" ok" if ratio >= 1 else " MISS")
-                    row.append(f"{ratio:.2f}{verdict}")
-                else:
-                    row.append("-")
-        fa = by.get((n, "sdpa_flash"))
-        if o.get("mem_bytes") and fa and fa.get("mem_bytes"):
-            ratio = o["mem_bytes"] / fa["mem_bytes"]
-            row.append(f"{ratio:.2f} {'ok' if ratio <= 1 else 'MISS'}")
-        else:
-            row.append("-")
-        rows.append(row)
-    return rows
-
-
+STATUS_CELL = {"skipped": "skip"}
 TARGET_HEADERS = ["N", "fwd ours/flex", "fwd ours/(1.2 sdpa_flash)", "fwd ours/cudnn", "f+b ours/flex",
                   "f+b ours/(1.2 sdpa_flash)", "f+b ours/cudnn", "mem ours/sdpa_flash"]
 
 
-def render(groups: list[dict], env: dict, markdown: bool) -> str:
-    table = bl.markdown_table if markdown else bl.text_table
+def build_tables(results: list[dict], methods: list[str]) -> list[dict]:
+    """Per group: TFLOP/s (fwd / fwd+bwd (mem)) and ms (fwd / bwd / fwd+bwd) rows, targets, notes."""
+    groups = []
+    for g in dict.fromkeys(r["group"] for r in results):
+        rs = [r for r in results if r["group"] == g]
+        by = {(r["n"], r["method"]): r for r in rs}
+        ns = sorted({r["n"] for r in rs})
+        tf_rows, ms_rows = [], []
+        for n in ns:
+            b = str(next(r["batch"] for r in rs if r["n"] == n))
+            tr, mr = [str(n), b], [str(n), b]
+            for m in methods:
+                r = by.get((n, m))
+                st = "-" if r is None else None if r["status"] == "ok" else STATUS_CELL.get(r["status"], r["status"])
+                if st is not None and _get(r, "fwd", "tflops") is None:
+                    tr.append(st)
+                    mr.append(st)
+                    continue
+                tail = ("" if r.get("check_ok", True) else " (!)") + ("" if st is None else f" [{st}]")
+                mem = f" ({bk.fmt_gb(r['mem_bytes'])})" if r.get("mem_bytes") is not None else ""
+                tr.append(f"{bk.fmt_tf(_get(r, 'fwd', 'tflops'))} / {bk.fmt_tf(_get(r, 'fwdbwd', 'tflops'))}{mem}{tail}")
+                mr.append(" / ".join(bk.fmt(_get(r, mode, "ms"), ".3g") for mode in ("fwd", "bwd", "fwdbwd")) + tail)
+            tf_rows.append(tr)
+            ms_rows.append(mr)
+        first = rs[0]
+        title = (f"{g}: H={first['heads']}, D={first['headdim']}, {first['dtype']}, "
+                 f"{'causal' if first['causal'] else 'non-causal'}")
+        groups.append({"group": g, "title": title, "headers": ["N", "B", *methods], "tflops_rows": tf_rows,
+                       "ms_rows": ms_rows, "notes": bk.failure_notes(rs, lambda r: f"N={r['n']}"),
+                       "targets": target_rows(by, ns) if "ours" in methods else []})
+    return groups
+
+
+def target_rows(by: dict, ns: list[int]) -> list[list[str]]:
+    """Issue 2's targets at N >= 4096: ours >= flex and >= 1.2 x sdpa_flash (fwd and fwd+bwd);
+    memory ours <= sdpa_flash; cuDNN for information."""
+    rows = []
+    for n in ns:
+        o = by.get((n, "ours"))
+        if n < 4096 or not o or o["status"] != "ok":
+            continue
+        row = [str(n)]
+        for mode in ("fwd", "fwdbwd"):
+            for peer, mult in (("flex", 1.0), ("sdpa_flash", 1.2), ("sdpa_cudnn", None)):
+                mine, theirs = _get(o, mode, "tflops"), _get(by.get((n, peer)), mode, "tflops")
+                ratio = mine / ((mult or 1.0) * theirs) if mine and theirs else None
+                row.append("-" if ratio is None else f"{ratio:.2f}" + ("" if mult is None else " ok" if ratio >= 1
+                                                                        else " MISS"))
+        fa = by.get((n, "sdpa_flash")) or {}
+        ratio = o["mem_bytes"] / fa["mem_bytes"] if o.get("mem_bytes") and fa.get("mem_bytes") else None
+        rows.append(row + ["-" if ratio is None else f"{ratio:.2f} {'ok' if ratio <= 1 else 'MISS'}"])
+    return rows
+
+
+def render(groups: list[dict], markdown: bool) -> str:
+    def head(text):
+        return f"\n{text}\n" if markdown else f"-- {text}"
     out = []
     for g in groups:
-        if markdown:
-            out.append(f"#### {g['title']}\n\nforward / forward+backward TFLOP/s (peak extra memory)\n")
-        else:
-            out.append(f"== {g['title']}: fwd / fwd+bwd TFLOP/s (peak extra memory)")
-        out.append(table(g["headers"], g["tflops_rows"]))
-        out.append("\nms: fwd / bwd / fwd+bwd\n" if markdown else "-- ms: fwd / bwd / fwd+bwd")
-        out.append(table(g["headers"], g["ms_rows"]))
+        out.append(f"#### {g['title']}\n\nforward / forward+backward TFLOP/s (peak extra memory)\n" if markdown else
+                   f"== {g['title']}: fwd / fwd+bwd TFLOP/s (peak extra memory)")
+        out += [bk.table(g["headers"], g["tflops_rows"], markdown), head("ms: fwd / bwd / fwd+bwd"),
+                bk.table(g["headers"], g["ms_rows"], markdown)]
         if g["targets"]:
-            out.append("\ntargets (issue 2: ratio >= 1 is ok, memory ratio <= 1; cuDNN for information)\n"
-                       if markdown else
-                       "-- targets (issue 2: ratio >= 1 is ok, memory ratio <= 1; cuDNN for information)")
-            out.append(table(TARGET_HEADERS, g["targets"]))
+            out += [head("targets (issue 2: ratio >= 1 is ok, memory ratio <= 1; cuDNN for information)"),
+                    bk.table(TARGET_HEADERS, g["targets"], markdown)]
         if g["notes"]:
-            out.append("\nnotes:\n" if markdown else "-- notes:")
-            out.append("\n".join(("- " if markdown else "  ") + ln for ln in g["notes"]))
+            out += [head("notes:"), "\n".join(("- " if markdown else "  ") + ln for ln in g["notes"])]
         out.append("")
     return "\n".join(out)
-
-
-def env_header(env: dict, markdown: bool) -> str:
-    keys = ["date", "gpu", "torch", "triton", "cudnn", "cuda", "python", "git_commit", "device"]
-    line = ", ".join(f"{k} {env.get(k)}" for k in keys if k in env)
-    return (f"_{line}_\n\n`{bl.command_line()}`\n" if markdown else f"env: {line}\ncommand: {bl.command_line()}")
 
 
 def plots(results: list[dict], methods: list[str], out: Path) -> list[str]:
     written = []
     for g in dict.fromkeys(r["group"] for r in results):
         rs = [r for r in results if r["group"] == g]
-        first = rs[0]
-        def series(getter):
-            return {m: [(r["n"], getter(r)) for r in rs if r["method"] == m] for m in methods}
-        panels = [
-            {"title": "forward", "ylabel": "time (ms)", "series": series(lambda r: ms(r, "fwd"))},
-            {"title": "forward + backward", "ylabel": "time (ms)", "series": series(lambda r: ms(r, "fwdbwd"))},
-            {"title": "peak extra memory (fwd+bwd)", "ylabel": "GB",
-             "series": series(lambda r: r["mem_bytes"] / 1e9 if r.get("mem_bytes") else None)},
-        ]
+
+        def series(get):
+            return {m: [(r["n"], get(r)) for r in rs if r["method"] == m] for m in methods}
+        panels = [{"title": "forward", "ylabel": "time (ms)", "series": series(lambda r: _get(r, "fwd", "ms"))},
+                  {"title": "forward + backward", "ylabel": "time (ms)",
+                   "series": series(lambda r: _get(r, "fwdbwd", "ms"))},
+                  {"title": "peak extra memory (fwd+bwd)", "ylabel": "GB",
+                   "series": series(lambda r: r["mem_bytes"] / 1e9 if r.get("mem_bytes") else None)}]
         path = out.with_name(f"{out.stem}_{g.replace('/', '_')}.png")
-        bs = sorted({r["batch"] for r in rs})
-        title = (f"attention, H={first['heads']}, D={first['headdim']}, {first['dtype']}, "
-                 f"{'causal' if first['causal'] else 'non-causal'}, B={bs[-1]}..{bs[0]} (B*N constant at large N)")
-        why = bl.plot_lines(path, title, panels)
+        bs, r0 = sorted({r["batch"] for r in rs}), rs[0]
+        title = (f"attention, H={r0['heads']}, D={r0['headdim']}, {r0['dtype']}, "
+                 f"{'causal' if r0['causal'] else 'non-causal'}, B={bs[-1]}..{bs[0]} (B*N constant at large N)")
+        why = bk.plot_panels(path, title, panels)
         if why is None:
             written.append(str(path))
         else:
-            bl.log(f"plot {path.name} not written: {why}")
+            bk.log(f"plot {path.name} not written: {why}")
     return written
 
 
@@ -424,34 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bwd", choices=["direct", "derived"], default="direct",
                    help="direct: time autograd.grad on a retained forward graph; derived: "
                         "bwd = fwd+bwd - fwd (no extra measurement, ~30%% less time)")
-    p.add_argument("--check-max-n", type=int, default=4096, help="correctness check up to this N")
-    p.add_argument("--check-tol", type=float, default=2e-2, help="flag relative errors above this")
-    bl.add_common_args(p, out_default="bench_out/attention.json", max_minutes=6.0)
+    bk.add_common_args(p, out="bench_out/attention.json", max_minutes=6.0)
     return p
 
 
 def parse_args(argv):
     p = build_parser()
-    a = p.parse_args(argv)
-    bl.check_budget_args(p, a)
-    methods = bl.parse_list(a.methods, str) if a.methods else (SMOKE_METHODS if a.smoke else METHODS)
-    bad = [m for m in methods if m not in METHODS + EXTRA_METHODS]
-    if bad or not methods:
-        p.error(f"--methods: unknown {bad}; choose from {METHODS + EXTRA_METHODS}")
-    a.method_list = list(dict.fromkeys(methods))
-    try:
-        seqlens = (bl.parse_list(a.seqlens) if a.seqlens else
-                   SMOKE_SEQLENS if a.smoke else QUICK_SEQLENS if a.quick else ALL_SEQLENS)
-    except ValueError:
-        p.error(f"--seqlens must be a comma list of integers, got {a.seqlens!r}")
-    if not seqlens or any(n < 1 for n in seqlens):
-        p.error(f"--seqlens must be positive integers, got {seqlens}")
-    a.seqlen_list = sorted(set(seqlens))
-    a.dtype = a.dtype or ("fp32" if a.smoke else "bf16")
+    a = bk.parse_common(p, argv, methods=METHODS + EXTRA_METHODS,
+                        default_methods=lambda a: SMOKE_METHODS if a.smoke else METHODS,
+                        default_seqlens=lambda a: SMOKE_SEQLENS if a.smoke else QUICK_SEQLENS if a.quick else ALL_SEQLENS)
     for name in ("heads", "headdim", "tokens", "max_batch"):
-        val = getattr(a, name)
-        if val is not None and val < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {val}")
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.headdim is not None and a.headdim > 256:
         p.error(f"--headdim must be <= 256, got {a.headdim}")
     return p, a
@@ -459,90 +427,36 @@ def parse_args(argv):
 
 def make_cases(a) -> list[dict]:
     names = ["smoke"] if a.smoke else (["h100_d128", "d64"] if a.preset == "all" else [a.preset])
-    causals = {"both": [True, False], "causal": [True], "noncausal": [False]}[a.causal]
     cases = []
-    for causal in causals:          # causal tables first: they are the anchors' main comparison
+    for causal in {"both": [True, False], "causal": [True], "noncausal": [False]}[a.causal]:  # causal first
         for name in names:
-            pre = dict(PRESETS[name])
-            for key in ("heads", "headdim", "tokens", "max_batch"):
-                if getattr(a, key) is not None:
-                    pre[key] = getattr(a, key)
+            pre = {**PRESETS[name], **{k: getattr(a, k) for k in ("heads", "headdim", "tokens", "max_batch")
+                                       if getattr(a, k) is not None}}
             for n in a.seqlen_list:
+                b = max(1, pre["tokens"] // n)
                 for m in a.method_list:
-                    cases.append({"id": len(cases), "group": group_key(name, causal), "preset": name,
-                                  "n": n, "batch": batch_for(pre, n), "heads": pre["heads"],
-                                  "headdim": pre["headdim"], "causal": causal, "dtype": a.dtype,
-                                  "method": m})
+                    cases.append({"id": len(cases), "group": f"{name}/{'causal' if causal else 'noncausal'}",
+                                  "preset": name, "n": n, "batch": min(b, pre["max_batch"] or b),
+                                  "heads": pre["heads"], "headdim": pre["headdim"], "causal": causal,
+                                  "dtype": a.dtype, "method": m})
     return cases
 
 
 def main(argv=None) -> int:
-    global ARGS, DEVICE
     argv = list(sys.argv[1:] if argv is None else argv)
     p, a = parse_args(argv)
-    ARGS = a
-    if a._worker:  # a worker process: run the job's cases and report through its results file
-        def setup():
-            global DEVICE
-            info = bl.worker_setup(a.smoke)
-            DEVICE = info["device"]
-            return info
-        return bl.worker_main(a._worker, run_case, setup)
 
-    t0 = time.time()
-    bl.set_clock(t0)
-    bl.cuda_available_or_exit(p, a)
-    out = Path(a.out)
-    cases = make_cases(a)
-    deadline = t0 + a.max_minutes * 60.0 - 10.0  # keep ~10 s for tables and plots
-    bl.log(f"bench_attention: {len(cases)} cases ({len(a.seqlen_list)} N x {len(a.method_list)} methods x "
-           f"{len({c['group'] for c in cases})} tables), budget {a.max_minutes:g} min -> {out}")
-    meta = {"script": "scripts/bench_attention.py", "command": bl.command_line(),
-            "settings": {k: v for k, v in vars(a).items() if not k.startswith("_")},
-            "flops": "fwd = 4*B*H*N^2*D (/2 causal); bwd = 2.5x fwd; fwd+bwd = 3.5x fwd",
+    def report(rows, plot):
+        groups = build_tables(rows, a.method_list)
+        return {"json": {"tables": groups}, "text": render(groups, False), "markdown": render(groups, True),
+                "plots": plots(rows, a.method_list, Path(a.out)) if plot else []}
+
+    meta = {"flops": "fwd = 4*B*H*N^2*D (/2 causal); bwd = 2.5x fwd; fwd+bwd = 3.5x fwd",
             "memory": "max_memory_allocated during one fwd+bwd minus memory allocated before (q, k, v, dO)",
             "timing": "median over timed calls after warm-up; CUDA events on GPU, perf_counter on CPU; "
                       "bwd timed on one retained forward graph"}
-
-    def save(results: dict, env: dict, final: bool = False):
-        rows = [results[str(c["id"])] for c in cases if str(c["id"]) in results]
-        bl.write_json(out, bl.clean_floats({**meta, "env": env, "complete": final, "results": rows}))
-
-    def setup_inproc():
-        global DEVICE
-        info = bl.worker_setup(a.smoke)
-        DEVICE = info["device"]
-        return info
-
-    with_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_attention.{os.getpid()}"
-    results, env = bl.run_cases(
-        cases, script=str(Path(__file__).resolve()), argv=argv, run_case=run_case, setup=setup_inproc,
-        isolate=not a.no_isolate, t0=t0, deadline=deadline, case_timeout=a.case_timeout,
-        on_result=save, tmpdir=with_tmp)
-    rows = [results[str(c["id"])] for c in cases]
-    groups = build_tables(rows, a.method_list)
-    pngs = [] if a.no_plot else plots(rows, a.method_list, out)
-    data = bl.clean_floats({**meta, "env": env, "complete": True, "tables": groups, "plots": pngs,
-                            "results": rows})
-    bl.write_json(out, data)
-    if a.markdown is not None:
-        md = Path(a.markdown) if a.markdown else out.with_suffix(".md")
-        bl.write_text(md, f"### Attention benchmark\n\n{env_header(env, True)}\n{render(groups, env, True)}")
-    bl.collect_worker_logs(with_tmp, out.with_suffix(".worker.log"))
-    _cleanup(with_tmp)
-    print()
-    print(env_header(env, False))
-    print(render(groups, env, False))
-    n_ok = sum(r["status"] == "ok" for r in rows)
-    flagged = [r for r in rows if not r.get("check_ok", True)]
-    print(f"{n_ok}/{len(rows)} cases ok; {len(flagged)} correctness flags; "
-          f"elapsed {time.time() - t0:.0f} s; wrote {out}" + (f", {len(pngs)} PNG" if pngs else ""))
-    return 0
-
-
-def _cleanup(path: Path) -> None:
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
+    return bk.run_bench(p, a, argv, script=str(Path(__file__).resolve()), title="Attention benchmark",
+                        cases=make_cases(a), run_case=run_case, meta=meta, report=report)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ The table is printed last.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -33,9 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchkit as bk  # noqa: E402
+
+ROOT = bk.REPO
 
 GPU_CASES = [("gpt2_medium", 4096, "none")]
 SMOKE_CASES = [("gpt2_tiny", 128, "none")]
@@ -49,9 +49,9 @@ def worker(a) -> None:
     import torch
     from bench_training import compose, random_batches, setup
 
-    from trainer.distributed import barrier, destroy, init_distributed, reduce_metrics
-    from trainer.metrics import peak_flops
-    from trainer.step import train_step
+    from longctx.trainer.distributed import barrier, destroy, init_distributed, reduce_metrics
+    from longctx.trainer.metrics import peak_flops
+    from longctx.trainer.step import train_step
 
     d = init_distributed(a.device, timeout_s=600)
     cuda = d.device.type == "cuda"
@@ -67,7 +67,7 @@ def worker(a) -> None:
             if model is None:
                 model, opt, prec, mb, accum, fpt = setup(cfg, d)
             else:  # the same model and optimizer; only the accumulation changes
-                import train as train_mod
+                from longctx import train as train_mod
                 mb, accum = train_mod.check_config(cfg, d.world_size)
             warmup = a.warmup  # every batch size: a new accumulation count re-warms the allocator
             batches = random_batches(cfg, d, mb, accum, range(warmup + a.steps), seed=i)
@@ -147,25 +147,23 @@ def run_job(model, seq_len, ac, nproc, a, tmp: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
+    """Markdown, one row per (case, GPU count, global batch); scaling efficiency against 1 GPU."""
     base = {(r["model"], r["seq_len"], r["ac"], r["global_batch_tokens"]): r["tokens_per_s_per_gpu"]
             for r in rows if r.get("ok") and r["nproc"] == 1}
-    head = (f"| {'model':<12} | {'seq_len':>7} | {'AC':<4} | {'global batch':>12} | {'GPUs':>4} | {'accum':>5} "
-            f"| {'tok/s/GPU':>10} | {'tok/s total':>11} | {'scaling eff.':>12} | {'MFU':>5} | {'mem/GPU GiB':>11} |")
-    lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
+    lines = []
     for r in rows:
         gb = r.get("global_batch_tokens", 0)
-        lead = f"| {r['model']:<12} | {r['seq_len']:>7} | {r['ac']:<4} | {gb:>12,} | {r['nproc']:>4} |"
+        lead = [r["model"], r["seq_len"], r["ac"], f"{gb:,}", r["nproc"]]
         if not r.get("ok"):
-            lines.append(f"{lead} failed: {r.get('error', '?')[:100]} |")
+            lines.append([*lead, f"failed: {r.get('error', '?')[:100]}"])
             continue
         b = base.get((r["model"], r["seq_len"], r["ac"], gb))
         r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / b if b else None
-        eff = f"{r['scaling_efficiency']:.3f}" if b else "n/a"
-        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
-        mem = f"{r['max_mem_alloc_gib']:.2f}" if r.get("max_mem_alloc_gib") is not None else "n/a"
-        lines.append(f"{lead} {r['accum']:>5} | {r['tokens_per_s_per_gpu']:>10,.0f} | {r['tokens_per_s']:>11,.0f} | "
-                     f"{eff:>12} | {mfu:>5} | {mem:>11} |")
-    return "\n".join(lines)
+        lines.append([*lead, r["accum"], f"{r['tokens_per_s_per_gpu']:,.0f}", f"{r['tokens_per_s']:,.0f}",
+                      bk.fmt(r["scaling_efficiency"], ".3f", "n/a"), f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a",
+                      bk.fmt(r.get("max_mem_alloc_gib"), ".2f", "n/a")])
+    return bk.table(["model", "seq_len", "AC", "global batch", "GPUs", "accum", "tok/s/GPU", "tok/s total",
+                     "scaling eff.", "MFU", "mem/GPU GiB"], lines, markdown=True)
 
 
 def main(argv=None):
@@ -176,11 +174,8 @@ def main(argv=None):
     ap.add_argument("--global-batches", default=DEFAULT_BATCHES, help="tokens per optimizer step, comma list")
     ap.add_argument("--attention", default="flash", choices=["flash", "sdpa", "naive"])
     ap.add_argument("--micro-batch", type=int, default=0, help="train.micro_batch (0: auto = 16384 // seq_len)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a train.py override, e.g. parallel.prefetch=0, compile=false, parallel.reshard_after_forward=false")
-    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per global batch")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
-    ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    bk.add_step_args(ap, steps=3, warmup=2, set_help="e.g. parallel.prefetch=0, compile=false, "
+                     "parallel.reshard_after_forward=false")
     ap.add_argument("--run-timeout", type=int, default=300, help="seconds per torchrun job")
     ap.add_argument("--out", default="bench_fsdp.json")
     ap.add_argument("--smoke", action="store_true", help="CPU, gloo, 1 and 2 processes, gpt2_tiny at 128")
@@ -224,20 +219,11 @@ def main(argv=None):
             for n in nprocs:
                 rows += run_job(model, seq_len, ac, n, a, Path(tmp))
     text = table(rows)
-    report = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if ngpu else "cpu",
-        "settings": {k: getattr(a, k) for k in ("attention", "global_batches", "micro_batch", "steps", "warmup",
-                                                "set")},
-        "rows": rows,
-        "table": text,
-    }
-    out = Path(a.out)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    bk.write_json(a.out, {"date": bk.env_info(False)["date"], "command": bk.command_line(), "torch": torch.__version__,
+                          "gpu": torch.cuda.get_device_name(0) if ngpu else "cpu",
+                          "settings": {k: getattr(a, k) for k in ("attention", "global_batches", "micro_batch",
+                                                                  "steps", "warmup", "set")},
+                          "rows": rows, "table": text})
     print(f"\nwrote {a.out}; total wall time {time.time() - t0:.0f} s\n")
     print(text)
     if not all(r.get("ok") for r in rows):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchkit as bk  # noqa: E402
+
+ROOT = bk.REPO
 
 
 class HFAdapter(nn.Module):
@@ -42,8 +42,8 @@ class HFAdapter(nn.Module):
 
 def build(impl: str, sizes: dict, seq_len: int, num_labels: int, attention: str):
     if impl == "ours":
-        from model import GPT, GPTConfig
-        from model.classify import GPTClassifier
+        from longctx.model import GPT, GPTConfig
+        from longctx.model.classify import GPTClassifier
 
         gpt = GPT(GPTConfig(seq_len=seq_len, n_layer=sizes["n_layer"], n_head=sizes["n_head"], n_embd=sizes["n_embd"],
                             attn_impl=attention))
@@ -61,7 +61,7 @@ def bench_case(impl: str, sizes: dict, seq_len: int, micro_batch: int, steps: in
                device: torch.device, attention: str = "flash", num_labels: int = 10) -> dict:
     from eval_longdoc import finetune_step, single_label_loss
 
-    from trainer.optim import Precision
+    from longctx.trainer.optim import Precision
 
     row = {"impl": impl, "seq_len": seq_len, "micro_batch": micro_batch}
     torch.manual_seed(0)
@@ -101,23 +101,19 @@ def bench_case(impl: str, sizes: dict, seq_len: int, micro_batch: int, steps: in
 def table(rows: list[dict]) -> str:
     lens = sorted({r["seq_len"] for r in rows})
     impls = list(dict.fromkeys(r["impl"] for r in rows))
+    peers = [i for i in impls if i != "ours" and "ours" in impls]
     by = {(r["impl"], r["seq_len"]): r for r in rows}
-    head = ["seq_len", "micro-batch"] + [f"{i} tok/s (mem)" for i in impls] + \
-        [f"ours / {i}" for i in impls if i != "ours" and "ours" in impls]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for n in lens:
-        cells = [str(n), str(by[(impls[0], n)]["micro_batch"])]
-        for i in impls:
-            r = by.get((i, n), {})
-            t = r.get("tokens_per_s")
-            mem = f" ({r['peak_mem_gb']:.1f} GB)" if r.get("peak_mem_gb") is not None else ""
-            cells.append(f"{t / 1e3:.1f}k{mem}" if t else r.get("error", "-"))
-        for i in impls:
-            if i != "ours" and "ours" in impls:
-                a, b = by.get(("ours", n), {}).get("tokens_per_s"), by.get((i, n), {}).get("tokens_per_s")
-                cells.append(f"{a / b:.2f}x" if a and b else "-")
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+
+    def cell(r):
+        t, mem = r.get("tokens_per_s"), r.get("peak_mem_gb")
+        return f"{t / 1e3:.1f}k" + ("" if mem is None else f" ({mem:.1f} GB)") if t else r.get("error", "-")
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else "-"
+    return bk.table(["seq_len", "micro-batch", *(f"{i} tok/s (mem)" for i in impls), *(f"ours / {i}" for i in peers)],
+                    [[n, by[(impls[0], n)]["micro_batch"], *(cell(by.get((i, n), {})) for i in impls),
+                      *(ratio(by.get(("ours", n), {}).get("tokens_per_s"), by.get((i, n), {}).get("tokens_per_s"))
+                        for i in peers)] for n in lens], markdown=True) + "\n"
 
 
 def main(argv=None) -> int:
@@ -154,8 +150,7 @@ def main(argv=None) -> int:
             t = r.get("tokens_per_s")
             print(f"{impl:8s} seq_len {n:6d}: " + (f"{t / 1e3:.1f}k tokens/s" if t else r.get("error", "?")), flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+        bk.write_json(args.out, rows)
     print(table(rows), end="")
     return 0
 

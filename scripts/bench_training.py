@@ -33,20 +33,17 @@ matmul, loss, norm, elementwise, optimizer) and prints the top kernels.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
-import queue
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchkit as bk  # noqa: E402
+
+ROOT = bk.REPO
 
 OURS = ("flash", "sdpa", "naive")
 HF = {"hf_eager": "eager", "hf_sdpa": "sdpa"}
@@ -77,10 +74,10 @@ def setup(cfg, dist, loss_chunk_tokens: int | None = None):
     (model.backend=hf_* gives the Hugging Face baseline of model/hf_baseline.py)."""
     import torch
 
-    import train as train_mod
-    from model import build_model
-    from trainer.optim import Precision, build_optimizer
-    from trainer.parallelize import parallel_name, parallelize
+    from longctx import train as train_mod
+    from longctx.model import build_model
+    from longctx.trainer.optim import Precision, build_optimizer
+    from longctx.trainer.parallelize import parallel_name, parallelize
 
     micro_batch, accum = train_mod.check_config(cfg, dist.world_size)
     torch.manual_seed(cfg.seed)
@@ -98,7 +95,7 @@ def random_batches(cfg, dist, micro_batch: int, accum: int, steps, seed: int = 0
     """DeviceBatches over random tokens: (step, micro_step) -> the same tokens on every run."""
     import torch
 
-    from trainer.step import DeviceBatches
+    from longctx.trainer.step import DeviceBatches
 
     vocab, T = int(cfg.model.vocab_size), int(cfg.seq_len)
 
@@ -169,9 +166,9 @@ def run_case(case: dict, ready=None) -> dict:
     """Set up one row, warm up, call ready() (the driver's turn), time; returns the measurements."""
     import torch
 
-    from trainer.distributed import init_distributed
-    from trainer.metrics import peak_flops
-    from trainer.step import train_step
+    from longctx.trainer.distributed import init_distributed
+    from longctx.trainer.metrics import peak_flops
+    from longctx.trainer.step import train_step
 
     dist = init_distributed(case["device"])
     cuda = dist.device.type == "cuda"
@@ -227,116 +224,50 @@ def run_case(case: dict, ready=None) -> dict:
     return res
 
 
-def _worker(case_json: str) -> int:
-    case = json.loads(case_json)
-
-    def ready():
-        print("READY", flush=True)
-        sys.stdin.readline()  # the driver says GO when it is this row's turn to be timed
-
-    try:
-        result = run_case(case, ready)
-    except Exception as e:  # noqa: BLE001
-        import torch
-
-        msg = str(e).strip().splitlines()
-        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-        result = {"status": "OOM" if oom else "error",
-                  "reason": f"{type(e).__name__}: {msg[0][:200] if msg else ''}"}
-    print("RESULT " + json.dumps(result), flush=True)
-    return 0
+def _worker() -> int:
+    """A worker process (benchkit.serve): one case; an exception is that row's OOM / error."""
+    def run(case, ready):
+        try:
+            return run_case(case, ready)
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).strip().splitlines()
+            oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+            return {"status": "OOM" if oom else "error", "reason": f"{type(e).__name__}: {msg[0][:200] if msg else ''}"}
+    return bk.serve(run)
 
 
 # ----------------------------------------------------------------------------------- driver
-class _Proc:
-    """One row's worker process; a thread collects its stdout (READY / RESULT lines)."""
-
-    def __init__(self, case: dict, env: dict, logdir: Path):
-        self.case = case
-        self.log = open(logdir / f"{case['key']}.log", "w")  # noqa: SIM115  (closed in finish)
-        self.p = subprocess.Popen([sys.executable, __file__, "--_case", json.dumps(case)], cwd=ROOT, env=env,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.t0 = time.time()
-        self.result = None
-
-    def _read(self):
-        for line in self.p.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def wait_for(self, timeout: float) -> str:
-        """'READY', 'RESULT' (self.result set), 'exit' or 'timeout'."""
-        end = time.time() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, end - time.time()))
-            except queue.Empty:
-                return "timeout"
-            if line is None:
-                return "exit"
-            if line == "READY":
-                return "READY"
-            if line.startswith("RESULT "):
-                self.result = json.loads(line[len("RESULT "):])
-                return "RESULT"
-
-    def go(self):
-        self.p.stdin.write("GO\n")
-        self.p.stdin.flush()
-
-    def finish(self, status: str | None = None, reason: str = "") -> dict:
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.wait()
-        self.log.close()
-        if self.result is None:
-            tail = [ln for ln in Path(self.log.name).read_text().splitlines() if ln.strip()][-1:] or ["(no output)"]
-            self.result = {"status": status or "crash",
-                           "reason": reason or f"exit {self.p.returncode}: {tail[0][:200]}"}
-        self.result["wall_s"] = round(time.time() - self.t0, 1)
-        return self.result
-
-
 def run_group(cases: list[dict], env: dict, logdir: Path, timeout: float) -> list[dict]:
-    """Start every case, wait until each is warm (or done), then time them one by one."""
-    procs = [_Proc(c, env, logdir) for c in cases]
+    """Start a worker per case, wait until each is warm (or done), then time them one by one."""
+    procs = []
+    for c in cases:
+        w = bk.Worker([sys.executable, __file__, "--_worker"], logdir / f"{c['key']}.log", env=env, cwd=ROOT)
+        w.send(c)
+        procs.append((w, time.time(), {}))
+
+    def wait(w, t0, limit):  # the next message after the environment: ready, result, None (exit), "timeout"
+        while isinstance(msg := w.recv(max(1.0, limit - (time.time() - t0))), dict) and "env" in msg:
+            pass
+        return msg
+
+    def finish(w, t0, res, msg, what):
+        w.stop()
+        res.update(msg["result"] if isinstance(msg, dict) and "result" in msg else
+                   {"status": "timeout", "reason": f"{what} within {timeout:.0f} s"} if msg == "timeout" else
+                   {"status": "crash", "reason": f"exit {w.proc.returncode}: {w.tail(1)[:200] or '(no output)'}"})
+        res["wall_s"] = round(time.time() - t0, 1)
+
     ready = []
-    for pr in procs:
-        left = max(1.0, timeout - (time.time() - pr.t0))
-        state = pr.wait_for(left)
-        if state == "READY":
-            ready.append(pr)
-        elif state == "timeout":
-            pr.finish("timeout", f"not warm within {timeout:.0f} s")
+    for w, t0, res in procs:
+        msg = wait(w, t0, timeout)
+        if isinstance(msg, dict) and msg.get("ready"):
+            ready.append((w, t0, res))
         else:
-            pr.finish()
-    for pr in ready:
-        pr.go()
-        state = pr.wait_for(timeout)
-        pr.finish("timeout" if state == "timeout" else None, f"no result within {timeout:.0f} s"
-                  if state == "timeout" else "")
-    return [pr.result for pr in procs]
-
-
-def _env() -> dict:
-    import torch
-
-    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-    for mod in ("triton", "transformers"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            info[mod] = None
-    return info
-
-
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+            finish(w, t0, res, msg, "not warm")
+    for w, t0, res in ready:
+        w.send("go")
+        finish(w, t0, res, wait(w, time.time(), timeout), "no result")
+    return [res for _, _, res in procs]
 
 
 def table(rows: list[dict]) -> str:
@@ -351,16 +282,12 @@ def table(rows: list[dict]) -> str:
         tps = r.get("tokens_per_s") if ok else None
         lines.append([str(r["seq_len"]), f"{r.get('micro_batch', r['mb'])}x{r.get('accum', '?')}", r["name"],
                       r["status"] if ok else f"{r['status']}: {r.get('reason', '')[:60]}",
-                      _fmt(tps, ",.0f"), _fmt(None if not ok or r.get("mfu") is None else 100 * r["mfu"], ".1f"),
-                      _fmt(r.get("peak_mem_gb") if ok else None, ".1f"), _fmt(r.get("step_ms") if ok else None, ".0f"),
-                      _fmt(r.get("first_step_s") if ok else None, ".1f"), _fmt(r.get("loss") if ok else None, ".4f"),
-                      _fmt(tps / sd if tps and sd and r["impl"] != "sdpa" else None, ".2f"),
-                      _fmt(tps / hf if tps and hf and r["impl"] != "hf_sdpa" else None, ".2f")])
-    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) if i in (2, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-            for line in lines]
-    return "\n".join(out)
+                      bk.fmt(tps, ",.0f"), bk.fmt(None if not ok or r.get("mfu") is None else 100 * r["mfu"], ".1f"),
+                      bk.fmt(r.get("peak_mem_gb") if ok else None, ".1f"), bk.fmt(r.get("step_ms") if ok else None, ".0f"),
+                      bk.fmt(r.get("first_step_s") if ok else None, ".1f"), bk.fmt(r.get("loss") if ok else None, ".4f"),
+                      bk.fmt(tps / sd if tps and sd and r["impl"] != "sdpa" else None, ".2f"),
+                      bk.fmt(tps / hf if tps and hf and r["impl"] != "hf_sdpa" else None, ".2f")])
+    return bk.table(head, lines, left={2, 3})
 
 
 def profile_table(rows: list[dict]) -> str:
@@ -380,13 +307,8 @@ def profile_table(rows: list[dict]) -> str:
 
 
 def _write(path: str, rows: list[dict], args, complete: bool) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps({"env": _env(), "complete": complete,
-                               "args": {k: v for k, v in vars(args).items() if k != "_case"},
-                               "results": rows}, indent=2) + "\n")
-    os.replace(tmp, p)
+    bk.write_json(path, {"env": {**bk.env_info(), "command": bk.command_line()}, "complete": complete,
+                         "args": {k: v for k, v in vars(args).items() if k != "_worker"}, "results": rows})
 
 
 def build_cases(args, device: str) -> list[dict]:
@@ -442,27 +364,23 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", default="flash,sdpa,hf_eager,hf_sdpa", help=f"comma list of {', '.join(ALL_IMPLS)}")
     ap.add_argument("--batch-tokens", type=int, default=16384, help="tokens per micro-batch: micro_batch = this // seq_len")
     ap.add_argument("--global-batch-tokens", type=int, default=65536, help="tokens per optimizer step")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a train.py override for our rows (e.g. compile=false, train.precision=fp16)")
     ap.add_argument("--variant", action="append", default=None, metavar="NAME[@IMPL+IMPL]:K=V,K=V",
                     help="rows of our impls per variant, e.g. eager:compile=false, plain@flash:loss_chunk_tokens=0")
     ap.add_argument("--only", action="append", default=[], metavar="IMPL=LEN,LEN",
                     help="run this impl at these seq_lens only (e.g. hf_eager=1024,4096,16384)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    bk.add_step_args(ap, steps=5, warmup=3, set_help="for our rows (e.g. compile=false, train.precision=fp16)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of one extra step per row")
     ap.add_argument("--concurrency", type=int, default=4, help="rows compiling / warming up at once")
-    ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per row to get warm, and to be timed")
     ap.add_argument("--max-minutes", type=float, default=None, help="start no new group after this long")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: gpt2_tiny, seq_len 64,128, 1+1 steps")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--logdir", default=None, help="keep each row's stderr log here (default: discarded)")
     ap.add_argument("--trace-dir", default=None, help="with --profile: a Chrome trace of each row's profiled step here")
-    ap.add_argument("--_case", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args._case is not None:
-        return _worker(args._case)
+    if args._worker:
+        return _worker()
 
     import torch
 

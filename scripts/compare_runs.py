@@ -13,24 +13,19 @@ A plot of the curves (and of the differences) is written with --out. The summary
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchkit as bk  # noqa: E402
 
 
 def read_metrics(run_dir: str) -> dict[int, dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; pass train.py run directories (run_dir=...)")
-    rows = {}
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if "loss" in r:
-            rows[int(r["step"])] = r
+    rows = {int(r["step"]): r for r in bk.read_jsonl(path) if "loss" in r}
     if not rows:
         raise SystemExit(f"error: {path} has no training rows")
     return rows
@@ -74,11 +69,7 @@ def plot(runs: dict[str, dict[int, dict]], out: str) -> None:
     ax2.set_xlabel("step")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_name(Path(out).stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(out)
-    plt.close(fig)
+    bk.save_figure(fig, out)
 
 
 def main(argv=None) -> int:
@@ -105,27 +96,22 @@ def main(argv=None) -> int:
         plot(runs, a.out)
         print(f"wrote {a.out}")
     if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+        bk.write_json(a.json, results)
     failed = False
-    head = (f"{'run':<16} {'steps':>5} {'max rel diff':>12} {'at step':>7} {'mean rel':>9} {'final loss':>10} "
-            f"{'ref final':>9} {'tokens/s':>10}")
-    lines = [head]
     t = results[names[0]]["tokens_per_s"]
-    lines.append(f"{names[0]:<16} {len(ref):>5} {'(reference)':>12} {'':>7} {'':>9} {ref[max(ref)]['loss']:>10.4f} "
-                 f"{'':>9} {t if t is None else format(t, ',.0f'):>10}")
+    lines = [[names[0], len(ref), "(reference)", "", "", f"{ref[max(ref)]['loss']:.4f}", "", bk.fmt(t, ",.0f", "None")]]
     for n in names[1:]:
         r = results[n]
         if not r["steps"]:
-            lines.append(f"{n:<16} no step in common with {names[0]}")
+            lines.append([n, "0", f"no step in common with {names[0]}"])
             failed = True
             continue
         bad = a.max_rel is not None and r["max_rel"] > a.max_rel
         failed |= bad
-        tps = r["tokens_per_s"]
-        lines.append(f"{n:<16} {r['steps']:>5} {r['max_rel']:>12.2e} {r['at_step']:>7} {r['mean_rel']:>9.2e} "
-                     f"{r['final']:>10.4f} {r['final_ref']:>9.4f} {tps if tps is None else format(tps, ',.0f'):>10}"
-                     + ("  ABOVE --max-rel" if bad else ""))
-    print("\n".join(lines))
+        lines.append([n, r["steps"], f"{r['max_rel']:.2e}", r["at_step"], f"{r['mean_rel']:.2e}", f"{r['final']:.4f}",
+                      f"{r['final_ref']:.4f}", bk.fmt(r["tokens_per_s"], ",.0f", "None"), "ABOVE --max-rel" if bad else ""])
+    print(bk.table(["run", "steps", "max rel diff", "at step", "mean rel", "final loss", "ref final", "tokens/s", ""],
+                   lines, left={0, 8}))
     return 1 if failed else 0
 
 

@@ -31,17 +31,19 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchkit as bk  # noqa: E402  (puts the repository on sys.path too)
 
-from trainer import ConfigError
-from trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, is_distributed
-from trainer.init import apply_init_from, load_init
-from trainer.logger import build_logger, resolve_mode
-from trainer.metrics import peak_flops, progress_line
-from trainer.optim import Precision, build_optimizer
-from trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize
-from trainer.schedule import build_schedule
+ROOT = bk.REPO
+
+from longctx.trainer import ConfigError
+from longctx.trainer.distributed import all_reduce, broadcast_object, destroy, init_distributed, is_distributed
+from longctx.trainer.init import apply_init_from, load_init
+from longctx.trainer.logger import build_logger, resolve_mode
+from longctx.trainer.metrics import peak_flops, progress_line
+from longctx.trainer.optim import Precision, build_optimizer
+from longctx.trainer.parallelize import clip_grad_norm, grad_sync, parallel_name, parallelize
+from longctx.trainer.schedule import build_schedule
 
 log = logging.getLogger("eval_longdoc")
 
@@ -83,8 +85,8 @@ def read_results(out_dir: Path) -> list[dict]:
 
 def check_settings(cfg, world_size: int):
     """Every one-line error before any work. Returns (seq_lens, init source, rows already done)."""
-    from data.tasks import TaskError, check_task
-    from model import build_model
+    from longctx.data.tasks import TaskError, check_task
+    from longctx.model import build_model
 
     lens = list(cfg.seq_lens) if OmegaConf.is_list(cfg.seq_lens) or isinstance(cfg.seq_lens, list) else [cfg.seq_lens]
     if not lens:
@@ -136,11 +138,11 @@ def check_settings(cfg, world_size: int):
         if past:
             raise ConfigError(f"seq_len {past[0]} is past the {source.seq_len} positions of init_from={source.name}; "
                               f"set init_positions=tile or interpolate to extend them, or drop the length")
-    build_schedule(OmegaConf.create({"train": OmegaConf.to_container(cfg.train), "max_steps": 1}))
+    build_schedule(OmegaConf.merge(_trainer_view(cfg), {"max_steps": 1}))
     try:
         for n in lens:
             with torch.device("meta"):
-                build_model(_with_seq_len(cfg, n))
+                build_model(_trainer_view(_with_seq_len(cfg, n)))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     rows = read_results(Path(cfg.out_dir))
@@ -152,6 +154,24 @@ def check_settings(cfg, world_size: int):
         raise ConfigError(f"{Path(cfg.out_dir) / RESULTS} holds results of other settings (they differ in: "
                           f"{', '.join(diff) or '?'}); use another out_dir, or move that file away")
     return lens, source, rows
+
+
+def _trainer_view(cfg):
+    """cfg as train.py's schema (trainer.config.Config) sees it: the root and train.* keys it
+    defines, for the trainer and model builders, which type their config. This script's own keys
+    (seq_lens, task, pool, train.batch_size, train.head_lr_scale, ...) stay out, and so do unset
+    (null) values such as max_steps before it is known."""
+    import dataclasses
+
+    from longctx.trainer.config import Config, OptimConfig
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    root = {f.name for f in dataclasses.fields(Config)}
+    train = {f.name for f in dataclasses.fields(OptimConfig)} - {"micro_batch"}  # ours: documents, not sequences
+    view = {k: v for k, v in c.items() if k in root and k != "train" and v is not None}  # None: schema default
+    if view.get("init_positions") == "none":  # ours (an error past the positions, checked here): not train.py's
+        del view["init_positions"]
+    return OmegaConf.create({**view, "train": {k: v for k, v in c["train"].items() if k in train}})
 
 
 def _with_seq_len(cfg, n: int):
@@ -174,7 +194,7 @@ def step_examples(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 def make_batch(docs, seq_len: int, long_docs: str, max_chunks: int):
     """Right-padded (S, N) ids, (S,) real lengths, (S,) document index (chunk mode) or None."""
-    from data.tokenizer import EOT_ID
+    from longctx.data.tokenizer import EOT_ID
 
     seqs, owner = [], []
     for j, d in enumerate(docs):
@@ -212,7 +232,7 @@ def majority_baseline(train_labels, test_labels) -> dict:
     the most frequent class)."""
     from collections import Counter
 
-    from model.classify import scores
+    from longctx.model.classify import scores
 
     rows = [tuple(r.nonzero()[0].tolist()) for r in train_labels]
     best = min(Counter(rows).items(), key=lambda kv: (-kv[1], kv[0]))[0]
@@ -258,10 +278,10 @@ def finetune_step(model, micro_batches, optimizer, prec, loss_fn, denom: int, gr
 
 def run_length(cfg, task, seq_len: int, source, dist, logger, wandb_step: int, train_ids, test_ids) -> dict:
     """Fine-tune at seq_len and score the test split; returns the results row (on every rank)."""
-    from model import build_model
-    from model.classify import GPTClassifier, predict, scores
+    from longctx.model import build_model
+    from longctx.model.classify import GPTClassifier, predict, scores
 
-    lcfg = _with_seq_len(cfg, seq_len)
+    lcfg = _with_seq_len(cfg, seq_len)  # the trainer's builders get _trainer_view(lcfg)
     world, rank = dist.world_size, dist.rank
     multi = task.multi_label
     t = cfg.train
@@ -276,14 +296,15 @@ def run_length(cfg, task, seq_len: int, source, dist, logger, wandb_step: int, t
             lcfg.init_positions = "tile"
 
     torch.manual_seed(cfg.seed)  # the same initial weights (and head) on every rank and for every length
-    gpt = build_model(lcfg)
+    tcfg = _trainer_view(lcfg)
+    gpt = build_model(tcfg)
     load_init(gpt, source, lcfg)
     model = GPTClassifier(gpt, task.num_labels, dropout=float(t.dropout), head_lr_scale=float(t.head_lr_scale),
                           pool=str(cfg.pool))
-    model = parallelize(model.to(dist.device), lcfg, dist)
-    optimizer = build_optimizer(model, lcfg, dist.device)
-    prec = Precision(str(t.precision), dist.device, sharded=parallel_name(lcfg) == "fsdp")
-    schedule = build_schedule(lcfg)
+    model = parallelize(model.to(dist.device), tcfg, dist)
+    optimizer = build_optimizer(model, tcfg, dist.device)
+    prec = Precision(str(t.precision), dist.device, sharded=parallel_name(tcfg) == "fsdp")
+    schedule = build_schedule(tcfg)
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout differs per rank
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist.device)
@@ -396,15 +417,9 @@ def write_outputs(out_dir: Path, rows: list[dict], task_name: str, multi: bool) 
     """results.json, results.md and results.png, each written to a temp name and renamed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: r["seq_len"])
-    _atomic_text(out_dir / RESULTS, json.dumps(rows, indent=1) + "\n")
-    _atomic_text(out_dir / "results.md", results_table(rows, task_name, multi))
+    bk.write_json(out_dir / RESULTS, rows)
+    bk.write_text(out_dir / "results.md", results_table(rows, task_name, multi))
     plot_results(rows, out_dir / "results.png", task_name)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def results_table(rows: list[dict], task_name: str, multi: bool) -> str:
@@ -413,15 +428,12 @@ def results_table(rows: list[dict], task_name: str, multi: bool) -> str:
 
     head = ["seq_len", "micro-F1", "macro-F1"] + ([] if multi else ["accuracy"]) + \
         ["majority micro/macro-F1", "train/test docs", "test docs cut", "tokens/s", "peak mem"]
-    lines = [f"Long-document classification, task={task_name} (F1 in %)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [str(r["seq_len"]), pct(r["micro_f1"]), pct(r["macro_f1"])] + ([] if multi else [pct(r.get("accuracy"))])
-        cells += [f"{pct(r.get('majority_micro_f1'))} / {pct(r.get('majority_macro_f1'))}",
-                  f"{r['train_examples']} / {r['test_examples']}", f"{100 * r.get('test_truncated_frac', 0):.0f}%",
-                  f"{r['tokens_per_s'] / 1e3:.1f}k", "-" if r.get("peak_mem_gb") is None else f"{r['peak_mem_gb']:.1f} GB"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [[r["seq_len"], pct(r["micro_f1"]), pct(r["macro_f1"]), *([] if multi else [pct(r.get("accuracy"))]),
+              f"{pct(r.get('majority_micro_f1'))} / {pct(r.get('majority_macro_f1'))}",
+              f"{r['train_examples']} / {r['test_examples']}", f"{100 * r.get('test_truncated_frac', 0):.0f}%",
+              f"{r['tokens_per_s'] / 1e3:.1f}k", "-" if r.get("peak_mem_gb") is None else f"{r['peak_mem_gb']:.1f} GB"]
+             for r in rows]
+    return f"Long-document classification, task={task_name} (F1 in %)\n\n{bk.table(head, cells, markdown=True)}\n"
 
 
 def plot_results(rows: list[dict], path: Path, task_name: str) -> None:
@@ -445,16 +457,13 @@ def plot_results(rows: list[dict], path: Path, task_name: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    bk.save_figure(fig, path)
 
 
 # ---- entry -------------------------------------------------------------------------------------
 def evaluate(cfg: DictConfig) -> list[dict]:
     """Run every length of cfg.seq_lens not yet in <out_dir>/results.json; returns all rows."""
-    from data.tasks import TaskError, load_task
+    from longctx.data.tasks import TaskError, load_task
 
     dist = init_distributed(str(cfg.device), timeout_s=cfg.parallel.get("timeout_s"))
     if not dist.is_main:
@@ -544,7 +553,7 @@ def main(cfg: DictConfig) -> None:
 def check_cli_choices(argv: list[str]) -> None:
     """`task=imdb` / `model=gpt2_huge` on the command line: one line naming the options (before Hydra's
     longer message). train.py's check covers model / attention / parallel / logger."""
-    import train as train_mod
+    from longctx import train as train_mod
 
     train_mod.check_group_choices([a for a in argv if not a.lstrip("+").startswith("task=")])
     options = sorted(p.stem for p in (ROOT / "configs" / "task").glob("*.yaml"))

@@ -1,76 +1,88 @@
-"""One GPU call's worth of kernel work: check our attention, then time its variants beside peers.
+"""One GPU call's worth of kernel work: check our attention, time its variants beside peers, sweep
+its launch configurations.
 
     python scripts/kernel_lab.py --out $OUT/lab.json [--budget-s 240] [--sections check,dense,sparse]
+    python scripts/kernel_lab.py --sections check,sweep --seqlen 8192 --out $OUT/tune.json   # tune_attention.py
     python scripts/kernel_lab.py --smoke --out /tmp/lab.json          # CPU interpreter, toy sizes
 
-1. check: on the GPU, out / dq / dk / dv against a float32 reference_attention (bf16, fp16, fp32;
-   causal and not; odd lengths; Nq != Nk; a strided fused-qkv view; block-sparse), for the fused
-   (atomic dQ) and the deterministic backward and with TMA descriptors on and off; outputs poisoned
-   with NaN first; the deterministic backward bitwise reproducible; the fused one's run-to-run
-   spread reported. Exit code 1 if a check fails.
-2. dense: per (D, causal, N) with B*N = 131072 tokens and H = 16, bf16: forward variants
-   (launch config, TMA) and backward variants (deterministic vs fused, launch configs, TMA),
-   timed alone; then forward and forward+backward through the public API for the old default
-   (deterministic backward, no TMA) and the best new variant, beside cuDNN (sdpa
-   CUDNN_ATTENTION), FlashAttention-2 (sdpa FLASH_ATTENTION) and FlexAttention (compiled).
-3. sparse: causal local-window and BigBird layouts (128x128 blocks) at target causal densities,
-   N = 16384: our block-sparse kernel (old / new backward, launch configs) vs our dense kernel
-   and FlexAttention with the same block mask.
-Timing: CUDA events around each call, warm-up first, median of repeated calls (inputs are several
-times the L2 size, 268 MB per tensor). FLOPs: 4*B*H*N^2*D forward (halved when causal),
-backward 2.5x, forward+backward 3.5x. Kernels are compiled up front in a pool of processes (the
-Triton and Inductor caches are on disk, so the timed process finds them compiled).
-The short tables are printed last; everything goes to the JSON.
+check: on the GPU, out / dq / dk / dv against the float64 reference_attention (bench_attention's
+   check_errors, the kernel tests' oracle) in bf16, fp16, fp32; causal and not; N = 1, odd lengths,
+   Nq != Nk, block-sparse; for the fused (atomic dQ) and the deterministic backward and with TMA
+   descriptors on and off; outputs poisoned with NaN first; on a strided fused-qkv view the
+   deterministic backward bitwise reproducible and the fused one's run-to-run spread reported.
+   Exit code 1 if a check fails. (The whole test suite on a GPU: LONGCTX_TEST_GPU=1 pytest tests/kernels.)
+dense: per (D, causal, N) with B*N = 131072 tokens and H = 16, bf16: forward variants (launch
+   config, TMA) and backward variants (deterministic vs fused, launch configs), timed alone; then
+   forward and forward+backward through the public API for the old default (deterministic backward,
+   no TMA), today's default and the best new variant, beside cuDNN (sdpa CUDNN_ATTENTION),
+   FlashAttention-2 (sdpa FLASH_ATTENTION) and FlexAttention (compiled); and a tiny problem's latency.
+sparse: causal local-window and BigBird layouts (128x128 blocks) at target causal densities,
+   N = 16384: our block-sparse kernel (old / new backward) vs our dense kernel and FlexAttention with
+   the same block mask.
+sweep: per kernel (fwd; bwd = the fused backward; dkdv and dq = the deterministic pair), head dim
+   (--dims, H = 2048 / D) and causal flag, each (BLOCK_M, BLOCK_N, num_warps, num_stages) candidate
+   timed alone at --seqlen; the best are printed (kernels/flash.py's tables are edited from them).
+Timing: benchkit.time_fn (CUDA events around each call, warm-up first, median; inputs are several
+times the L2 size). FLOPs: 4*B*H*N^2*D forward (halved when causal), backward 2.5x, forward+backward
+3.5x. Kernels are compiled up front in a pool of processes (the Triton and Inductor caches are on
+disk, so the timed process finds them compiled). The short tables are printed last; all goes to the JSON.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib as bl
+import bench_attention as ba  # noqa: E402
+import benchkit as bk  # noqa: E402
 
-T0 = time.time()
 TOKENS = 131072
+SECTIONS = ("check", "dense", "sparse", "sweep")
 PROFILE = False  # --profile
 
 
-def log(msg):
-    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
-
-
-# ----------------------------------------------------------------------------- variants
-# A variant: deterministic backward or not, TMA on/off, and launch-config overrides per kernel kind.
 def V(name, det=False, tma=False, opts=None, **cfg):
+    """A variant: deterministic backward or not (None: the default), TMA on/off, launch-config
+    overrides per kernel kind (fwd, bwd, dkdv, dq)."""
     return {"name": name, "det": det, "tma": tma, "cfg": cfg, "opts": dict(opts or {})}
 
 
-
-FWD_VARIANTS = {  # per head dim: the table's config first
-    64: [V("fwd_tab"), V("fwd_64x64w4s3", fwd=(64, 64, 4, 3)), V("fwd_128x64w8s3", fwd=(128, 64, 8, 3))],
-    128: [V("fwd_tab"), V("fwd_64x64w4s3", fwd=(64, 64, 4, 3)), V("fwd_128x64w8s3", fwd=(128, 64, 8, 3))],
-}
-BWD_VARIANTS = {
-    64: [V("bwd_det", det=True), V("bwd_fused", det=False)],
-    128: [V("bwd_det", det=True), V("bwd_fused", det=False),
-          V("bwd_det_dkdv32x128w8s3", det=True, dkdv=(32, 128, 8, 3)),
-          V("bwd_det_dkdv64x128w8s2", det=True, dkdv=(64, 128, 8, 2))],
-}
+FWD_VARIANTS = [V("fwd_tab"), V("fwd_64x64w4s3", fwd=(64, 64, 4, 3)), V("fwd_128x64w8s3", fwd=(128, 64, 8, 3))]
+BWD_VARIANTS = {64: [V("bwd_det", det=True), V("bwd_fused")],
+                128: [V("bwd_det", det=True), V("bwd_fused"), V("bwd_det_dkdv32x128w8s3", det=True, dkdv=(32, 128, 8, 3)),
+                      V("bwd_det_dkdv64x128w8s2", det=True, dkdv=(64, 128, 8, 2))]}
 PROFILE_VARIANTS = [  # --profile: the fused backward without its dQ product, and with plain (racy) stores
     {**V("prof_no_dq"), "dq_mode": 0}, {**V("prof_dq_store"), "dq_mode": 2}]
 SPARSE_VARIANTS = [V("sp_det", det=True), V("sp_default", det=None, tma=None)]
+CHECK_VARIANTS = [V("default", det=None, tma=None), V("det", det=True), V("fused", det=False),
+                  V("fused_tma", det=False, tma=True)]
 DENSE_CASES = [(64, True, 1024), (64, True, 2048), (64, True, 4096), (64, True, 16384), (64, True, 65536),
                (128, True, 2048), (128, True, 4096), (128, True, 16384), (128, False, 4096), (128, False, 16384)]
 SPARSE_CASES = [(layout, t) for layout in ("local", "bigbird") for t in ("1/8", "1/16", "1/32")]
 SPARSE_N = 16384
+LAT_SHAPE = (1, 256, 4, 64, True)
+SWEEP = {  # launch-config candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3),
+            (128, 32, 4, 3), (64, 128, 4, 3)],
+    "bwd": [(64, 64, 4, 3), (64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 3)],
+    "dkdv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (128, 128, 8, 2),
+             (64, 128, 4, 2)],
+    "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 32, 4, 3),
+           (64, 32, 4, 3)],
+}
 
 
-def apply_variant(v):
-    from kernels import flash as F
+def sweep_variants(kind: str, cands) -> list[dict]:  # dkdv / dq: the deterministic pair; bwd: the fused one
+    return [V(f"{kind}_{'x'.join(map(str, c))}", det=kind in ("dkdv", "dq"), **{kind: c}) for c in cands]
+
+
+def apply_variant(v) -> None:
+    from longctx.kernels import flash as F
     F._PROFILE_DQ_MODE = v.get("dq_mode", 1)
     F._OPTIONS["bwd_fused"] = None
     F._OPTIONS.update(v.get("opts", {}))
@@ -84,41 +96,29 @@ def flops_fwd(b, h, n, d, causal):
     return 4.0 * b * h * n * n * d / (2.0 if causal else 1.0)
 
 
-# ------------------------------------------------------------------------------- inputs
-def make_inputs(b, n, h, d, dtype, device, seed=0):
-    import torch
-    g = torch.Generator(device=device).manual_seed(seed)
-    q, k, v, do = (torch.randn((b, n, h, d), device=device, dtype=dtype, generator=g) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(True)
-    return q, k, v, do
-
-
 def sparse_mask(layout, target, n, block=128):
     from bench_block_sparse import build_layout
     return build_layout(layout, n, float(Fraction(target)), block)[0]
 
 
-# ------------------------------------------------------------------------------- timing
-def timeit(fn, device, rep_ms=250.0):
-    if device == "cpu":  # the interpreter: a couple of calls show that the code runs, nothing more
-        return bl.time_fn(fn, device, warmup_ms=0.0, rep_ms=0.0, min_reps=2, max_reps=2)["ms"]
-    r = bl.time_fn(fn, device, warmup_ms=30.0, rep_ms=rep_ms, min_reps=3, max_reps=100)
-    return r["ms"]
+def timeit(fn, device, rep_ms=250.0) -> float:
+    if str(device) == "cpu":  # the interpreter: a couple of calls show that the code runs, nothing more
+        return bk.time_fn(fn, device, warmup_ms=0.0, rep_ms=0.0, min_reps=2, max_reps=2)["ms"]
+    return bk.time_fn(fn, device, warmup_ms=30.0, rep_ms=rep_ms, min_reps=3, max_reps=100)["ms"]
 
 
 def ours_fwd(v, q, k, vv, causal, mask=None):
-    from kernels import flash_attention
+    from longctx.kernels import flash_attention
     return lambda: flash_attention(q, k, vv, causal=causal, block_mask=mask, deterministic=v["det"])
 
 
 def ours_bwd_only(v, q, k, vv, do, causal, mask=None):
     """The backward kernels alone on one saved forward (the public path minus autograd's overhead)."""
-    from kernels import flash as F
+    from longctx.kernels import flash as F
     sm = q.shape[-1] ** -0.5
-    o, lse = F._flash_fwd(q.detach(), k.detach(), vv.detach(), causal, sm, mask, "ieee")
-    return lambda: F._flash_bwd(do, q.detach(), k.detach(), vv.detach(), o, lse, causal, sm, mask, "ieee",
-                                deterministic=v["det"])
+    q, k, vv = q.detach(), k.detach(), vv.detach()
+    o, lse = F._flash_fwd(q, k, vv, causal, sm, mask, "ieee")
+    return lambda: F._flash_bwd(do, q, k, vv, o, lse, causal, sm, mask, "ieee", deterministic=v["det"])
 
 
 def fwd_bwd(fwd, q, k, vv, do):
@@ -126,125 +126,56 @@ def fwd_bwd(fwd, q, k, vv, do):
     return lambda: torch.autograd.grad(fwd(), (q, k, vv), do)
 
 
-def peer_fwd(method, q, k, vv, causal, mask=None):
-    if mask is not None:  # flex with our block mask
-        import bench_block_sparse as bbs
-        fbm = bbs.to_flex_block_mask(mask, q.device)
-        fn = bbs._flex_fn()
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, vv))
-        return lambda: fn(qt, kt, vt, block_mask=fbm).transpose(1, 2)
-    import bench_attention as ba
-    return ba.make_forward(method, q, k, vv, causal)
+def peer_fwd(method, q, k, vv, causal, mask=None):  # with a block mask: FlexAttention with the same blocks
+    return ba.make_forward("flex" if mask is not None else method, q, k, vv, causal, mask)
 
 
-# ------------------------------------------------------------------------- warm-up pool
-def warm_job(job):
-    """Run one configuration once (compiles it into the on-disk caches); returns (job, seconds, error)."""
-    import torch
-    t = time.time()
-    try:
-        dev = "cuda"
-        if job["kind"] == "check":
-            q, k, vv, do, mask = check_inputs(job["case"], dev, False)
-            run_check(job["case"], job["variant"], q, k, vv, do, mask)
-        elif job["kind"] == "strided":
-            qkv, do = strided_qkv(dev, False)
-            run_strided(job["variant"], qkv, do)
-        elif job["kind"] == "peer":
-            b, n, h, d, causal = job["shape"]
-            q, k, vv, do = make_inputs(b, n, h, d, torch.bfloat16, dev)
-            mask = sparse_mask(*job["sparse"], n) if job.get("sparse") else None
-            f = peer_fwd(job["method"], q, k, vv, causal, mask)
-            torch.autograd.grad(f(), (q, k, vv), do)
-        else:
-            b, n, h, d, causal = job["shape"]
-            q, k, vv, do = make_inputs(1, n, h, d, torch.bfloat16, dev)
-            mask = sparse_mask(*job["sparse"], n) if job.get("sparse") else None
-            apply_variant(job["variant"])
-            ours_fwd(job["variant"], q, k, vv, causal, mask)()
-            if job["kind"] == "bwd":
-                ours_bwd_only(job["variant"], q, k, vv, do, causal, mask)()
-        torch.cuda.synchronize()
-        return job, time.time() - t, None
-    except Exception as exc:  # reported, the timed run will meet it again
-        return job, time.time() - t, bl.short(f"{type(exc).__name__}: {exc}", 200)
-
-
-def warm_up(jobs, workers, timeout_s):
-    import concurrent.futures as cf
-    import multiprocessing as mp
-    if not jobs:
-        return []
-    log(f"warm-up: {len(jobs)} compile jobs on {workers} processes (timeout {timeout_s:.0f} s)")
-    errors = []
-    ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-    futs = [ex.submit(warm_job, j) for j in jobs]
-    done, pending = cf.wait(futs, timeout=timeout_s)
-    for f in done:
-        job, _, err = f.result()
-        if err:
-            errors.append({"job": job["label"], "error": err})
-            log(f"  warm-up {job['label']}: {err}")
-    log(f"warm-up: {len(done)} done, {len(pending)} still compiling (left to the timed process)")
-    ex.shutdown(wait=False, cancel_futures=True)
-    return errors
+def failed(exc) -> dict:
+    return {"error": bk.short(f"{type(exc).__name__}: {exc}")}
 
 
 # ------------------------------------------------------------------------------ checks
-CHECK_VARIANTS = [V("default", det=None, tma=None), V("det", det=True), V("fused", det=False),
-                  V("fused_tma", det=False, tma=True)]
-
-
 def check_cases(smoke):
     import torch
-    if smoke:
-        return [(1, 33, 70, 1, 16, True, torch.float32, False), (1, 70, 70, 1, 16, True, torch.float32, True)]
-    return [(2, 1000, 1000, 4, 64, True, torch.bfloat16, False), (1, 333, 777, 2, 128, True, torch.float16, False),
-            (1, 777, 333, 2, 80, True, torch.float16, False), (2, 300, 300, 2, 40, False, torch.float32, False),
-            (2, 512, 512, 2, 256, False, torch.bfloat16, False), (1, 2048, 2048, 4, 64, True, torch.bfloat16, True)]
+    bf, fp, f32 = torch.bfloat16, torch.float16, torch.float32
+    if smoke:  # B, Nq, Nk, H, D, causal, dtype, block-sparse
+        return [(1, 33, 70, 1, 16, True, f32, False), (1, 70, 70, 1, 16, True, f32, True)]
+    return [(2, 1, 1, 3, 64, False, bf, False), (2, 1000, 1000, 4, 64, True, bf, False),
+            (1, 333, 777, 2, 128, True, fp, False), (1, 777, 333, 2, 80, True, fp, False),
+            (2, 300, 300, 2, 40, False, f32, False), (2, 512, 512, 2, 256, False, bf, False),
+            (1, 2048, 2048, 4, 64, True, bf, True), (2, 4096, 4096, 4, 64, True, bf, False)]
 
 
 def check_inputs(case, device, smoke):
     import torch
 
-    import kernels
+    from longctx import kernels
     B, Nq, Nk, H, D, causal, dtype, sparse = case
-    mask = None
-    if sparse:
-        blk = 32 if smoke else 128
-        mask = kernels.bigbird_mask(Nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=5,
-                                    block_m=blk, block_n=blk, causal=causal)
+    blk = 32 if smoke else 128
+    mask = kernels.bigbird_mask(Nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=5, block_m=blk,
+                                block_n=blk, causal=causal) if sparse else None
     g = torch.Generator(device=device).manual_seed(Nq * 7 + D)
-    q = torch.randn(B, Nq, H, D, device=device, dtype=dtype, generator=g).requires_grad_()
-    k = torch.randn(B, Nk, H, D, device=device, dtype=dtype, generator=g).requires_grad_()
-    v = torch.randn(B, Nk, H, D, device=device, dtype=dtype, generator=g).requires_grad_()
-    do = torch.randn(B, Nq, H, D, device=device, dtype=dtype, generator=g)
-    return q, k, v, do, mask
+    q, k, v, do = (torch.randn(B, n, H, D, device=device, dtype=dtype, generator=g) for n in (Nq, Nk, Nk, Nq))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do, mask
 
 
-def run_check(case, var, q, k, v, do, mask):
-    import torch
-
-    from kernels import flash_attention
+def run_check(case, var, q, k, v, do, mask) -> dict:
     apply_variant(var)
-    out = flash_attention(q, k, v, causal=case[5], block_mask=mask, deterministic=var["det"])
-    return (out,) + torch.autograd.grad(out, (q, k, v), do)
+    return ba.check_errors(ours_fwd(var, q, k, v, case[5], mask), q, k, v, do, case[5], mask, heads=None, batch=None)
 
 
 def strided_qkv(device, smoke):
     import torch
     n, heads, d = (40, 1, 16) if smoke else (2048, 4, 64)
     g = torch.Generator(device=device).manual_seed(1)
-    qkv = torch.randn(2, n, 3, heads, d, device=device, dtype=torch.float32 if smoke else torch.bfloat16,
-                      generator=g).requires_grad_()
-    do = torch.randn(2, n, heads, d, device=device, dtype=qkv.dtype, generator=g)
-    return qkv, do
+    qkv = torch.randn(2, n, 3, heads, d, device=device, dtype=torch.float32 if smoke else torch.bfloat16, generator=g)
+    return qkv.requires_grad_(), torch.randn(2, n, heads, d, device=device, dtype=qkv.dtype, generator=g)
 
 
 def run_strided(var, qkv, do):
     import torch
 
-    from kernels import flash_attention
+    from longctx.kernels import flash_attention
     apply_variant(var)
     q, k, v = qkv.unbind(2)
     return torch.autograd.grad(flash_attention(q, k, v, causal=True, deterministic=var["det"]), qkv, do)[0]
@@ -253,395 +184,419 @@ def run_strided(var, qkv, do):
 def check_section(device, smoke):
     import torch
 
-    from kernels import flash as F
-    from kernels import reference_attention
+    from longctx.kernels import flash as F
     rows, bad = [], 0
-    real_like, real_empty = F._empty_like, F._empty
+    tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
+    real = F._empty_like, F._empty  # outputs poisoned with NaN: an element the kernel forgets to write fails
     F._empty_like = lambda t: torch.full(t.shape, float("nan"), dtype=t.dtype, device=t.device)
     F._empty = lambda shape, dev: torch.full(shape, float("nan"), dtype=torch.float32, device=dev)
-    tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
     try:
         for case in check_cases(smoke):
             B, Nq, Nk, H, D, causal, dtype, sp = case
             q, k, v, do, mask = check_inputs(case, device, smoke)
-            ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
-            ref = reference_attention(*ref_in, causal=causal, block_mask=mask)
-            ref_g = torch.autograd.grad(ref, ref_in, do.float())
             for var in CHECK_VARIANTS:
-                got = run_check(case, var, q, k, v, do, mask)
-                errs = [bl.rel_err(a, r) for a, r in zip(got, (ref,) + ref_g)]
-                finite = all(bool(torch.isfinite(t).all()) for t in got)
-                ok = finite and max(errs) < tol[dtype]
+                errs = run_check(case, var, q, k, v, do, mask)
+                ok = all(e < tol[dtype] for e in errs.values())  # NaN / inf fail too
                 bad += not ok
                 rows.append({"case": [B, Nq, Nk, H, D, causal, str(dtype), sp], "variant": var["name"],
-                             "errs": errs, "finite": finite, "ok": ok})
-                log(f"check {var['name']:<10} B={B} Nq={Nq} Nk={Nk} H={H} D={D} causal={causal} {str(dtype)[6:]}"
-                    f"{' sparse' if sp else ''}: out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} "
-                    f"dv {errs[3]:.1e} {'ok' if ok else 'FAIL'}")
-        # strided fused-qkv view (no copies): deterministic backward bitwise; the fused one's spread
+                             "errs": list(errs.values()), "ok": ok})
+                bk.log(f"check {var['name']:<10} B={B} Nq={Nq} Nk={Nk} H={H} D={D} causal={causal} {str(dtype)[6:]}"
+                       f"{' sparse' if sp else ''}: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items())
+                       + f" {'ok' if ok else 'FAIL'}")
+        # a strided fused-qkv view (no copies): the deterministic backward bitwise; the fused one's spread
         qkv, do = strided_qkv(device, smoke)
         res = {var["name"]: [run_strided(var, qkv, do) for _ in range(2)] for var in CHECK_VARIANTS}
         det_bitwise = torch.equal(*res["det"])
-        spread = bl.rel_err(res["fused"][0], res["fused"][1])
-        vs_det = max(bl.rel_err(res[n_][0], res["det"][0]) for n_ in ("default", "fused", "fused_tma"))
+        spread = bk.rel_err(res["fused"][0], res["fused"][1])
+        vs_det = max(bk.rel_err(res[n][0], res["det"][0]) for n in ("default", "fused", "fused_tma"))
         ok = det_bitwise and vs_det < 1e-2
         bad += not ok
         rows.append({"case": "strided qkv", "det_bitwise": det_bitwise, "fused_run_to_run": spread,
                      "fused_vs_det": vs_det, "ok": ok})
-        log(f"check strided fused qkv: deterministic bitwise {det_bitwise}; fused run-to-run {spread:.1e}; "
-            f"fused vs deterministic {vs_det:.1e} {'ok' if ok else 'FAIL'}")
+        bk.log(f"check strided fused qkv: deterministic bitwise {det_bitwise}; fused run-to-run {spread:.1e}; "
+               f"fused vs deterministic {vs_det:.1e} {'ok' if ok else 'FAIL'}")
     finally:
-        F._empty_like, F._empty = real_like, real_empty
+        F._empty_like, F._empty = real
         apply_variant(V("default", tma=None))
     return rows, bad
 
 
-# ------------------------------------------------------------------------------ inspect
-def inspect_kernels():
+# ------------------------------------------------------------------------------ timings
+def inspect_kernels() -> dict:
     """Registers, spills, shared memory and key PTX instructions of the last launched kernels."""
-    from kernels import flash as F
+    from longctx.kernels import flash as F
     out = {}
     for kind, h in (F._RECORD or {}).items():
-        info = {}
-        for attr in ("n_regs", "n_spills"):
-            info[attr] = getattr(h, attr, None)
         md = getattr(h, "metadata", None)
-        info["shared"] = getattr(md, "shared", None) if md is not None else None
+        info = {"n_regs": getattr(h, "n_regs", None), "n_spills": getattr(h, "n_spills", None),
+                "shared": getattr(md, "shared", None)}
         ptx = (getattr(h, "asm", None) or {}).get("ptx", "")
-        if ptx:
-            import re
-            for key, pat in (("red_atom", r"\b(?:red|atom)\.[\w.]*"), ("tma", r"cp\.async\.bulk\.tensor[\w.]*"),
-                             ("wgmma", r"wgmma\.mma_async[\w.]*"), ("cp_async", r"cp\.async\.(?:ca|cg)[\w.]*")):
+        for key, pat in (("red_atom", r"\b(?:red|atom)\.[\w.]*"), ("tma", r"cp\.async\.bulk\.tensor[\w.]*"),
+                         ("wgmma", r"wgmma\.mma_async[\w.]*"), ("cp_async", r"cp\.async\.(?:ca|cg)[\w.]*")):
+            if ptx:
                 found = re.findall(pat, ptx)
                 info[key] = {k: found.count(k) for k in sorted(set(found))}
         out[kind] = info
     return out
 
 
-# ------------------------------------------------------------------------------- dense
-def dense_section(device, smoke, deadline, results):
+def time_variants(row, kind, variants, q, k, vv, do, causal, ff, deadline, mask=None) -> None:
+    """row[kind][name]: each variant's forward ("fwd") or backward kernels alone ("bwd"), timed;
+    err_vs_first: its output against the first variant's (the same function under other settings)."""
     import torch
 
-    from kernels import flash as F
-    cases = [(16, True, 64)] if smoke else DENSE_CASES
-    H = 1 if smoke else 16
-    tokens = 64 if smoke else TOKENS
-    peers = [] if smoke else ["sdpa_cudnn", "sdpa_flash", "flex"]
-    for D, causal, N in cases:
+    from longctx.kernels import flash as F
+    first, label = None, f"D={q.shape[-1]} c={int(causal)} N={q.shape[1]}"
+    for var in variants:
         if time.time() > deadline:
-            log(f"dense D={D} causal={causal} N={N}: skipped (time budget)")
+            break
+        apply_variant(var)
+        F._RECORD = {}
+        try:
+            f = ours_fwd(var, q, k, vv, causal, mask) if kind == "fwd" else ours_bwd_only(var, q, k, vv, do, causal, mask)
+            ms = timeit(f, q.device)
+            row["inspect"][var["name"]] = inspect_kernels()
+            with torch.no_grad():
+                out = f()
+            out = out if isinstance(out, tuple) else (out,)
+            first = first or out
+            row[kind][var["name"]] = {"ms": ms, "tflops": bk.tflops(ff * (1.0 if kind == "fwd" else 2.5), ms),
+                                      "err_vs_first": max(bk.rel_err(a, b) for a, b in zip(out, first))}
+        except Exception as exc:
+            row[kind][var["name"]] = failed(exc)
+        bk.log(f"{label} {var['name']:<18} {row[kind][var['name']]}")
+
+
+def dense_section(device, smoke, deadline, results) -> None:
+    import torch
+    H, tokens = (1, 64) if smoke else (16, TOKENS)
+    for D, causal, N in [(16, True, 64)] if smoke else DENSE_CASES:
+        if time.time() > deadline:
+            bk.log(f"dense D={D} causal={causal} N={N}: skipped (time budget)")
             continue
         B = max(1, tokens // N)
         ff = flops_fwd(B, H, N, D, causal)
         row = {"D": D, "causal": causal, "N": N, "B": B, "H": H, "fwd": {}, "bwd": {}, "fb": {}, "inspect": {}}
         results.append(row)
-        q, k, vv, do = make_inputs(B, N, H, D, torch.bfloat16 if not smoke else torch.float32, device)
-        F._RECORD = {}
-        fv = FWD_VARIANTS.get(D, FWD_VARIANTS[64])[: 2 if smoke else None]
-        ref_out, ref_grads = None, None
-        for var in fv:
-            if time.time() > deadline:
-                break
-            apply_variant(var)
-            F._RECORD = {}
-            try:
-                f = ours_fwd(var, q, k, vv, causal)
-                ms = timeit(f, device)
-                row["fwd"][var["name"]] = {"ms": ms, "tflops": ff / ms * 1e-9}
-                row["inspect"][var["name"]] = inspect_kernels()
-                with torch.no_grad():  # same function as the first (table) variant?
-                    out = f()
-                    ref_out = out if ref_out is None else ref_out
-                    row["fwd"][var["name"]]["err_vs_first"] = bl.rel_err(out, ref_out)
-            except Exception as exc:
-                row["fwd"][var["name"]] = {"error": bl.short(str(exc))}
-            log(f"D={D} c={int(causal)} N={N} {var['name']:<18} {row['fwd'][var['name']]}")
+        q, k, vv, do = ba.make_inputs(B, N, H, D, torch.float32 if smoke else torch.bfloat16, device)
+        fv = FWD_VARIANTS[: 2 if smoke else None]
         bv = BWD_VARIANTS.get(D, BWD_VARIANTS[64]) + (PROFILE_VARIANTS if PROFILE else [])
-        for var in bv:
-            if time.time() > deadline:
-                break
-            apply_variant(var)
-            F._RECORD = {}
-            try:
-                f = ours_bwd_only(var, q, k, vv, do, causal)
-                ms = timeit(f, device)
-                row["bwd"][var["name"]] = {"ms": ms, "tflops": 2.5 * ff / ms * 1e-9}
-                row["inspect"][var["name"]] = inspect_kernels()
-                grads = f()
-                ref_grads = grads if ref_grads is None else ref_grads
-                row["bwd"][var["name"]]["err_vs_first"] = max(bl.rel_err(a, b_) for a, b_ in zip(grads, ref_grads))
-            except Exception as exc:
-                row["bwd"][var["name"]] = {"error": bl.short(str(exc))}
-            log(f"D={D} c={int(causal)} N={N} {var['name']:<18} {row['bwd'][var['name']]}")
-        # the best new forward and backward, through the public API, and the old default
-        def good(r):
-            return "ms" in r and (r.get("err_vs_first") or 0) <= 2e-2
-        best_f = min((n_ for n_, r in row["fwd"].items() if good(r)), key=lambda n_: row["fwd"][n_]["ms"],
-                     default="fwd_tab")
-        best_b = min((n_ for n_, r in row["bwd"].items() if good(r) and n_.startswith("bwd_")),
-                     key=lambda n_: row["bwd"][n_]["ms"], default="bwd_tab")
-        fvar = next(x for x in fv if x["name"] == best_f)
-        bvar = next(x for x in bv if x["name"] == best_b)
-        new = V(f"new({best_f}+{best_b})", det=bvar["det"], opts={**fvar["opts"], **bvar["opts"]},
-                **{**fvar["cfg"], **bvar["cfg"]})
-        new["fwd_tma"], new["bwd_tma"] = fvar["tma"], bvar["tma"]
+        time_variants(row, "fwd", fv, q, k, vv, do, causal, ff, deadline)
+        time_variants(row, "bwd", bv, q, k, vv, do, causal, ff, deadline)
+
+        def best(variants, kind):  # the fastest variant whose result matches the first one's
+            good = [v for v in variants if "ms" in row[kind].get(v["name"], {})
+                    and (row[kind][v["name"]]["err_vs_first"] or 0) <= 2e-2 and not v["name"].startswith("prof")]
+            return min(good, key=lambda v: row[kind][v["name"]]["ms"], default=variants[0])
+        fvar, bvar = best(fv, "fwd"), best(bv, "bwd")
+        new = {**V(f"new({fvar['name']}+{bvar['name']})", det=bvar["det"], opts={**fvar["opts"], **bvar["opts"]},
+                   **{**fvar["cfg"], **bvar["cfg"]}), "fwd_tma": fvar["tma"], "bwd_tma": bvar["tma"]}
         row["new_variant"] = new
         methods = [("ours_old", V("old", det=True)), ("ours_default", V("default", det=None, tma=None)),
-                   ("ours_new", new)] + [(p, None) for p in peers]
-        for name, var in methods:
+                   ("ours_new", new)] + [(p, None) for p in ([] if smoke else ["sdpa_cudnn", "sdpa_flash", "flex"])]
+        for name, var in methods:  # through the public API, beside the peers
             if time.time() > deadline:
                 break
             try:
                 if var is not None:
                     apply_variant(var)
-                    f = ours_fwd(var, q, k, vv, causal)
-                else:
-                    f = peer_fwd(name, q, k, vv, causal)
-                fms = timeit(f, device)
-                fbms = timeit(fwd_bwd(f, q, k, vv, do), device)
-                mem = bl.peak_extra_bytes(fwd_bwd(f, q, k, vv, do), device) if N == 16384 and D == 64 else None
-                row["fb"][name] = {"fwd_ms": fms, "fb_ms": fbms, "fwd_tflops": ff / fms * 1e-9,
-                                   "fb_tflops": 3.5 * ff / fbms * 1e-9, "mem": mem}
+                f = ours_fwd(var, q, k, vv, causal) if var else peer_fwd(name, q, k, vv, causal)
+                fms, fbms = timeit(f, device), timeit(fwd_bwd(f, q, k, vv, do), device)
+                mem = bk.peak_extra_bytes(fwd_bwd(f, q, k, vv, do), device) if (N, D) == (16384, 64) else None
+                row["fb"][name] = {"fwd_ms": fms, "fb_ms": fbms, "fwd_tflops": bk.tflops(ff, fms),
+                                   "fb_tflops": bk.tflops(3.5 * ff, fbms), "mem": mem}
             except Exception as exc:
-                row["fb"][name] = {"error": bl.short(f"{type(exc).__name__}: {exc}")}
-            log(f"D={D} c={int(causal)} N={N} {name:<10} {row['fb'][name]}")
+                row["fb"][name] = failed(exc)
+            bk.log(f"D={D} c={int(causal)} N={N} {name:<10} {row['fb'][name]}")
         apply_variant(V("default"))
         del q, k, vv, do
-        bl.free_memory()
+        bk.free_memory()
 
 
-# ----------------------------------------------------------------------------- latency
-LAT_SHAPE = (1, 256, 4, 64, True)
-
-
-def latency_section(device, smoke, res, res_shape):
+def latency_section(device, smoke, res, res_shape) -> None:
     """Per-call time of a tiny problem: what the host-side work of a call costs (launches, checks)."""
     import torch
     b, n, h, d, causal = (1, 32, 1, 16, True) if smoke else LAT_SHAPE
     res_shape[:] = [b, n, h, d, causal]
-    q, k, vv, do = make_inputs(b, n, h, d, torch.float32 if smoke else torch.bfloat16, device)
+    q, k, vv, do = ba.make_inputs(b, n, h, d, torch.float32 if smoke else torch.bfloat16, device)
     apply_variant(V("default", det=None, tma=None))
-    methods = [("ours_default", None)] + ([] if smoke else [("sdpa_cudnn", None), ("sdpa_flash", None)])
-    for name, _ in methods:
+    for name in ["ours_default"] + ([] if smoke else ["sdpa_cudnn", "sdpa_flash"]):
         try:
             f = ours_fwd(V("default", det=None), q, k, vv, causal) if name == "ours_default" else \
                 peer_fwd(name, q, k, vv, causal)
-            res[name] = {"fwd_ms": timeit(f, device, rep_ms=100), "fb_ms": timeit(fwd_bwd(f, q, k, vv, do), device,
-                                                                                   rep_ms=100)}
+            res[name] = {"fwd_ms": timeit(f, device, 100), "fb_ms": timeit(fwd_bwd(f, q, k, vv, do), device, 100)}
         except Exception as exc:
-            res[name] = {"error": bl.short(f"{type(exc).__name__}: {exc}")}
-    log(f"latency B={b} N={n} H={h} D={d}: {res}")
+            res[name] = failed(exc)
+    bk.log(f"latency B={b} N={n} H={h} D={d}: {res}")
 
 
-# ------------------------------------------------------------------------------ sparse
-def sparse_section(device, smoke, deadline, results, dense_rows):
+def sparse_section(device, smoke, deadline, results, dense_rows) -> None:
     import torch
-    n = 128 if smoke else SPARSE_N
-    H, D = (1, 16) if smoke else (16, 64)
+    n, H, D = (128, 1, 16) if smoke else (SPARSE_N, 16, 64)
     B = max(1, (128 if smoke else TOKENS) // n)
-    ff = flops_fwd(B, H, n, D, True)
-    q, k, vv, do = make_inputs(B, n, H, D, torch.float32 if smoke else torch.bfloat16, device)
+    q, k, vv, do = ba.make_inputs(B, n, H, D, torch.float32 if smoke else torch.bfloat16, device)
     dense = next((r["fb"].get("ours_new", {}).get("fb_ms") for r in dense_rows
                   if r["D"] == D and r["causal"] and r["N"] == n), None)
     if dense is None:
         apply_variant(V("default"))
         dense = timeit(fwd_bwd(ours_fwd(V("d"), q, k, vv, True), q, k, vv, do), device)
-    for layout, target in (SPARSE_CASES if not smoke else [("local", "1/2")]):
+    for layout, target in [("local", "1/2")] if smoke else SPARSE_CASES:
         if time.time() > deadline:
-            log(f"sparse {layout} {target}: skipped (time budget)")
+            bk.log(f"sparse {layout} {target}: skipped (time budget)")
             continue
         mask = sparse_mask(layout, target, n, 32 if smoke else 128)
         row = {"layout": layout, "target": target, "density": mask.causal_density, "N": n, "B": B,
                "dense_fb_ms": dense, "ms": {}}
         results.append(row)
-        for var in SPARSE_VARIANTS:
-            apply_variant(var)
+        for var in SPARSE_VARIANTS + ([] if smoke else [None]):  # None: FlexAttention, the same blocks
+            name = var["name"] if var else "flex"
             try:
-                f = ours_fwd(var, q, k, vv, True, mask)
-                row["ms"][var["name"]] = {"fwd": timeit(f, device), "fb": timeit(fwd_bwd(f, q, k, vv, do), device)}
+                if var is not None:
+                    apply_variant(var)
+                f = ours_fwd(var, q, k, vv, True, mask) if var else peer_fwd("flex", q, k, vv, True, mask)
+                row["ms"][name] = {"fwd": timeit(f, device), "fb": timeit(fwd_bwd(f, q, k, vv, do), device)}
             except Exception as exc:
-                row["ms"][var["name"]] = {"error": bl.short(f"{type(exc).__name__}: {exc}")}
-        apply_variant(V("default"))
-        if not smoke:
-            try:
-                f = peer_fwd("flex", q, k, vv, True, mask)
-                row["ms"]["flex"] = {"fwd": timeit(f, device), "fb": timeit(fwd_bwd(f, q, k, vv, do), device)}
-            except Exception as exc:
-                row["ms"]["flex"] = {"error": bl.short(f"{type(exc).__name__}: {exc}")}
-        log(f"sparse {layout} {target} density {row['density']:.4f}: {row['ms']}")
-    del ff
+                row["ms"][name] = failed(exc)
+            apply_variant(V("default"))
+        bk.log(f"sparse {layout} {target} density {row['density']:.4f}: {row['ms']}")
+
+
+def sweep_section(device, smoke, deadline, results, seqlen, dims, quick) -> None:
+    import torch
+    for D in [16] if smoke else dims:
+        H, N = (1, 64) if smoke else (max(1, 2048 // D), seqlen)
+        B = max(1, (64 if smoke else TOKENS) // N)
+        for causal in (True, False):
+            q, k, vv, do = ba.make_inputs(B, N, H, D, torch.float32 if smoke else torch.bfloat16, device)
+            ff = flops_fwd(B, H, N, D, causal)
+            for kind, cands in SWEEP.items():
+                row = {"fwd": {}, "bwd": {}, "inspect": {}}
+                variants = sweep_variants(kind, cands[: 1 if smoke else 4 if quick else None])
+                alone = "fwd" if kind == "fwd" else "bwd"
+                time_variants(row, alone, variants, q, k, vv, do, causal, ff, deadline)
+                timed = [(v["cfg"][kind], row[alone][v["name"]]) for v in variants if "ms" in row[alone].get(v["name"], {})]
+                results += [{"kind": kind, "D": D, "causal": causal, "N": N, "cfg": list(c), "ms": r["ms"],
+                             "tflops": r["tflops"]} for c, r in timed]
+                if timed:
+                    c, r = min(timed, key=lambda t: t[1]["ms"])
+                    bk.log(f"BEST {kind} D={D} causal={causal}: {c} {r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s")
+            apply_variant(V("default"))
+            del q, k, vv, do
+            bk.free_memory()
+
+
+# ------------------------------------------------------------------------- warm-up pool
+def warm_job(job):
+    """Run one configuration once (compiles it into the on-disk caches); returns (job, error or None)."""
+    import torch
+    try:
+        if job["kind"] == "check":
+            run_check(job["case"], job["variant"], *check_inputs(job["case"], "cuda", False))
+        elif job["kind"] == "strided":
+            run_strided(job["variant"], *strided_qkv("cuda", False))
+        else:
+            b, n, h, d, causal = job["shape"]
+            q, k, vv, do = ba.make_inputs(b if job["kind"] == "peer" else 1, n, h, d, torch.bfloat16, "cuda")
+            mask = sparse_mask(*job["sparse"], n) if job.get("sparse") else None
+            if job["kind"] == "peer":
+                torch.autograd.grad(peer_fwd(job["method"], q, k, vv, causal, mask)(), (q, k, vv), do)
+            else:
+                apply_variant(job["variant"])
+                ours_fwd(job["variant"], q, k, vv, causal, mask)()
+                if job["kind"] == "bwd":
+                    ours_bwd_only(job["variant"], q, k, vv, do, causal, mask)()
+        torch.cuda.synchronize()
+        return job, None
+    except Exception as exc:  # reported; the timed run will meet it again
+        return job, bk.short(f"{type(exc).__name__}: {exc}", 200)
+
+
+def warm_jobs(a, sections) -> list[dict]:
+    jobs = []
+    if "check" in sections:
+        jobs += [{"kind": "check", "case": c, "variant": v, "label": f"check {c[:6]}"}
+                 for c in check_cases(False) for v in CHECK_VARIANTS]
+        jobs += [{"kind": "strided", "variant": v, "label": f"strided {v['name']}"} for v in CHECK_VARIANTS]
+    if "dense" in sections:
+        jobs += [{"kind": "peer", "method": "flex", "shape": (TOKENS // N, N, 16, D, causal),
+                  "label": f"flex D{D} c{int(causal)} {N}"} for D, causal, N in DENSE_CASES]
+        first = {(D, causal): N for D, causal, N in reversed(DENSE_CASES)}  # one N per (D, causal): one compile
+        for (D, causal), N in first.items():
+            variants = [("fwd", v) for v in FWD_VARIANTS] + [("bwd", v) for v in BWD_VARIANTS[D] +
+                                                             (PROFILE_VARIANTS if a.profile else [])]
+            jobs += [{"kind": kind, "variant": v, "shape": (1, N, 16, D, causal), "label": f"{v['name']} D{D} c{int(causal)}"}
+                     for kind, v in variants]
+        jobs.append({"kind": "bwd", "variant": V("default", det=None, tma=None), "shape": LAT_SHAPE, "label": "latency"})
+    if "sparse" in sections:
+        shape = (TOKENS // SPARSE_N, SPARSE_N, 16, 64, True)
+        jobs.append({"kind": "peer", "method": "flex", "shape": shape, "sparse": SPARSE_CASES[0], "label": "flex sparse"})
+        jobs += [{"kind": "bwd", "variant": v, "shape": (1, *shape[1:]), "sparse": SPARSE_CASES[0],
+                  "label": f"{v['name']} sparse"} for v in SPARSE_VARIANTS]
+    if "sweep" in sections:
+        jobs += [{"kind": "fwd" if kind == "fwd" else "bwd", "variant": v, "shape": (1, a.seqlen, max(1, 2048 // D), D, c),
+                  "label": f"{v['name']} D{D} c{int(c)}"}
+                 for D in a.dim_list for c in (True, False) for kind, cands in SWEEP.items()
+                 for v in sweep_variants(kind, cands[: 4 if a.quick else None])]
+    return jobs
+
+
+def warm_up(jobs, workers, timeout_s) -> list[dict]:
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    if not jobs:
+        return []
+    bk.log(f"warm-up: {len(jobs)} compile jobs on {workers} processes (timeout {timeout_s:.0f} s)")
+    ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    done, pending = cf.wait([ex.submit(warm_job, j) for j in jobs], timeout=timeout_s)
+    errors = [{"job": job["label"], "error": err} for job, err in (f.result() for f in done) if err]
+    for e in errors:
+        bk.log(f"  warm-up {e['job']}: {e['error']}")
+    bk.log(f"warm-up: {len(done)} done, {len(pending)} still compiling (left to the timed process)")
+    ex.shutdown(wait=False, cancel_futures=True)
+    return errors
 
 
 # ------------------------------------------------------------------------------ tables
-def tables(res):
+def tables(res) -> str:
     out = []
     d = res.get("dense", [])
+
+    def case(r):
+        return f"D{r['D']} {'c' if r['causal'] else 'nc'} {r['N']}"
     if d:
-        meths = ["ours_old", "ours_default", "ours_new", "sdpa_cudnn", "sdpa_flash", "flex"]
         short = {"ours_old": "det", "ours_default": "dflt", "ours_new": "new", "sdpa_cudnn": "cudnn",
                  "sdpa_flash": "fa2", "flex": "flex"}
-        hdr = (["case"] + [f"F {short[m]}" for m in meths] + [f"FB {short[m]}" for m in meths] +
-               ["new/cud FB", "new/cud F", "new/flex FB", "dflt/cud FB", "new"])
         rows = []
         for r in d:
-            fb = r["fb"]
-
-            def g(m, key, fb=fb):
+            def g(m, key, fb=r["fb"]):
                 return fb.get(m, {}).get(key)
 
-            def ratio(a_, b_, key):
-                x, y = g(a_, key), g(b_, key)
-                return bl.fmt(x / y if x and y else None, ".2f")
-            rows.append([f"D{r['D']} {'c' if r['causal'] else 'nc'} {r['N']}"] +
-                        [bl.fmt(g(m, "fwd_tflops")) for m in meths] + [bl.fmt(g(m, "fb_tflops")) for m in meths] +
-                        [ratio("ours_new", "sdpa_cudnn", "fb_tflops"), ratio("ours_new", "sdpa_cudnn", "fwd_tflops"),
-                         ratio("ours_new", "flex", "fb_tflops"), ratio("ours_default", "sdpa_cudnn", "fb_tflops"),
-                         r.get("new_variant", {}).get("name", "-")[4:-1]])
+            def ratio(x, y, key="fb_tflops"):
+                return bk.fmt(g(x, key) / g(y, key) if g(x, key) and g(y, key) else None, ".2f")
+            rows.append([case(r)] + [bk.fmt(g(m, "fwd_tflops")) for m in short] + [bk.fmt(g(m, "fb_tflops")) for m in short]
+                        + [ratio("ours_new", "sdpa_cudnn"), ratio("ours_new", "sdpa_cudnn", "fwd_tflops"),
+                           ratio("ours_new", "flex"), ratio("ours_default", "sdpa_cudnn"),
+                           r.get("new_variant", {}).get("name", "-")[4:-1]])
+        hdr = (["case"] + [f"F {s}" for s in short.values()] + [f"FB {s}" for s in short.values()] +
+               ["new/cud FB", "new/cud F", "new/flex FB", "dflt/cud FB", "new"])
         out.append(f"dense, TFLOP/s, F = forward, FB = forward+backward (B*N = {d[0]['B'] * d[0]['N']}, "
-                   f"H = {d[0]['H']})\n" +
-                   bl.text_table(hdr, rows))
-        hdr2 = ["case"] + sorted({n_ for r in d for n_ in list(r["fwd"]) + list(r["bwd"])})
-        rows2 = []
-        for r in d:
-            allv = {**r["fwd"], **r["bwd"]}
-            def cell(x):
-                bad_ = (x.get("err_vs_first") or 0) > 2e-2
-                return bl.fmt(x.get("tflops")) + ("(!)" if bad_ else "")
-            rows2.append([f"D{r['D']} {'c' if r['causal'] else 'nc'} {r['N']}"] +
-                         [cell(allv.get(n_, {})) for n_ in hdr2[1:]])
-        out.append("variants alone, TFLOP/s (fwd_*: forward; bwd_*: backward only)\n" + bl.text_table(hdr2, rows2))
-    lat = res.get("latency", {})
-    if lat:
-        b_, n_, h_, d_, _ = res.get("latency_shape", LAT_SHAPE)
-        out.append(f"latency (B={b_}, N={n_}, H={h_}, D={d_}, causal), ms per call: " + "; ".join(
-            f"{k_} fwd {bl.fmt(v_.get('fwd_ms'), '.3f')} fwd+bwd {bl.fmt(v_.get('fb_ms'), '.3f')}"
-            for k_, v_ in lat.items()))
+                   f"H = {d[0]['H']})\n" + bk.table(hdr, rows))
+        names = sorted({n for r in d for n in list(r["fwd"]) + list(r["bwd"])})
+        rows = [[case(r)] + [bk.fmt(x.get("tflops")) + ("(!)" if (x.get("err_vs_first") or 0) > 2e-2 else "")
+                             for x in ({**r["fwd"], **r["bwd"]}.get(n, {}) for n in names)] for r in d]
+        out.append("variants alone, TFLOP/s (fwd_*: forward; bwd_*: backward only)\n" + bk.table(["case"] + names, rows))
+    if res.get("latency"):
+        b, n, h, dd, _ = res.get("latency_shape") or LAT_SHAPE
+        out.append(f"latency (B={b}, N={n}, H={h}, D={dd}, causal), ms per call: " + "; ".join(
+            f"{k} fwd {bk.fmt(v.get('fwd_ms'), '.3f')} fwd+bwd {bk.fmt(v.get('fb_ms'), '.3f')}"
+            for k, v in res["latency"].items()))
     s = res.get("sparse", [])
     if s:
         names = [v["name"] for v in SPARSE_VARIANTS] + ["flex"]
-        hdr = ["layout", "target", "density", "dense f+b ms"] + [f"{n_} f+b ms" for n_ in names] + \
-              ["best vs dense (0.7/dens)", "best vs flex (1.3)"]
         rows = []
         for r in s:
-            ms = {n_: r["ms"].get(n_, {}).get("fb") for n_ in names}
-            ours = {n_: m for n_, m in ms.items() if m and n_ != "flex"}
-            best = min(ours.values()) if ours else None
+            ms = {n: r["ms"].get(n, {}).get("fb") for n in names}
+            best = min((m for n, m in ms.items() if m and n != "flex"), default=None)
             sp = r["dense_fb_ms"] / best if best and r["dense_fb_ms"] else None
             vf = ms["flex"] / best if best and ms["flex"] else None
-            rows.append([r["layout"], r["target"], f"{r['density']:.4f}", bl.fmt(r["dense_fb_ms"], ".3g")] +
-                        [bl.fmt(ms[n_], ".3g") for n_ in names] +
-                        [bl.fmt(sp, ".1f") + f"x ({0.7 / r['density']:.1f}x)" if sp else "-",
-                         bl.fmt(vf, ".2f") + "x" if vf else "-"])
-        out.append(f"block-sparse, causal, N={s[0]['N']}, B={s[0]['B']}, fwd+bwd ms\n" + bl.text_table(hdr, rows))
+            rows.append([r["layout"], r["target"], f"{r['density']:.4f}", bk.fmt(r["dense_fb_ms"], ".3g")] +
+                        [bk.fmt(ms[n], ".3g") for n in names] +
+                        [bk.fmt(sp, ".1f") + f"x ({0.7 / r['density']:.1f}x)" if sp else "-", bk.fmt(vf, ".2f") + "x"
+                         if vf else "-"])
+        hdr = (["layout", "target", "density", "dense f+b ms"] + [f"{n} f+b ms" for n in names] +
+               ["best vs dense (0.7/dens)", "best vs flex (1.3)"])
+        out.append(f"block-sparse, causal, N={s[0]['N']}, B={s[0]['B']}, fwd+bwd ms\n" + bk.table(hdr, rows))
+    sw = res.get("sweep", [])
+    if sw:
+        groups = {}
+        for r in sw:
+            groups.setdefault((r["kind"], r["D"], r["causal"], r["N"]), []).append(r)
+        rows = []
+        for (kind, D, causal, N), rs in groups.items():
+            b = min(rs, key=lambda x: x["ms"])
+            rows.append([kind, D, causal, N, len(rs), tuple(b["cfg"]), f"{b['ms']:.3f}", bk.fmt(b["tflops"])])
+        out.append("launch-config sweep, best per kernel (bwd: fused; dkdv, dq: the deterministic pair)\n" +
+                   bk.table(["kernel", "D", "causal", "N", "candidates", "best (BM, BN, warps, stages)", "ms",
+                             "TFLOP/s"], rows))
     return "\n\n".join(out)
 
 
+def inspect_lines(dense, everything: bool) -> list[str]:
+    """Registers / spills / shared memory / PTX counts per variant of the first case of each (D, causal),
+    with --inspect (the JSON has every case's)."""
+    lines, shown = [], set()
+    for r in dense if everything else []:
+        if (r["D"], r["causal"]) in shown:
+            continue
+        shown.add((r["D"], r["causal"]))
+        for name, ins in r.get("inspect", {}).items():
+            parts = [f"{kind} regs {i['n_regs']} spills {i['n_spills']} smem {i['shared']} "
+                     + " ".join(f"{k}={sum(v.values())}" for k, v in i.items() if isinstance(v, dict) and v)
+                     + " " + ",".join(i.get("red_atom", {}))
+                     for kind, i in ins.items() if i.get("n_regs") is not None and not (name.startswith("bwd")
+                                                                                         and kind == "fwd")]
+            if parts:
+                lines.append(f"inspect D{r['D']} c{int(r['causal'])} {name}: " + "; ".join(parts))
+    return lines
+
+
 # -------------------------------------------------------------------------------- main
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out/lab.json")
     p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new timings after this")
-    p.add_argument("--sections", default="check,dense,sparse")
+    p.add_argument("--sections", default="check,dense,sparse", help=f"comma list out of {', '.join(SECTIONS)}")
     p.add_argument("--workers", type=int, default=14, help="compile processes (0: compile in-process)")
     p.add_argument("--warm-timeout", type=float, default=110.0)
     p.add_argument("--dense-until-s", type=float, default=1e9, help="no new dense case after this")
+    p.add_argument("--seqlen", type=int, default=8192, help="sweep: the sequence length (B*N = 131072)")
+    p.add_argument("--dims", default="64,128", help="sweep: head dims")
+    p.add_argument("--quick", action="store_true", help="sweep: the first 4 candidates per kernel")
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, toy sizes, no peers")
     p.add_argument("--inspect", action="store_true", help="print registers/spills/PTX counts per variant")
     p.add_argument("--profile", action="store_true", help="also time the fused backward without dQ / with plain stores")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
     global PROFILE
+    p = build_parser()
+    a = p.parse_args(argv)
     PROFILE = a.profile
     sections = [s for s in a.sections.split(",") if s]
-    bad_sec = [s for s in sections if s not in ("check", "dense", "sparse")]
-    if bad_sec:
-        p.error(f"--sections: unknown {bad_sec}; choose from check, dense, sparse")
+    if not sections or any(s not in SECTIONS for s in sections):
+        p.error(f"--sections: unknown {[s for s in sections if s not in SECTIONS]}; choose from {', '.join(SECTIONS)}")
+    a.dim_list = bk.parse_list(p, "dims", a.dims)
+    if a.seqlen < 1 or not a.dim_list or any(not 1 <= d <= 256 for d in a.dim_list):
+        p.error(f"--seqlen must be >= 1 and --dims head dims in 1..256, got {a.seqlen}, {a.dims!r}")
     if a.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
     if not a.smoke and not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --smoke for the CPU interpreter)")
-    device = "cpu" if a.smoke else "cuda"
-    global T0
-    T0 = time.time()  # budgets count from this call, not from the import (a test imports it early)
-    deadline = T0 + a.budget_s
-    res = {"env": bl.env_info(), "command": bl.command_line(), "sections": sections}
-    log(f"kernel_lab: {res['env'].get('gpu')} torch {res['env'].get('torch')} triton {res['env'].get('triton')}")
-    out = Path(a.out)
+    bk.start_clock()
+    device, deadline, out = "cpu" if a.smoke else "cuda", bk.T0 + a.budget_s, Path(a.out)
+    res = {"env": bk.env_info(), "command": bk.command_line(), "sections": sections}
+    bk.log(f"kernel_lab: {res['env'].get('gpu')} torch {res['env'].get('torch')} triton {res['env'].get('triton')}")
     if not a.smoke and a.workers > 0:
-        jobs = []
-        if "check" in sections:
-            for case in check_cases(False):
-                for var in CHECK_VARIANTS:
-                    jobs.append({"kind": "check", "case": case, "variant": var, "label": f"check {case[:6]}"})
-            for var in CHECK_VARIANTS:
-                jobs.append({"kind": "strided", "variant": var, "label": f"strided {var['name']}"})
-        if "dense" in sections:
-            for D, causal, N in DENSE_CASES:
-                B = TOKENS // N
-                for m in ("flex",):
-                    jobs.append({"kind": "peer", "method": m, "shape": (B, N, 16, D, causal),
-                                 "label": f"{m} D{D} c{int(causal)} {N}"})
-        if "sparse" in sections:
-            jobs.append({"kind": "peer", "method": "flex", "shape": (TOKENS // SPARSE_N, SPARSE_N, 16, 64, True),
-                         "sparse": SPARSE_CASES[0], "label": "flex sparse"})
-        if "dense" in sections:
-            seen = set()
-            for D, causal, N in DENSE_CASES:  # one N per (D, causal): the same specialisation
-                if (D, causal) in seen:
-                    continue
-                seen.add((D, causal))
-                for var in FWD_VARIANTS[D]:
-                    jobs.append({"kind": "fwd", "variant": var, "shape": (1, N, 16, D, causal),
-                                 "label": f"{var['name']} D{D} c{int(causal)}"})
-                for var in BWD_VARIANTS[D] + (PROFILE_VARIANTS if a.profile else []):
-                    jobs.append({"kind": "bwd", "variant": var, "shape": (1, N, 16, D, causal),
-                                 "label": f"{var['name']} D{D} c{int(causal)}"})
-        if "dense" in sections:
-            jobs.append({"kind": "bwd", "variant": V("default", det=None, tma=None), "shape": LAT_SHAPE,
-                         "label": "latency"})
-        if "sparse" in sections:
-            for var in SPARSE_VARIANTS:
-                jobs.append({"kind": "bwd", "variant": var, "shape": (1, SPARSE_N, 16, 64, True),
-                             "sparse": SPARSE_CASES[0], "label": f"{var['name']} sparse"})
-        res["warm_errors"] = warm_up(jobs, a.workers, a.warm_timeout)
+        res["warm_errors"] = warm_up(warm_jobs(a, sections), a.workers, a.warm_timeout)
     bad = 0
-
-    def save():
-        bl.write_json(out, bl.clean_floats(res))
-
     if "check" in sections:
         res["check"], bad = check_section(device, a.smoke)
-        save()
-    res["dense"] = []
+        bk.write_json(out, res)
+    res.update(dense=[], latency={}, sparse=[], sweep=[])
     if "dense" in sections:
-        dense_section(device, a.smoke, min(deadline, T0 + a.dense_until_s), res["dense"])
-        save()
-    res["latency"] = {}
-    if "dense" in sections:
+        dense_section(device, a.smoke, min(deadline, bk.T0 + a.dense_until_s), res["dense"])
+        bk.write_json(out, res)
         res["latency_shape"] = []
         latency_section(device, a.smoke, res["latency"], res["latency_shape"])
-    res["sparse"] = []
     if "sparse" in sections:
         sparse_section(device, a.smoke, deadline, res["sparse"], res["dense"])
-    res["elapsed_s"] = time.time() - T0
-    save()
-    print()
-    shown = set() if a.inspect else {(r["D"], r["causal"]) for r in res["dense"]}
-    for r in res["dense"]:
-        if (r["D"], r["causal"]) in shown:
-            continue
-        shown.add((r["D"], r["causal"]))
-        for name, ins in r.get("inspect", {}).items():
-            parts = []
-            for kind, i in ins.items():
-                if i.get("n_regs") is None or (name.startswith("bwd") and kind == "fwd"):
-                    continue
-                extra = " ".join(f"{k_}={sum(v_.values())}" for k_, v_ in i.items() if isinstance(v_, dict) and v_)
-                red = ",".join(i.get("red_atom", {}))
-                parts.append(f"{kind} regs {i['n_regs']} spills {i['n_spills']} smem {i['shared']} {extra} {red}")
-            if parts:
-                print(f"inspect D{r['D']} c{int(r['causal'])} {name}: " + "; ".join(parts))
-    print()
+    if "sweep" in sections:
+        sweep_section(device, a.smoke, deadline, res["sweep"], a.seqlen, a.dim_list, a.quick)
+    res["elapsed_s"] = time.time() - bk.T0
+    bk.write_json(out, res)
+    print("\n" + "\n".join(inspect_lines(res["dense"], a.inspect)))
     print(tables(res))
     print(f"\nchecks failed: {bad}; elapsed {res['elapsed_s']:.0f} s; wrote {out}")
     return 1 if bad else 0

@@ -35,7 +35,7 @@ def features(docs, length: int, vocab: int = 50257) -> torch.Tensor:
 
 
 def bow_scores(task, length: int, l2: float = 1e-4, iters: int = 200) -> dict:
-    from model.classify import predict, scores
+    from longctx.model.classify import predict, scores
 
     xtr, xte = features(task.train.docs, length), features(task.test.docs, length)
     keep = (xtr > 0).sum(0) >= 3
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     import yaml
     from omegaconf import OmegaConf
 
-    from data.tasks import TaskError, load_task
+    from longctx.data.tasks import TaskError, load_task
 
     path = ROOT / "configs" / "task" / f"{args.task}.yaml"
     if not path.is_file():

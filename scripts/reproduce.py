@@ -57,13 +57,15 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchkit as bk  # noqa: E402
+
+ROOT = bk.REPO
 SCALES = ("smoke", "small", "paper")
 TABLE_ORDER = ("table4", "table2", "blocksparse", "figure3", "table5")
 EXIT_FAILED, EXIT_STOPPED = 1, 3
@@ -133,10 +135,6 @@ def fmt_tok(x: float | None) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k"
 
 
-def fmt_num(x, spec: str = ".2f", none: str = "-") -> str:
-    return none if x is None else format(x, spec)
-
-
 def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -147,23 +145,6 @@ def gb(x) -> str:
 
 def now_iso() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def log(msg: str) -> None:
@@ -202,59 +183,6 @@ def error_line(text: str) -> str:
 
 def is_oom(text: str) -> bool:
     return bool(re.search(r"out of memory|OutOfMemoryError", text, re.IGNORECASE))
-
-
-# ------------------------------------------------------------------------------ environment
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def gpu_info() -> dict:
-    """Name and memory of the first visible GPU through nvidia-smi (this process never initialises
-    CUDA, so the rows get the whole GPU); {} without one."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return {}
-    try:
-        out = subprocess.run([smi, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    gpus = [[x.strip() for x in line.split(",")] for line in out.splitlines() if line.count(",") >= 2]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    pick = next((g for g in gpus if g[0] == visible), gpus[0] if gpus else None)
-    if pick is None:
-        return {}
-    try:
-        mem = int(float(pick[2]) * 2**20)
-    except ValueError:
-        mem = None
-    return {"gpu": pick[1], "gpu_count": len(gpus), "gpu_mem_bytes": mem}
-
-
-def environment() -> dict:
-    """Date, versions, GPU and commit for the tables."""
-    import platform
-
-    env = {"date": now_iso(), "python": platform.python_version(), "executable": sys.executable,
-           "host": platform.node(), "gpu": None}
-    for dist in ("torch", "triton", "transformers", "hydra-core"):
-        env[dist] = _version(dist)
-    env.update(gpu_info())
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-        env["git_commit"] = (commit + ("+dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
-    return env
 
 
 def _child_env(drop_interpreter: bool) -> dict:
@@ -371,6 +299,17 @@ class Ctx:
         logger = [] if self.scale == "paper" else ["logger=none"]
         return [*launch, *overrides, *logger, f"run_dir={self.run_dir(table, key)}", "resume=auto", *self.sets]
 
+    def preset_over(self, preset: str, *variant: str) -> list[str]:
+        """--scale paper: the experiment preset, the row's variant, FSDP over several GPUs."""
+        return [f"experiment={preset}", *variant] + (["parallel=fsdp"] if self.nproc > 1 else [])
+
+    def sized_over(self, s: dict, *variant: str, seq: int) -> list[str]:
+        """--scale smoke / small: model, the row's variant, corpus, then the sizes of `s`."""
+        return [*s["model"], *variant, *(self.corpus.overrides if self.corpus else []), f"seq_len={seq}",
+                f"max_steps={s['steps']}", f"train.global_batch_tokens={s['batch']}",
+                *([f"train.micro_batch={s['micro']}"] if "micro" in s else []), f"eval_tokens={s['eval']}",
+                "eval_every=0", *s["extra"]]
+
 
 def est_train_s(scale: str, tokens: float, tok_s: float) -> float:
     return ROW_OVERHEAD_S[scale] + tokens / tok_s
@@ -414,11 +353,40 @@ def _status_cell(state: dict, key: str) -> str | None:
     return "not run yet"
 
 
-def _plt():
+def _md_table(head: list[str], rows: list[list], tail: list[str]) -> str:
+    """A markdown table (an empty cell as "| |"), then the lines of `tail`."""
+    def line(cells):
+        return "|" + "|".join(f" {c} " if c != "" else " " for c in cells) + "|"
+    return "\n".join([line(head), "|" + "---|" * len(head), *map(line, rows), *tail])
+
+
+def _blank(state: dict, key: str, before: list, empty: int, after: list) -> list | None:
+    """The row of a table line without a result ('failed: ...', 'not run yet'), else None."""
+    bad = _status_cell(state, key)
+    return None if bad is None else [*before, bad, *[""] * empty, *after]
+
+
+def _figure(ncols: int, size: tuple):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt
+    fig, axes = plt.subplots(1, ncols, figsize=size, squeeze=False)
+    return fig, list(axes[0])
+
+
+def _save(fig, path: Path) -> None:
+    """Write the PNG (atomic); None: the plot's "nothing went wrong"."""
+    fig.tight_layout()
+    bk.save_figure(fig, path)
+
+
+def _loss_curves(ax, runs: dict, **legend) -> None:
+    """Training loss vs tokens of finished training rows {label: result}."""
+    for label, res in runs.items():
+        c = res.get("curve") or []
+        ax.plot([t for t, _ in c], [v for _, v in c], label=label)
+    ax.set(xlabel="training tokens", ylabel="training loss")
+    ax.legend(**legend)
 
 
 # ------------------------------------------------------------------------------ table 4
@@ -446,12 +414,10 @@ class Table4(Table):
         for n in s["seq_lens"]:
             key = f"ctx{n}"
             if s.get("presets"):
-                over = [f"experiment=gpt2_small_owt_{n // 1024}k"] + (["parallel=fsdp"] if ctx.nproc > 1 else [])
+                over = ctx.preset_over(f"gpt2_small_owt_{n // 1024}k")
                 est = s["steps"] * s["batch"] / (H200_TOKS["ours"][n] * 0.6 * ctx.nproc)  # A100-class GPUs
             else:
-                over = [*s["model"], *(ctx.corpus.overrides if ctx.corpus else []), f"seq_len={n}",
-                        f"max_steps={s['steps']}", f"train.global_batch_tokens={s['batch']}",
-                        f"eval_tokens={s['eval']}", "eval_every=0", *s["extra"]]
+                over = ctx.sized_over(s, seq=n)
                 tok_s = H200_TOKS["ours"].get(n, 170e3) if ctx.scale == "small" else 2e3
                 est = est_train_s(ctx.scale, s["steps"] * s["batch"], tok_s)
             paper_ctx = n if ctx.scale != "smoke" else 1024 * n // s["seq_lens"][0]  # smoke: 64 stands for 1k
@@ -472,24 +438,18 @@ class Table4(Table):
                 f"included.")
 
     def markdown(self, state: dict, ctx: Ctx) -> str:
-        p = PAPER["table4"]
-        lines = [("| context | val ppl (ours) | val loss | tokens | train time | tokens/s | MFU | peak mem "
-                 "| paper: context, ppl, days (8xA100) |"), "|---|---|---|---|---|---|---|---|---|"]
+        p, rows = PAPER["table4"], []
         for key, r in state["rows"].items():
             n, pn = r["label"]["seq_len"], r["label"].get("paper_ctx", r["label"]["seq_len"])
-            paper = (f"{pn}, {p['ppl'][pn]}, {p['days'][pn]}" if pn in p["ppl"] else f"{pn}, -, -",)
-            bad = _status_cell(state, key)
-            if bad:
-                lines.append(f"| {n} | {bad} | | | | | | | {paper[0]} |")
-                continue
-            x = r["result"]
-            lines.append(f"| {n} | **{x['val_ppl']:.2f}** | {x['val_loss']:.4f} | {fmt_tok(x['tokens'])} | "
-                         f"{fmt_s(x['train_s'])} | {fmt_tok(x['tokens_per_s'])} | "
-                         f"{pct(x.get('mfu'))} | "
-                         f"{gb(x.get('mem_gb'))} | {paper[0]} |")
-        lines += ["", (f"Paper: {p['source']}; Megatron-LM at 1k: {p['megatron_1k_days']} days. Beyond 4k the "
-                      f"paper has no GPT-2 numbers."), "", self.verdict(state)]
-        return "\n".join(lines)
+            paper = f"{pn}, {p['ppl'][pn]}, {p['days'][pn]}" if pn in p["ppl"] else f"{pn}, -, -"
+            x = r.get("result")
+            rows.append(_blank(state, key, [n], 6, [paper]) or [
+                n, f"**{x['val_ppl']:.2f}**", f"{x['val_loss']:.4f}", fmt_tok(x["tokens"]), fmt_s(x["train_s"]),
+                fmt_tok(x["tokens_per_s"]), pct(x.get("mfu")), gb(x.get("mem_gb")), paper])
+        return _md_table(["context", "val ppl (ours)", "val loss", "tokens", "train time", "tokens/s", "MFU",
+                          "peak mem", "paper: context, ppl, days (8xA100)"], rows,
+                         ["", f"Paper: {p['source']}; Megatron-LM at 1k: {p['megatron_1k_days']} days. Beyond 4k "
+                          f"the paper has no GPT-2 numbers.", "", self.verdict(state)])
 
     @staticmethod
     def verdict(state: dict) -> str:
@@ -508,33 +468,25 @@ class Table4(Table):
         done = _done(state)
         if not done:
             return "no finished rows"
-        plt = _plt()
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (a1, a2) = _figure(2, (11, 4))
         pts = sorted((r["label"]["seq_len"], r["result"]["val_ppl"]) for r in done.values())
-        a1.plot([x for x, _ in pts], [y for _, y in pts], "o-", label="ours (val ppl)")
+        a1.plot(*zip(*pts), "o-", label="ours (val ppl)")
         a1.set_xscale("log", base=2)
-        a1.set_xlabel("context length (tokens)")
-        a1.set_ylabel("validation perplexity (ours)")
+        a1.set(xlabel="context length (tokens)", ylabel="validation perplexity (ours)",
+               title="perplexity vs context (same tokens)")
         pp = sorted((r["label"]["seq_len"], PAPER["table4"]["ppl"][r["label"]["paper_ctx"]])
                     for r in state["rows"].values() if r["label"].get("paper_ctx") in PAPER["table4"]["ppl"])
         b1 = a1.twinx()
         b1.plot([x for x, _ in pp], [y for _, y in pp], "s--", color="gray", label="paper (OpenWebText)")
         b1.set_ylabel("paper perplexity (OpenWebText)", color="gray")
-        a1.set_title("perplexity vs context (same tokens)")
         h1, l1 = a1.get_legend_handles_labels()
         h2, l2 = b1.get_legend_handles_labels()
         a1.legend(h1 + h2, l1 + l2, fontsize=8)
-        for r in sorted(done.values(), key=lambda r: r["label"]["seq_len"]):
-            c = r["result"].get("curve") or []
-            a2.plot([t for t, _ in c], [v for _, v in c], label=f"{r['label']['seq_len']}")
-        a2.set_xlabel("training tokens")
-        a2.set_ylabel("training loss")
+        _loss_curves(a2, {f"{r['label']['seq_len']}": r["result"]
+                          for r in sorted(done.values(), key=lambda r: r["label"]["seq_len"])},
+                     title="context", fontsize=8)
         a2.set_title("training loss per context")
-        a2.legend(title="context", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return None
+        return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------ table 2
@@ -563,15 +515,12 @@ class Table2(Table):
                 key = f"{model.removeprefix('gpt2_')}_{backend}"
                 # ours runs the trainer's default (its fastest path); Hugging Face runs as users run it,
                 # uncompiled, like the paper's Hugging Face baseline
-                bk = [] if backend == "ours" else [f"model.backend={backend}", "compile=false"]
+                variant = [] if backend == "ours" else [f"model.backend={backend}", "compile=false"]
                 if "preset" in s:
-                    over = [f"experiment={s['preset']}", *bk] + (["parallel=fsdp"] if ctx.nproc > 1 else [])
+                    over = ctx.preset_over(s["preset"], *variant)
                     est = s["steps"] * s["batch"] / (H200_TOKS[backend][1024] * 0.6 * ctx.nproc)
                 else:
-                    over = [*s["model"], *bk, *(ctx.corpus.overrides if ctx.corpus else []), f"seq_len={s['seq']}",
-                            f"max_steps={s['steps']}", f"train.global_batch_tokens={s['batch']}",
-                            f"train.micro_batch={s['micro']}", f"eval_tokens={s['eval']}", "eval_every=0",
-                            *s["extra"]]
+                    over = ctx.sized_over(s, *variant, seq=s["seq"])
                     tok_s = H200_TOKS[backend][1024] / (MEDIUM_SLOWDOWN if model == "gpt2_medium" else 1)
                     est = est_train_s(ctx.scale, s["steps"] * s["batch"], tok_s if ctx.scale == "small" else 1e3)
                     if backend != "ours":
@@ -596,38 +545,29 @@ class Table2(Table):
                 "(equal work). The val loss shows all backends learn the same way.")
 
     def markdown(self, state: dict, ctx: Ctx) -> str:
-        p = PAPER["table2"]
-        lines = [("| model | backend | tokens | time at steady speed | tokens/s | MFU | peak mem | val loss "
-                 "| speed-up of ours | paper: days (speed-up of FlashAttention) |"),
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+        p, rows = PAPER["table2"], []
         for key, r in state["rows"].items():
             model, backend = r["label"]["model"], r["label"]["backend"]
             pm = p.get(model, {})
             paper = {"ours": f"{pm.get('flash_days', '-')} days (ppl {pm.get('ppl', '-')})",
-                     "hf_eager": (f"HF {pm['hf_days']} days ({pm['hf_days'] / pm['flash_days']:.1f}x)"
-                                  if pm else "-"),
+                     "hf_eager": f"HF {pm['hf_days']} days ({pm['hf_days'] / pm['flash_days']:.1f}x)" if pm else "-",
                      "hf_sdpa": "-"}[backend]
-            bad = _status_cell(state, key)
-            if bad:
-                lines.append(f"| {model} | {backend} | {bad} | | | | | | | {paper} |")
-                continue
-            x = r["result"]
-            ours = _res(state, f"{model.removeprefix('gpt2_')}_ours")
-            speedup = (f"{ours['tokens_per_s'] / x['tokens_per_s']:.2f}x" if ours and backend != "ours" else
-                       ("1.00x" if backend == "ours" else "-"))
-            lines.append(f"| {model} | {backend} | {fmt_tok(x['tokens'])} | {fmt_s(x['tokens'] / x['tokens_per_s'])} "
-                         f"| {fmt_tok(x['tokens_per_s'])} | {pct(x.get('mfu'))} | "
-                         f"{gb(x.get('mem_gb'))} | {x['val_loss']:.3f} | {speedup} | {paper} |")
-        lines += ["", (f"Paper: {p['source']}; Megatron-LM took {p['gpt2_small']['megatron_days']} days for "
-                      f"GPT-2 small. The paper's Hugging Face runs used its eager attention.")]
-        return "\n".join(lines)
+            x, ours = r.get("result"), _res(state, f"{model.removeprefix('gpt2_')}_ours")
+            rows.append(_blank(state, key, [model, backend], 6, [paper]) or [
+                model, backend, fmt_tok(x["tokens"]), fmt_s(x["tokens"] / x["tokens_per_s"]),
+                fmt_tok(x["tokens_per_s"]), pct(x.get("mfu")), gb(x.get("mem_gb")), f"{x['val_loss']:.3f}",
+                "1.00x" if backend == "ours" else f"{ours['tokens_per_s'] / x['tokens_per_s']:.2f}x" if ours else "-",
+                paper])
+        return _md_table(["model", "backend", "tokens", "time at steady speed", "tokens/s", "MFU", "peak mem",
+                          "val loss", "speed-up of ours", "paper: days (speed-up of FlashAttention)"], rows,
+                         ["", f"Paper: {p['source']}; Megatron-LM took {p['gpt2_small']['megatron_days']} days for "
+                          f"GPT-2 small. The paper's Hugging Face runs used its eager attention."])
 
     def plot(self, state: dict, path: Path) -> str | None:
         done = _done(state)
         if not done:
             return "no finished rows"
-        plt = _plt()
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (a1, a2) = _figure(2, (11, 4))
         models = list(dict.fromkeys(r["label"]["model"] for r in done.values()))
         width = 0.8 / len(self.BACKENDS)
         for i, backend in enumerate(self.BACKENDS):
@@ -635,20 +575,12 @@ class Table2(Table):
                         if r["label"] == {"model": m, "backend": backend}), 0) for m in models]
             a1.bar([j + i * width for j in range(len(models))], ys, width, label=backend)
         a1.set_xticks([j + width for j in range(len(models))], models)
-        a1.set_ylabel("tokens/s")
-        a1.set_title("training throughput (same trainer)")
+        a1.set(ylabel="tokens/s", title="training throughput (same trainer)")
         a1.legend(fontsize=8)
-        for r in done.values():
-            c = r["result"].get("curve") or []
-            a2.plot([t for t, _ in c], [v for _, v in c], label=f"{r['label']['model']} {r['label']['backend']}")
-        a2.set_xlabel("training tokens")
-        a2.set_ylabel("training loss")
+        _loss_curves(a2, {f"{r['label']['model']} {r['label']['backend']}": r["result"] for r in done.values()},
+                     fontsize=7)
         a2.set_title("same math: loss vs tokens")
-        a2.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return None
+        return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------ block-sparse
@@ -710,12 +642,10 @@ class BlockSparse(Table):
         for layout, attn in self.LAYOUTS.items():
             extra = s["layout_extra"] if layout != "dense" else []
             if "preset" in s:
-                over = [f"experiment={s['preset']}", *attn, *extra] + (["parallel=fsdp"] if ctx.nproc > 1 else [])
+                over = ctx.preset_over(s["preset"], *attn, *extra)
                 est = s["steps"] * s["batch"] / (H200_TOKS["ours"][16384] * 0.6 * ctx.nproc)
             else:
-                over = [*s["model"], *attn, *extra, *(ctx.corpus.overrides if ctx.corpus else []),
-                        f"seq_len={s['seq']}", f"max_steps={s['steps']}", f"train.global_batch_tokens={s['batch']}",
-                        f"eval_tokens={s['eval']}", "eval_every=0", *s["extra"]]
+                over = ctx.sized_over(s, *attn, *extra, seq=s["seq"])
                 tok_s = H200_TOKS["ours"][8192] * (1.0 if layout == "dense" else SPARSE_SPEEDUP)
                 est = est_train_s(ctx.scale, s["steps"] * s["batch"], tok_s if ctx.scale == "small" else 2e3)
             rows.append(Row(layout, {"layout": layout, "seq_len": s["seq"]}, "train", est,
@@ -768,10 +698,7 @@ class BlockSparse(Table):
                 f"at that length rounded down to a multiple of 8192: 'fits' with its measured peak, or OOM.")
 
     def markdown(self, state: dict, ctx: Ctx) -> str:
-        lines = [("| layout | causal density | val ppl | val loss | tokens/s | speed vs dense | peak mem "
-                 "| longest context (est.) | one step at that length |"),
-                 "|---|---|---|---|---|---|---|---|---|"]
-        dense = _res(state, "dense")
+        dense, rows = _res(state, "dense"), []
         for layout in self.LAYOUTS:
             r = state["rows"].get(layout)
             if r is None:
@@ -782,22 +709,16 @@ class BlockSparse(Table):
             est = (pres or {}).get("estimate")
             est_txt = f"{fmt_tok(est)} tokens" if est else (
                 "n/a (no GPU memory statistics)" if pres else (_status_cell(state, f"probe_{layout}") or "-"))
-            if pres:
-                step = (f"{pres['seq_len']:,}: fits ({gb(pres.get('mem_gb'))})" if pres.get("fits")
-                        else f"{pres['seq_len']:,}: OOM")
-            else:
-                step = "-"
-            bad = _status_cell(state, layout)
-            if bad:
-                lines.append(f"| {layout} | {density} | {bad} | | | | | {est_txt} | {step} |")
-                continue
-            x = r["result"]
-            speed = f"{x['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "-"
-            lines.append(f"| {layout} | {density} | **{x['val_ppl']:.2f}** | {x['val_loss']:.4f} | "
-                         f"{fmt_tok(x['tokens_per_s'])} | {speed} | {gb(x.get('mem_gb'))} | "
-                         f"{est_txt} | {step} |")
-        lines += ["", f"Paper: {PAPER['blocksparse']['source']}."]
-        return "\n".join(lines)
+            step = "-" if not pres else (f"{pres['seq_len']:,}: fits ({gb(pres.get('mem_gb'))})" if pres.get("fits")
+                                         else f"{pres['seq_len']:,}: OOM")
+            x = r.get("result")
+            rows.append(_blank(state, layout, [layout, density], 4, [est_txt, step]) or [
+                layout, density, f"**{x['val_ppl']:.2f}**", f"{x['val_loss']:.4f}", fmt_tok(x["tokens_per_s"]),
+                f"{x['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "-", gb(x.get("mem_gb")),
+                est_txt, step])
+        return _md_table(["layout", "causal density", "val ppl", "val loss", "tokens/s", "speed vs dense",
+                          "peak mem", "longest context (est.)", "one step at that length"], rows,
+                         ["", f"Paper: {PAPER['blocksparse']['source']}."])
 
     def _density(self, layout: str, seq_len: int, ctx: Ctx) -> str:
         """The layout's kept share of the causal blocks, from the same config train.py builds it from."""
@@ -807,7 +728,7 @@ class BlockSparse(Table):
             import yaml
             from omegaconf import OmegaConf
 
-            import kernels
+            from longctx import kernels
             attn = OmegaConf.load(ROOT / "configs/attention/block_sparse.yaml")
             for o in self.LAYOUTS[layout][1:] + self.sizes(ctx)["layout_extra"]:
                 k, _, v = o.partition("=")
@@ -820,25 +741,14 @@ class BlockSparse(Table):
         done = {k: r for k, r in _done(state).items() if not r["label"].get("probe")}
         if not done:
             return "no finished rows"
-        plt = _plt()
-        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 4))
+        fig, (a1, a2, a3) = _figure(3, (13, 4))
         names = list(done)
         a1.bar(names, [done[k]["result"]["tokens_per_s"] for k in names])
-        a1.set_ylabel("tokens/s")
-        a1.set_title("training throughput")
+        a1.set(ylabel="tokens/s", title="training throughput")
         a2.bar(names, [done[k]["result"]["val_ppl"] for k in names], color="tab:orange")
-        a2.set_ylabel("validation perplexity")
-        a2.set_title("quality at the same tokens")
-        for k in names:
-            c = done[k]["result"].get("curve") or []
-            a3.plot([t for t, _ in c], [v for _, v in c], label=k)
-        a3.set_xlabel("training tokens")
-        a3.set_ylabel("training loss")
-        a3.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return None
+        a2.set(ylabel="validation perplexity", title="quality at the same tokens")
+        _loss_curves(a3, {k: done[k]["result"] for k in names}, fontsize=8)
+        return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------ figure 3
@@ -888,51 +798,37 @@ class Figure3(Table):
             return f"bench_attention.py: {bad}"
         by_n = state["rows"]["bench"]["result"]["by_n"]
         methods = list(dict.fromkeys(m for cells in by_n.values() for m in cells))
-        paper = PAPER["figure3"]["tflops"]
-        head = "| N | " + " | ".join(f"{m} fwd+bwd TFLOP/s" for m in methods) + \
-               " | ours vs naive (time) | mem ours / naive | FlashAttention-2 (published, H100) |"
-        lines = [head, "|" + "---|" * (len(methods) + 4)]
+        paper, rows = PAPER["figure3"]["tflops"], []
         for n in sorted(by_n, key=int):
             cells = by_n[n]
-
-            def show(m, cells=cells):
-                c = cells.get(m, {})
-                return f"{c['fwdbwd']:.3g}" if c.get("status") == "ok" and c.get("fwdbwd") else c.get("status", "-")
             o, nv = cells.get("ours", {}), cells.get("naive", {})
             ok = o.get("status") == "ok" and nv.get("status") == "ok"
-            speed = f"{nv['ms'] / o['ms']:.2f}x" if ok and o.get("ms") else "-"
-            mem = f"{o['mem_gb']:.3g} / {nv['mem_gb']:.3g} GB" if ok else "-"
-            lines.append(f"| {n} | " + " | ".join(show(m) for m in methods) +
-                         f" | {speed} | {mem} | {fmt_num(paper.get(int(n)), 'd')} |")
-        lines += ["", f"Published: {PAPER['figure3']['source']} (512: {paper[512]}, 16k: {paper[16384]})."]
-        return "\n".join(lines)
+            rows.append([n, *(f"{c['fwdbwd']:.3g}" if c.get("status") == "ok" and c.get("fwdbwd") else
+                              c.get("status", "-") for c in (cells.get(m, {}) for m in methods)),
+                         f"{nv['ms'] / o['ms']:.2f}x" if ok and o.get("ms") else "-",
+                         f"{o['mem_gb']:.3g} / {nv['mem_gb']:.3g} GB" if ok else "-", bk.fmt(paper.get(int(n)), "d")])
+        return _md_table(["N", *(f"{m} fwd+bwd TFLOP/s" for m in methods), "ours vs naive (time)", "mem ours / naive",
+                          "FlashAttention-2 (published, H100)"], rows,
+                         ["", f"Published: {PAPER['figure3']['source']} (512: {paper[512]}, 16k: {paper[16384]})."])
 
     def plot(self, state: dict, path: Path) -> str | None:
         r = _res(state, "bench")
         if not r:
             return "no finished rows"
-        plt = _plt()
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (a1, a2) = _figure(2, (11, 4))
         by_n = r["by_n"]
-        methods = list(dict.fromkeys(m for cells in by_n.values() for m in cells))
-        for m in methods:
-            pts = [(int(n), c[m]) for n, c in by_n.items() if c.get(m, {}).get("status") == "ok"]
-            pts.sort()
+        for m in dict.fromkeys(m for cells in by_n.values() for m in cells):
+            pts = sorted((int(n), c[m]) for n, c in by_n.items() if c.get(m, {}).get("status") == "ok")
             if pts:
                 a1.plot([n for n, _ in pts], [c["fwdbwd"] or 0 for _, c in pts], "o-", label=m)
                 a2.plot([n for n, _ in pts], [max(c["mem_gb"], 1e-6) for _, c in pts], "o-", label=m)
-        pp = sorted(PAPER["figure3"]["tflops"].items())
-        a1.plot([n for n, _ in pp], [v for _, v in pp], "k*", label="FA2 published (H100)")
+        a1.plot(*zip(*sorted(PAPER["figure3"]["tflops"].items())), "k*", label="FA2 published (H100)")
         for a, yl in ((a1, "forward+backward TFLOP/s"), (a2, "extra memory (GB)")):
             a.set_xscale("log", base=2)
-            a.set_xlabel("sequence length N")
-            a.set_ylabel(yl)
+            a.set(xlabel="sequence length N", ylabel=yl)
             a.legend(fontsize=7)
         a2.set_yscale("log")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return None
+        return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------ table 5
@@ -973,33 +869,29 @@ class Table5(Table):
         return {"rows": keep}
 
     def markdown(self, state: dict, ctx: Ctx) -> str:
-        p = PAPER["table5"]
-        lines = [("| task | length | micro-F1 | macro-F1 | majority-class micro-F1 | train / test examples "
-                 "| paper micro-F1 (MIMIC-III / ECtHR) |"), "|---|---|---|---|---|---|---|"]
+        p, rows = PAPER["table5"], []
         for key, r in state["rows"].items():
-            bad = _status_cell(state, key)
-            if bad:
-                lines.append(f"| {key} | | {bad} | | | | |")
+            blank = _blank(state, key, [key, ""], 4, [])
+            if blank:
+                rows.append(blank)
                 continue
             for x in r["result"]["rows"]:
                 n = x["seq_len"]
                 i = p["seq_lens"].index(n) if n in p["seq_lens"] else None
-                paper = f"{p['mimic'][i]} / {p['ecthr'][i]}" if i is not None else "-"
                 f1 = x.get("micro_f1")
                 scale = 100 if f1 is not None and f1 <= 1 else 1  # report in percent like the paper
-                lines.append(f"| {key} | {n} | {fmt_num(f1 and f1 * scale, '.1f')} | "
-                             f"{fmt_num(x.get('macro_f1') and x['macro_f1'] * scale, '.1f')} | "
-                             f"{fmt_num(x.get('majority_micro_f1') and x['majority_micro_f1'] * scale, '.1f')} | "
-                             f"{x.get('train_examples', '-')} / {x.get('test_examples', '-')} | {paper} |")
-        lines += ["", f"Paper: {p['source']}."]
-        return "\n".join(lines)
+                rows.append([key, n, *(bk.fmt(x.get(k) and x[k] * scale, ".1f")
+                                       for k in ("micro_f1", "macro_f1", "majority_micro_f1")),
+                             f"{x.get('train_examples', '-')} / {x.get('test_examples', '-')}",
+                             f"{p['mimic'][i]} / {p['ecthr'][i]}" if i is not None else "-"])
+        return _md_table(["task", "length", "micro-F1", "macro-F1", "majority-class micro-F1", "train / test examples",
+                          "paper micro-F1 (MIMIC-III / ECtHR)"], rows, ["", f"Paper: {p['source']}."])
 
     def plot(self, state: dict, path: Path) -> str | None:
         done = _done(state)
         if not done:
             return "no finished rows"
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, (ax,) = _figure(1, (6, 4))
         for key, r in done.items():
             pts = sorted((x["seq_len"], x["micro_f1"]) for x in r["result"]["rows"] if x.get("micro_f1") is not None)
             ax.plot([n for n, _ in pts], [f * (100 if f <= 1 else 1) for _, f in pts], "o-", label=f"ours: {key}")
@@ -1007,13 +899,9 @@ class Table5(Table):
         for name in ("mimic", "ecthr"):
             ax.plot(p["seq_lens"], p[name], "s--", alpha=0.6, label=f"paper: {name}")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("document length (tokens)")
-        ax.set_ylabel("micro-F1 (%)")
+        ax.set(xlabel="document length (tokens)", ylabel="micro-F1 (%)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return None
+        return _save(fig, path)
 
 
 TABLES: dict[str, Table] = {t.name: t for t in (Table4(), Table2(), BlockSparse(), Figure3(), Table5())}
@@ -1024,13 +912,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise RowError(f"{path} is missing")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-    return sorted(rows, key=lambda r: r.get("step", 0))
+    return sorted(bk.read_jsonl(path), key=lambda r: r.get("step", 0))
 
 
 def train_summary(run_dir: Path, max_steps: int, need_eval: bool = True) -> dict:
@@ -1141,6 +1023,22 @@ def has_checkpoint(run_dir: Path) -> bool:
     return ck.is_dir() and any((p / "meta.json").is_file() for p in ck.glob("step_*"))
 
 
+def render(table: Table, state: dict, ctx: Ctx) -> str:
+    """TABLE.md: header, the table, protocol, commands; from the state alone (TABLE.json)."""
+    env = ctx.env
+    head = [f"# {table.title}", "",
+            (f"Scale `{ctx.scale}`; updated {state.get('updated', now_iso())}; "
+            f"GPU {env.get('gpu') or 'none (CPU)'}; torch {env.get('torch')}, triton {env.get('triton')}, "
+            f"transformers {env.get('transformers')}, Python {env.get('python')}, commit {env.get('git_commit')}."),
+            "", table.markdown(state, ctx), "", "## Protocol", "", state.get("protocol") or table.protocol(ctx), "",
+            "## Commands (run from the repository root)", ""]
+    for key, r in state["rows"].items():
+        when = f"{r.get('status', 'pending')}" + (f", {fmt_s(r['wall_s'])} wall" if r.get("wall_s") else "") + \
+               (f", {r['gpu']}" if r.get("gpu") else "") + (f", {r['finished']}" if r.get("finished") else "")
+        head.append(f"- `{key}` ({when}):\n  `{r.get('command', '(built from earlier rows)')}`")
+    return "\n".join(head) + "\n"
+
+
 class Runner:
     def __init__(self, ctx: Ctx, args):
         self.ctx, self.args = ctx, args
@@ -1172,8 +1070,8 @@ class Runner:
         state.update(updated=now_iso(), env=self.ctx.env, protocol=table.protocol(self.ctx),
                      paper=PAPER.get(table.name), notes={k: v for k, v in self.ctx.notes.items()},
                      commands=[r["command"] for r in state["rows"].values() if r.get("command")])
-        write_json(d / f"{table.name}.json", state)
-        write_atomic(d / f"{table.name}.md", self.render(table, state))
+        bk.write_json(d / f"{table.name}.json", state)
+        bk.write_text(d / f"{table.name}.md", render(table, state, self.ctx))
         if not plot:
             return
         try:
@@ -1182,20 +1080,6 @@ class Runner:
             why = f"{type(e).__name__}: {e}"
         if why and any(r.get("status") == "done" for r in state["rows"].values()):
             log(f"{table.name}: plot not written ({why})")
-
-    def render(self, table: Table, state: dict) -> str:
-        env = self.ctx.env
-        head = [f"# {table.title}", "",
-                (f"Scale `{self.ctx.scale}`; updated {state.get('updated', now_iso())}; "
-                f"GPU {env.get('gpu') or 'none (CPU)'}; torch {env.get('torch')}, triton {env.get('triton')}, "
-                f"transformers {env.get('transformers')}, Python {env.get('python')}, commit {env.get('git_commit')}."),
-                "", table.markdown(state, self.ctx), "", "## Protocol", "", table.protocol(self.ctx), "",
-                "## Commands (run from the repository root)", ""]
-        for key, r in state["rows"].items():
-            when = f"{r.get('status', 'pending')}" + (f", {fmt_s(r['wall_s'])} wall" if r.get("wall_s") else "") + \
-                   (f", {r['gpu']}" if r.get("gpu") else "") + (f", {r['finished']}" if r.get("finished") else "")
-            head.append(f"- `{key}` ({when}):\n  `{r.get('command', '(built from earlier rows)')}`")
-        return "\n".join(head) + "\n"
 
     # ---- the loop ----------------------------------------------------------------------------
     def ratio(self) -> float:
@@ -1463,7 +1347,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     out = Path(a.out).expanduser().resolve()
-    env = {"date": now_iso(), "gpu": None} if a.dry_run else environment()
+    env = {"date": now_iso(), "gpu": None} if a.dry_run else bk.env_info(torch_details=False)
     ctx = Ctx(scale=a.scale, out=out, sets=a.sets, nproc=a.nproc, env=env)
     if a.scale != "paper" and set(a.names) & {"table4", "table2", "blocksparse"}:
         ctx.corpus = (Corpus(SMOKE_DATA, "data=stdlib, a seeded 40-file subset of the standard library")

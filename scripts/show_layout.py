@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.block_mask import LAYOUTS, build_block_mask_from_config, save_layout_png  # noqa: E402
+from longctx.kernels.block_mask import LAYOUTS, build_block_mask_from_config, save_layout_png  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "configs", "attention", "block_sparse.yaml")

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import benchkit as bk  # noqa: E402
 
 
 def run(name: str, cmd: list[str], out: Path, timeout: float) -> int:
@@ -114,33 +116,32 @@ def main(argv=None) -> int:
         summary[name] = json.loads(p.read_text()) if p.is_file() else []
     p = out / "bench.json"
     summary["bench"] = json.loads(p.read_text()) if p.is_file() else []
-    (out / "longdoc_gpu.json").write_text(json.dumps(summary, indent=1) + "\n")
+    bk.write_json(out / "longdoc_gpu.json", summary)
 
     print(f"\nstatus: {status}; wall {summary['wall_s']:.0f}s")
     if summary["bench"]:
-        sys.path.insert(0, str(ROOT / "scripts"))
         from bench_longdoc import table
 
         print("\nfine-tuning tokens/s (bench_longdoc.py, gpt2 sizes, bf16, one GPU):")
         print(table(summary["bench"]), end="")
     print("\noffline task, micro-F1 / macro-F1 (%) on the test split; tokens/s of the fine-tuning:")
-    print("| seq_len | pretrained | random init | majority | pretrained tok/s | random tok/s |")
-    print("|---|---|---|---|---|---|")
     rows = {n: {} for n in sorted({r["seq_len"] for k in ("pretrained", "random") for r in summary[k]})}
     for k in ("pretrained", "random"):
         for r in summary[k]:
             rows[r["seq_len"]][k] = r
-    for n, d in rows.items():
-        def f1(r):
-            return f"{100 * r['micro_f1']:.1f} / {100 * r['macro_f1']:.1f}" if r else "-"
 
-        def tps(r):
-            return f"{r['tokens_per_s'] / 1e3:.0f}k" if r else "-"
+    def f1(r):
+        return f"{100 * r['micro_f1']:.1f} / {100 * r['macro_f1']:.1f}" if r else "-"
 
-        any_row = d.get("pretrained") or d.get("random")
-        maj = f"{100 * any_row['majority_micro_f1']:.1f}" if any_row else "-"
-        print(f"| {n} | {f1(d.get('pretrained'))} | {f1(d.get('random'))} | {maj} | {tps(d.get('pretrained'))} | "
-              f"{tps(d.get('random'))} |")
+    def tps(r):
+        return f"{r['tokens_per_s'] / 1e3:.0f}k" if r else "-"
+
+    def majority(d):
+        r = d.get("pretrained") or d.get("random")
+        return f"{100 * r['majority_micro_f1']:.1f}" if r else "-"
+    print(bk.table(["seq_len", "pretrained", "random init", "majority", "pretrained tok/s", "random tok/s"],
+                   [[n, f1(d.get("pretrained")), f1(d.get("random")), majority(d), tps(d.get("pretrained")),
+                     tps(d.get("random"))] for n, d in rows.items()], markdown=True))
     return 0 if all(v == "ok" for v in status.values()) else 1
 
 

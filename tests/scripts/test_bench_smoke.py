@@ -38,10 +38,30 @@ def _check_timed(r, modes):
         assert m["ms"] > 0 and m["reps"] >= 1, (r["method"], mode, m)
 
 
+CRASHING_WORKER = """
+import os, sys
+sys.path.insert(0, {scripts!r})
+import bench_attention
+real = bench_attention.make_forward
+
+
+def make_forward(method, *args, **kwargs):
+    if method == "sdpa_math":
+        os._exit(3)  # the worker dies mid-case, as after a CUDA illegal memory access
+    return real(method, *args, **kwargs)
+
+
+bench_attention.make_forward = make_forward
+sys.exit(bench_attention.main())
+"""
+
+
 def test_bench_attention_smoke_with_a_crashing_worker(tmp_path, monkeypatch, capsys):
-    # sdpa_math's worker dies mid-case: that case is reported as a crash, its larger N is
-    # skipped, a fresh worker runs everything else.
-    monkeypatch.setenv("BENCHLIB_TEST_CRASH", "sdpa_math")
+    # Workers run a copy of the script whose sdpa_math cases kill the process: that case is
+    # reported as a crash, its larger N is skipped, a fresh worker runs everything else.
+    wrapper = tmp_path / "crashing_bench_attention.py"
+    wrapper.write_text(CRASHING_WORKER.format(scripts=str(REPO / "scripts")))
+    monkeypatch.setattr(bench_attention, "__file__", str(wrapper))  # the worker command runs this file
     out = tmp_path / "attn.json"
     rc = bench_attention.main(["--smoke", "--seqlens", "48,64", "--out", str(out), "--markdown"])
     assert rc == 0
@@ -68,9 +88,10 @@ def test_bench_attention_smoke_with_a_crashing_worker(tmp_path, monkeypatch, cap
                 assert max(r["check"][k] for k in ("out", "dq", "dk", "dv")) < 1e-4
             else:
                 assert by[(causal, n, "ours")]["status"] in ("n/a", "error")
-    # the crash hook: first sdpa_math case crashes, later ones of the same table are skipped
+    # the first sdpa_math case of each table crashes, the later one is skipped
     crashed = [r for r in res if r["method"] == "sdpa_math" and r["status"] == "crash"]
     assert [(r["group"], r["n"]) for r in crashed] == [("smoke/causal", 48), ("smoke/noncausal", 48)]
+    assert crashed[0]["reason"].startswith("worker died (exit 3)")
     assert by[("smoke/causal", 64, "sdpa_math")]["reason"] == "skipped (crash at N=48)"
     # tables, markdown, plots
     assert len(data["tables"]) == 2 and data["tables"][0]["tflops_rows"]
@@ -119,8 +140,8 @@ def test_flex_block_mask_conversion_matches_layout():
     from longctx.kernels import block_mask as kbm
     bm = kbm.bigbird_mask(640, 640, window_blocks=1, global_blocks=1, random_blocks=1, seed=3,
                           block_m=64, block_n=64, causal=True)
-    fbm = bench_block_sparse.to_flex_block_mask(bm, "cpu")
-    assert bench_block_sparse.flex_structure_matches(bm, fbm, "cpu")
+    fbm = bench_attention.to_flex_block_mask(bm, "cpu")
+    assert bench_attention.flex_structure_matches(bm, fbm, "cpu")
     kept = torch.zeros(10, 10, dtype=torch.bool)
     for num, idx in ((fbm.kv_num_blocks, fbm.kv_indices), (fbm.full_kv_num_blocks, fbm.full_kv_indices)):
         for r in range(10):
