@@ -38,8 +38,7 @@ __all__ = ["flash_attn", "flash_attn_bwd", "flash_attn_fwd", "register_mask"]
 _MASKS: dict = {}  # mask_id -> BlockMask (held for the life of the process; masks are few and small)
 
 
-@torch.compiler.assume_constant_result  # traced: run now (really registering the mask), its id a constant
-def register_mask(block_mask) -> int:
+def _register_mask(block_mask) -> int:
     """The op-level id of `block_mask` (-1 for None)."""
     if block_mask is None:
         return -1
@@ -47,6 +46,16 @@ def register_mask(block_mask) -> int:
     if _MASKS.setdefault(key, block_mask) is not block_mask:  # pragma: no cover (ids are never reused: held)
         raise RuntimeError("block mask table out of sync")
     return key
+
+
+# Under torch.compile the id must be a constant of the graph. torch >= 2.13 folds this call whether the
+# mask is a closure constant or an input of the compiled frame (a per-block compiled GPT block receives
+# it as a forward argument); torch 2.11 refuses a frame input ("BlockMask is not a constant"), so there
+# the id is taken outside the graph: one graph break per block-sparse call (dense calls never get here).
+if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 13):
+    register_mask = torch.compiler.assume_constant_result(_register_mask)
+else:  # pragma: no cover (the GPU image's torch)
+    register_mask = torch.compiler.disable(_register_mask)
 
 
 def _mask(mask_id: int):
@@ -125,5 +134,6 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_scale: float, b
     "auto"), and the backward variant `deterministic` (None: the launch code's default).
     """
     det = -1 if deterministic is None else int(bool(deterministic))
-    o, _ = flash_attn_fwd(q, k, v, causal, sm_scale, dot_prec, register_mask(block_mask), det)
+    mask_id = -1 if block_mask is None else register_mask(block_mask)
+    o, _ = flash_attn_fwd(q, k, v, causal, sm_scale, dot_prec, mask_id, det)
     return o

@@ -52,7 +52,7 @@ def test_compiled_gpt_block_has_no_graph_break():
     from longctx.model.gpt import Block, GPTConfig
 
     torch.manual_seed(0)
-    block = Block(GPTConfig(seq_len=64, n_layer=1, n_head=2, n_embd=32, attn_impl="flash"))
+    block = Block(GPTConfig(seq_len=64, n_layer=1, n_head=2, n_embd=32, attn_impl="flash"), "flash")
     x = torch.randn(2, 64, 32, requires_grad=True)
     explain = torch._dynamo.explain(block)(x)
     assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
@@ -67,6 +67,26 @@ def test_compiled_gpt_block_has_no_graph_break():
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
     # and the attention inside matches the float64 reference
     _check_against_reference(torch.compile(_attn(), fullgraph=True, backend="aot_eager"), _qkv())
+
+
+def test_compiled_block_takes_the_block_mask_as_input():
+    """A per-block compiled GPT block receives the model's BlockMask as a forward argument (an input
+    of the compiled frame, not a closure constant): compiled output and gradients equal eager."""
+    from longctx.model.gpt import Block, GPTConfig
+
+    torch.manual_seed(0)
+    block = Block(GPTConfig(seq_len=64, n_layer=1, n_head=2, n_embd=32, attn_impl="block_sparse"), "block_sparse")
+    bm = local_mask(64, window_blocks=1, block_m=16, block_n=16, causal=True)
+    x = torch.randn(2, 64, 32, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager")
+    out, ref = compiled(x, bm), block(x, bm)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *block.parameters()], do)
+    ref_grads = torch.autograd.grad(ref, [x, *block.parameters()], do)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
 def test_compile_block_sparse_fullgraph():
