@@ -152,6 +152,7 @@ ALIAS_CHECK = """
     import importlib, os, sys
     from pathlib import Path
     root = Path.cwd()
+    prefix = Path(sys.prefix).resolve()  # CI's virtualenv lives inside the checkout: not the project's files
     SUBMODULE = {"kernels": "flash", "model": "gpt", "data": "loader", "trainer": "checkpoint"}
     for name, short_first in ORDER:
         for mod in (name, f"{name}.{SUBMODULE[name]}"):
@@ -170,7 +171,7 @@ ALIAS_CHECK = """
     by_file = {}
     for m in list(sys.modules.values()):
         f = getattr(m, "__file__", None)
-        if f and Path(f).resolve().is_relative_to(root):
+        if f and Path(f).resolve().is_relative_to(root) and not Path(f).resolve().is_relative_to(prefix):
             by_file.setdefault(str(Path(f).resolve()), set()).add(id(m))
     twice = sorted(f for f, ids in by_file.items() if len(ids) > 1)
     assert not twice, twice

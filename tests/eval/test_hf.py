@@ -185,6 +185,7 @@ def test_train_init_from_conflicting_model_one_line(hf_dir, tmp_path):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from longctx.trainer import ConfigError
+    from omegaconf import open_dict
 
     from longctx import train as train_mod
 
@@ -193,6 +194,8 @@ def test_train_init_from_conflicting_model_one_line(hf_dir, tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # what @hydra.main does before calling train.main
+    with open_dict(cfg):  # and the job's own config has no `hydra` node
+        del cfg["hydra"]
     try:
         with pytest.raises(ConfigError) as e:
             train_mod.train(cfg, run_dir=tmp_path / "r")
