@@ -20,7 +20,9 @@ Supporting pieces live in trainer/ (one job per file).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -277,6 +279,26 @@ def after_step(r: Run, done: int, lr: float, result) -> None:
         r.meter.resume()
 
 
+@contextlib.contextmanager
+def collect_garbage_every(every: int):
+    """Python's automatic GC off (what exists now frozen out of later scans) while training, and a
+    young-generation collection every `every` steps, at the same step on every rank: an automatic
+    collection pauses one rank at a time, and under FSDP/DDP the others wait for it. 0: unchanged."""
+    if not every:
+        yield lambda step: None
+        return
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield lambda step: gc.collect(1) if step % every == 0 else None
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
 def loop(r: Run) -> None:
     """The training loop: train_step (trainer/step.py) then logging / evaluation / checkpoints."""
     from longctx.trainer.parallelize import compiled
@@ -292,17 +314,19 @@ def loop(r: Run) -> None:
         log.info(f"nothing to do: the checkpoint is at step {r.start_step}, max_steps={cfg.max_steps}")
     r.model.train()
     result = None  # the last step's StepResult: loss and grad norm, read (and checked) when needed
-    for step in range(r.start_step, cfg.max_steps):
-        lr = r.schedule.apply(r.optimizer, step)
-        t_step = time.perf_counter()
-        result = train_step(r.model, batches, r.optimizer, r.prec, accum=r.accum, grad_clip=cfg.train.grad_clip,
-                            step=step, pending=result)  # checks the previous step before applying this one
-        r.meter.tick()
-        if step == r.start_step:
-            result.check()  # waits for the device: the first step's time
-            log.info(f"first step: {time.perf_counter() - t_step:.1f}s (one-time costs included: kernel "
-                     f"compilation{', torch.compile' if compiled(r.model) else ''})")
-        after_step(r, step + 1, lr, result)
+    with collect_garbage_every(cfg.gc_every) as gc_tick:
+        for step in range(r.start_step, cfg.max_steps):
+            lr = r.schedule.apply(r.optimizer, step)
+            t_step = time.perf_counter()
+            result = train_step(r.model, batches, r.optimizer, r.prec, accum=r.accum,
+                                grad_clip=cfg.train.grad_clip, step=step, pending=result)  # checks the previous step
+            r.meter.tick()
+            if step == r.start_step:
+                result.check()  # waits for the device: the first step's time
+                log.info(f"first step: {time.perf_counter() - t_step:.1f}s (one-time costs included: kernel "
+                         f"compilation{', torch.compile' if compiled(r.model) else ''})")
+            after_step(r, step + 1, lr, result)
+            gc_tick(step + 1)
 
 
 def finish(r: Run) -> dict:

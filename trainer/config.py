@@ -397,6 +397,8 @@ class Config:
     "keep the newest this many checkpoints (0 = keep all)"
     log_every: int = 10
     "console line + metrics.jsonl row every this many steps"
+    gc_every: int = 50
+    "automatic GC off while training; gc.collect(1) every this many steps on every rank at once (0 = automatic)"
     train: OptimConfig = field(default_factory=OptimConfig)
     model: Any = None
     "group model=: ModelConfig"
@@ -425,7 +427,7 @@ class Config:
         _int(self, "max_steps")
         if self.max_steps == 0:
             raise ConfigError("max_steps=0: train for at least one step")
-        for key in ("seed", "eval_every", "eval_tokens", "ckpt_every", "ckpt_keep", "log_every"):
+        for key in ("seed", "eval_every", "eval_tokens", "ckpt_every", "ckpt_keep", "log_every", "gc_every"):
             _int(self, key)
         d = self.device
         if d not in ("auto", "cuda", "cpu") and not d.startswith("cuda:"):

@@ -146,3 +146,31 @@ def test_wandb_missing_auto_logs_locally_explicit_mode_refused(monkeypatch, tmp_
     with pytest.raises(ConfigError, match=r"logger.mode=offline needs wandb.*longctx-gpt\[wandb\]"):
         lg.build_logger(cfg, tmp_path, True, resuming=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_collect_garbage_every_pauses_gc_and_collects_on_schedule(monkeypatch):
+    """gc_every=N: automatic GC off inside the loop, gc.collect(1) exactly at steps N, 2N, ...;
+    GC state restored afterwards (also after an exception); gc_every=0 changes nothing."""
+    import gc
+
+    from longctx.train import collect_garbage_every
+
+    calls = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append(a) or real_collect(*a))
+    assert gc.isenabled()
+    with collect_garbage_every(3) as tick:
+        assert not gc.isenabled()
+        calls.clear()
+        for step in range(1, 8):
+            tick(step)
+    assert calls == [(1,), (1,)]  # steps 3 and 6
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), collect_garbage_every(2):
+        raise RuntimeError("stop")
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    calls.clear()
+    with collect_garbage_every(0) as tick:
+        assert gc.isenabled()
+        tick(1)
+    assert calls == []
