@@ -45,6 +45,16 @@ def test_opcheck_dense_and_block_sparse():
     torch.library.opcheck(ops.flash_attn_fwd, (q, k, v, True, 0.25, "ieee", ops.register_mask(bm), -1))
 
 
+def _same_output_and_grads(out, ref, inputs):
+    """out and ref (compiled and eager calls on the same inputs) agree, and so do their gradients."""
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, do)
+    ref_grads = torch.autograd.grad(ref, inputs, do)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_gpt_block_has_no_graph_break():
     """A transformer block with attention=flash traces into ONE graph (torch._dynamo.explain), and
     compiles with fullgraph=True (AOTAutograd: fake implementation + autograd formula) to the eager
@@ -59,12 +69,7 @@ def test_compiled_gpt_block_has_no_graph_break():
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     out, ref = compiled(x), block(x)
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [x, *block.parameters()], do)
-    ref_grads = torch.autograd.grad(ref, [x, *block.parameters()], do)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    _same_output_and_grads(out, ref, [x, *block.parameters()])
     # and the attention inside matches the float64 reference
     _check_against_reference(torch.compile(_attn(), fullgraph=True, backend="aot_eager"), _qkv())
 
@@ -81,12 +86,7 @@ def test_compiled_block_takes_the_block_mask_as_input():
     torch._dynamo.reset()
     compiled = torch.compile(block, backend="aot_eager")
     out, ref = compiled(x, bm), block(x, bm)
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [x, *block.parameters()], do)
-    ref_grads = torch.autograd.grad(ref, [x, *block.parameters()], do)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    _same_output_and_grads(out, ref, [x, *block.parameters()])
 
 
 def test_compile_block_sparse_fullgraph():
