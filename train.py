@@ -54,7 +54,7 @@ def check_config(cfg, world_size: int) -> tuple[int, int]:
     arithmetic, the launcher, W&B's mode, the data files. Returns (micro_batch, accum)."""
     from longctx.data import check_data_config
     from longctx.trainer.distributed import check_launch
-    from longctx.trainer.logger import resolve_mode
+    from longctx.trainer.logger import resolve_mode, wandb_missing
     from longctx.trainer.metrics import batch_arithmetic
 
     cfg = as_config(cfg)
@@ -65,6 +65,7 @@ def check_config(cfg, world_size: int) -> tuple[int, int]:
     check_launch(cfg.parallel.name, world_size)  # parallel=ddp|fsdp needs torchrun, single one process
     if cfg.logger.name == "wandb":
         resolve_mode(cfg.logger.mode)
+        wandb_missing(cfg.logger.mode)  # an explicit mode without wandb installed: refused here, before work
     try:
         check_data_config(cfg.data)  # lists the files (cheap); reading and tokenising come later
     except ValueError as e:

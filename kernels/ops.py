@@ -39,9 +39,7 @@ _MASKS: dict = {}  # mask_id -> BlockMask (held for the life of the process; mas
 
 
 def _register_mask(block_mask) -> int:
-    """The op-level id of `block_mask` (-1 for None)."""
-    if block_mask is None:
-        return -1
+    """The op-level id of `block_mask` (a BlockMask; no mask is -1, decided by the caller)."""
     key = id(block_mask)
     if _MASKS.setdefault(key, block_mask) is not block_mask:  # pragma: no cover (ids are never reused: held)
         raise RuntimeError("block mask table out of sync")

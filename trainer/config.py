@@ -412,9 +412,8 @@ class Config:
     "group logger=: LoggerConfig"
 
     def __post_init__(self):
-        if self.compile is True or self.compile is False:
+        if str(self.compile) in ("True", "False"):  # a YAML/CLI boolean, or its string
             self.compile = str(self.compile).lower()
-        self.compile = str(self.compile).lower() if str(self.compile) in ("True", "False") else self.compile
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"compile={self.compile!r}: use auto (GPU: the fastest measured way, CPU: off), "
                               f"true, false, blocks (each transformer block) or model (the whole model)")

@@ -98,11 +98,19 @@ def build_logger(cfg, run_dir: Path, is_main: bool, resuming: bool):
     lcfg = as_group("logger", cfg.logger)
     if not is_main or lcfg.name == "none" or lcfg.mode == "disabled":
         return NullLogger()
-    if importlib.util.find_spec("wandb") is None:  # wandb is an optional extra
-        if lcfg.mode == "auto":
-            log.info("wandb: not installed, logging to metrics.jsonl only "
-                     "(pip install 'longctx-gpt[wandb]' for W&B; logger=none silences this)")
-            return NullLogger()
-        raise ConfigError(f"logger.mode={lcfg.mode} needs wandb, which is not installed: "
-                          f"pip install 'longctx-gpt[wandb]' (or logger=none)")
+    if wandb_missing(lcfg.mode):
+        log.info("wandb: not installed, logging to metrics.jsonl only "
+                 "(pip install 'longctx-gpt[wandb]' for W&B; logger=none silences this)")
+        return NullLogger()
     return WandbLogger(cfg, run_dir, resuming)
+
+
+def wandb_missing(mode: str) -> bool:
+    """wandb is an optional extra: True when it is wanted (mode auto) but not installed, so the run
+    logs locally; an explicit online/offline mode without it is a one-line ConfigError."""
+    if mode == "disabled" or importlib.util.find_spec("wandb") is not None:
+        return False
+    if mode != "auto":
+        raise ConfigError(f"logger.mode={mode} needs wandb, which is not installed: "
+                          f"pip install 'longctx-gpt[wandb]' (or logger=none)")
+    return True
