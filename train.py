@@ -49,16 +49,17 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("train")
 
 
-def check_config(cfg, world_size: int) -> tuple[int, int]:
+def check_config(cfg, world_size: int, device=None) -> tuple[int, int]:
     """What the schema (trainer/config.py) cannot see alone, found before any work: the batch
-    arithmetic, the launcher, W&B's mode, the data files. Returns (micro_batch, accum)."""
+    arithmetic, the launcher, W&B's mode, the data files. Returns (micro_batch, accum); device: the
+    GPU that micro_batch=auto sizes the micro-batch by (None: the CPU default, 16k tokens)."""
     from longctx.data import check_data_config
     from longctx.trainer.distributed import check_launch
     from longctx.trainer.logger import resolve_mode, wandb_missing
     from longctx.trainer.metrics import batch_arithmetic
 
     cfg = as_config(cfg)
-    micro_batch, accum = batch_arithmetic(cfg, world_size)
+    micro_batch, accum = batch_arithmetic(cfg, world_size, device)
     if cfg.eval_tokens and cfg.eval_tokens % cfg.seq_len:
         raise ConfigError(f"eval_tokens={cfg.eval_tokens} must be a multiple of seq_len={cfg.seq_len} "
                           f"(use {max(1, cfg.eval_tokens // cfg.seq_len) * cfg.seq_len})")
@@ -107,7 +108,7 @@ def prepare(cfg: Config, dist, run_dir: Path) -> tuple:
     from longctx.trainer.checkpoint import check_compatible, read_meta, resolve_resume
     from longctx.trainer.init import apply_init_from
 
-    micro_batch, accum = check_config(cfg, dist.world_size)
+    micro_batch, accum = check_config(cfg, dist.world_size, dist.device)
     init = apply_init_from(cfg)  # init_from=: model sizes come from that checkpoint (one line on a conflict)
     resume_from = resolve_resume(cfg.resume, run_dir)
     if resume_from is not None:

@@ -647,7 +647,7 @@ def _mask_args(block_mask, device, rows: bool, causal: bool):
     many leading kept blocks cross the causal diagonal (rows=False).
     """
     if block_mask is None:
-        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        dummy = _dummy_index(device)
         return dummy, dummy, dummy, 0, 0, 16, 16
     row_count, row_idx, col_count, col_idx = block_mask.lists(device)
     row_full, col_masked = block_mask.split_counts(device, causal)
@@ -656,6 +656,18 @@ def _mask_args(block_mask, device, rows: bool, causal: bool):
     if idx.shape[0] > 1:
         assert idx.stride(0) == count.shape[1] * idx.stride(1)
     return count, idx, split, stride_h, idx.stride(1), block_mask.block_m, block_mask.block_n
+
+
+_DUMMIES: dict = {}
+
+
+def _dummy_index(device: torch.device) -> torch.Tensor:
+    """The (never read) index arguments of a dense launch: one small tensor per device, made once
+    (a fresh one per call cost an allocation and a fill kernel on every launch)."""
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = _DUMMIES[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
 
 
 def _check_tiles(bm, bn, block_mask):
@@ -764,10 +776,15 @@ def _deterministic_default(device: torch.device, head_dim: int, causal: bool) ->
         return not _OPTIONS["bwd_fused"]
     if device.type != "cuda":
         return False
-    major, _ = torch.cuda.get_device_capability(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return not _table_fused(index, head_dim, bool(causal))
+
+
+@functools.cache
+def _table_fused(device_index: int, head_dim: int, causal: bool) -> bool:
+    major, _ = torch.cuda.get_device_capability(device_index)
     rows = _TABLES["hopper" if major == 9 else "default"]["bwd_fused"]
-    fused = next(((c if causal else nc) for max_d, c, nc in rows if head_dim <= max_d), True)
-    return not fused
+    return next(((c if causal else nc) for max_d, c, nc in rows if head_dim <= max_d), True)
 
 
 def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, deterministic=None):

@@ -25,8 +25,6 @@ formula can hand it on): -1 = the launch code's default, 0 / 1 = False / True.
 
 The ops only run the kernels; argument checks happen in `flash_attention` before the call.
 """
-import inspect
-
 import torch
 
 from . import flash as _flash
@@ -64,11 +62,8 @@ def _prec(dot_prec: str, q: Tensor) -> str:
     return _flash._dot_precision(q.dtype, None) if dot_prec == "auto" else dot_prec
 
 
-def _bwd_kwargs(deterministic: int) -> dict:
-    # the backward variant knob exists only in launch code that has more than one backward
-    if deterministic < 0 or "deterministic" not in inspect.signature(_flash._flash_bwd).parameters:
-        return {}
-    return {"deterministic": bool(deterministic)}
+def _det(deterministic: int) -> bool | None:
+    return None if deterministic < 0 else bool(deterministic)
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -96,7 +91,7 @@ def flash_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
                    sm_scale: float, dot_prec: str, mask_id: int,
                    deterministic: int) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _flash._flash_bwd(do, q, k, v, o, lse, causal, sm_scale, _mask(mask_id), _prec(dot_prec, q),
-                                   **_bwd_kwargs(deterministic))
+                                   deterministic=_det(deterministic))
     return _dense(dq), _dense(dk), _dense(dv)
 
 

@@ -51,6 +51,7 @@ def worker(a) -> None:
 
     from longctx.trainer.distributed import barrier, destroy, init_distributed, reduce_metrics
     from longctx.trainer.metrics import peak_flops
+    from longctx import train as train_mod
     from longctx.trainer.step import train_step
 
     d = init_distributed(a.device, timeout_s=600)
@@ -67,23 +68,26 @@ def worker(a) -> None:
             if model is None:
                 model, opt, prec, mb, accum, fpt = setup(cfg, d)
             else:  # the same model and optimizer; only the accumulation changes
-                from longctx import train as train_mod
-                mb, accum = train_mod.check_config(cfg, d.world_size)
+                mb, accum = train_mod.check_config(cfg, d.world_size, d.device)
             warmup = a.warmup  # every batch size: a new accumulation count re-warms the allocator
             batches = random_batches(cfg, d, mb, accum, range(warmup + a.steps), seed=i)
-            t0 = time.perf_counter()
-            for s in range(warmup):
-                train_step(model, batches, opt, prec, accum=accum, grad_clip=cfg.train.grad_clip, step=s)
-                if s == 0 and i == 0:
-                    row["first_step_s"] = time.perf_counter() - t0
-            if cuda:
-                torch.cuda.synchronize(d.device)
-                torch.cuda.reset_peak_memory_stats(d.device)
-            barrier()
-            t0 = time.perf_counter()
-            for s in range(warmup, warmup + a.steps):
-                loss, _ = train_step(model, batches, opt, prec, accum=accum, grad_clip=cfg.train.grad_clip, step=s)
-            dt = (time.perf_counter() - t0) / a.steps
+            with train_mod.collect_garbage_every(cfg.gc_every) as gc_tick:  # train.py's GC policy
+                t0 = time.perf_counter()
+                for s in range(warmup):
+                    train_step(model, batches, opt, prec, accum=accum, grad_clip=cfg.train.grad_clip, step=s)
+                    gc_tick(s + 1)
+                    if s == 0 and i == 0:
+                        row["first_step_s"] = time.perf_counter() - t0
+                if cuda:
+                    torch.cuda.synchronize(d.device)
+                    torch.cuda.reset_peak_memory_stats(d.device)
+                barrier()
+                t0 = time.perf_counter()
+                for s in range(warmup, warmup + a.steps):
+                    loss, _ = train_step(model, batches, opt, prec, accum=accum, grad_clip=cfg.train.grad_clip,
+                                         step=s)
+                    gc_tick(s + 1)
+                dt = (time.perf_counter() - t0) / a.steps
             mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else None
             red = reduce_metrics({"step_s": dt, "mem": mem or 0.0}, d.device, op="max")  # the slowest rank
             peak = peak_flops(d.device)

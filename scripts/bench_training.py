@@ -79,7 +79,7 @@ def setup(cfg, dist, loss_chunk_tokens: int | None = None):
     from longctx.trainer.optim import Precision, build_optimizer
     from longctx.trainer.parallelize import parallel_name, parallelize
 
-    micro_batch, accum = train_mod.check_config(cfg, dist.world_size)
+    micro_batch, accum = train_mod.check_config(cfg, dist.world_size, dist.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(dist.device)
     flops_per_token = model.flops_per_token(cfg.seq_len)
@@ -102,7 +102,7 @@ def random_batches(cfg, dist, micro_batch: int, accum: int, steps, seed: int = 0
     def fetch(step, micro):
         g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 97 + dist.rank)
         t = torch.randint(0, vocab, (micro_batch, T + 1), generator=g)
-        return t[:, :-1], t[:, 1:]
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # as TokenData.train_batch: pinned, then copied
 
     return DeviceBatches(fetch, dist.device, steps, accum)
 
@@ -180,10 +180,15 @@ def run_case(case: dict, ready=None) -> dict:
 
     defer = case.get("defer")
     pending = [None]
+    # train.py's garbage-collection policy (gc_every) around every step, as in its loop
+    from longctx import train as train_mod
+    gc_policy = train_mod.collect_garbage_every(cfg.gc_every)
+    gc_tick = gc_policy.__enter__()
 
     def one(step):
         pending[0] = train_step(model, batches, opt, prec, accum=accum, grad_clip=grad_clip, step=step,
                                 pending=pending[0], defer=defer)
+        gc_tick(step + 1)
         return pending[0]
 
     model.train()
@@ -221,6 +226,7 @@ def run_case(case: dict, ready=None) -> dict:
         res["profile"] = profile_step(lambda: one(n_steps - 1).check(), trace=case.get("trace"))
         # share of the timed step's wall time the device spent in kernels (the rest: it waited)
         res["profile"]["device_busy"] = round(res["profile"]["kernel_ms"] / res["step_ms"], 4)
+    gc_policy.__exit__(None, None, None)
     return res
 
 
@@ -334,13 +340,14 @@ def build_cases(args, device: str) -> list[dict]:
             for T in seq_lens:
                 if impl in only_lens and T not in only_lens[impl]:
                     continue
-                mb = max(1, args.batch_tokens // T)
-                gbt = max(args.global_batch_tokens, mb * T) // (mb * T) * (mb * T)
+                # micro-batch: train.py's own choice (micro_batch=auto) unless --batch-tokens is given
+                mb = max(1, args.batch_tokens // T) if args.batch_tokens else None
+                gbt = max(args.global_batch_tokens, (mb or 1) * T) // ((mb or 1) * T) * ((mb or 1) * T)
                 special = {k: int(v) for k, _, v in (s.partition("=") for s in vset) if k in BENCH_KEYS}
                 hydra_sets = [s for s in vset if s.partition("=")[0] not in BENCH_KEYS] if impl not in HF else []
                 attention = impl if impl in OURS else "sdpa"
                 overrides = [f"model={args.model}", f"seq_len={T}", f"attention={attention}", "logger=none",
-                             f"device={device}", f"train.micro_batch={mb}", f"train.global_batch_tokens={gbt}",
+                             f"device={device}", *([f"train.micro_batch={mb}"] if mb else []), f"train.global_batch_tokens={gbt}",
                              *args.set, *hydra_sets]
                 if impl in HF:  # Hugging Face as its users run it: uncompiled
                     overrides += [f"model.backend={impl}", "compile=false"]
@@ -362,7 +369,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="gpt2_small", help="configs/model/<name>.yaml")
     ap.add_argument("--seq-lens", default=None, help=f"comma list (default {DEFAULT_SEQ_LENS}; --quick: 64,128)")
     ap.add_argument("--impls", default="flash,sdpa,hf_eager,hf_sdpa", help=f"comma list of {', '.join(ALL_IMPLS)}")
-    ap.add_argument("--batch-tokens", type=int, default=16384, help="tokens per micro-batch: micro_batch = this // seq_len")
+    ap.add_argument("--batch-tokens", type=int, default=None,
+                    help="tokens per micro-batch: micro_batch = this // seq_len (default: train.py's micro_batch=auto)")
     ap.add_argument("--global-batch-tokens", type=int, default=65536, help="tokens per optimizer step")
     ap.add_argument("--variant", action="append", default=None, metavar="NAME[@IMPL+IMPL]:K=V,K=V",
                     help="rows of our impls per variant, e.g. eager:compile=false, plain@flash:loss_chunk_tokens=0")

@@ -265,6 +265,8 @@ class FSDPConfig(ParallelConfig):
     "false = ZeRO-2-like: keep gathered params until backward"
     reshard_last_block: bool = False
     "keep the last block's params gathered for the backward"
+    reshard_between_micro_steps: bool = False
+    "false = gathered params stay from a step's first micro-step to its last backward (one all-gather per block and step)"
     prefetch: int = 1
     "all-gather the next k blocks' params ahead; 0 = FSDP2's implicit prefetch only"
     cpu_offload: bool = False
@@ -317,6 +319,8 @@ class OptimConfig:
     "tokens per optimizer step = micro_batch x seq_len x grad_accum x GPUs"
     micro_batch: Any = MICRO_BATCH_AUTO
     "sequences per forward pass per GPU: a positive integer or auto"
+    micro_batch_tokens: Any = MICRO_BATCH_AUTO
+    "micro_batch=auto aims at this many tokens per forward pass: a positive integer or auto (by GPU memory)"
     lr: float = 6.0e-4
     "peak learning rate (after warmup)"
     min_lr: float = 6.0e-5
@@ -343,6 +347,9 @@ class OptimConfig:
         mb = self.micro_batch
         if mb != MICRO_BATCH_AUTO and (not isinstance(mb, int) or isinstance(mb, bool) or mb <= 0):
             raise ConfigError(f"train.micro_batch={mb!r} must be a positive integer or auto")
+        mt = self.micro_batch_tokens
+        if mt != MICRO_BATCH_AUTO and (not isinstance(mt, int) or isinstance(mt, bool) or mt <= 0):
+            raise ConfigError(f"train.micro_batch_tokens={mt!r} must be a positive integer or auto")
         if not isinstance(self.global_batch_tokens, int) or self.global_batch_tokens <= 0:
             raise ConfigError(f"train.global_batch_tokens={self.global_batch_tokens!r} must be a positive "
                               f"integer, e.g. 524288")
@@ -488,6 +495,9 @@ def as_config(cfg, strict: bool = False) -> Config:
     try:
         if OmegaConf.is_config(cfg) and not strict:  # plain nodes: keys can be left out
             cfg = OmegaConf.to_container(cfg, resolve=False)
+        elif isinstance(cfg, dict):  # e.g. as_group's {group: node of a composed config}: plain too (a
+            cfg = {k: OmegaConf.to_container(v, resolve=False) if OmegaConf.is_config(v) else v  # typed node
+                   for k, v in cfg.items()}  # refuses the filtered dict assigned back below)
         raw = OmegaConf.create(cfg) if not OmegaConf.is_config(cfg) else cfg.copy()
         OmegaConf.set_struct(raw, False)
         base = OmegaConf.structured(Config)

@@ -53,21 +53,56 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def batch_arithmetic(cfg, world_size: int) -> tuple[int, int]:
+MICRO_TOKENS_DEFAULT = 16384  # micro_batch_tokens=auto without a GPU to size it by
+# micro_batch_tokens=auto on a GPU: the largest of these whose activations fit _ACT_SHARE of its memory
+_MICRO_TOKENS = (65536, 32768, 16384)
+_ACT_SHARE = 0.45
+# Activation bytes per token per (layer x width) in training (bf16 autocast, compiled, chunked loss),
+# measured: gpt2_small holds 32.2 GB at 65,536 tokens per micro-batch and 10.1 GB at 16,384 on an H200
+# (docs/benchmarks.md 8e; ~2 GB of that is weights, gradients and AdamW state): ~50, rounded up.
+_ACT_BYTES = 56
+
+
+def micro_batch_tokens(cfg, device=None) -> int:
+    """Tokens per micro-batch that micro_batch=auto aims at: train.micro_batch_tokens when a number;
+    auto: 16,384 without a CUDA device, or for attention whose memory grows with seq_len squared
+    (naive, Hugging Face backends); otherwise the largest of 64k / 32k / 16k tokens whose estimated
+    activations (_ACT_BYTES x n_layer x n_embd per token) fit 45% of the GPU's memory. Larger
+    micro-batches mean fewer, larger kernels: +8% tokens/s for gpt2_small at 1k and 16k on an H200
+    at 64k tokens against 16k (docs/benchmarks.md 8e)."""
+    from longctx.trainer.config import as_config
+
+    cfg = as_config(cfg)
+    want = cfg.train.micro_batch_tokens
+    if want != "auto":
+        return int(want)
+    if device is None or getattr(device, "type", str(device)) != "cuda":
+        return MICRO_TOKENS_DEFAULT
+    if cfg.model.backend != "ours" or cfg.attention.impl not in ("flash", "sdpa", "block_sparse"):
+        return MICRO_TOKENS_DEFAULT
+    import torch
+
+    memory = torch.cuda.get_device_properties(device).total_memory
+    per_token = _ACT_BYTES * cfg.model.n_layer * cfg.model.n_embd
+    return next((t for t in _MICRO_TOKENS if t * per_token <= _ACT_SHARE * memory), MICRO_TOKENS_DEFAULT)
+
+
+def batch_arithmetic(cfg, world_size: int, device=None) -> tuple[int, int]:
     """(micro_batch, grad_accum) of a typed Config (a DictConfig or dict is typed first) such that
         global_batch_tokens = micro_batch x seq_len x grad_accum x world_size   (exactly)
-    micro_batch=auto picks the largest micro-batch <= max(1, 16384 // seq_len) sequences (16k tokens)
-    that divides each process's share of the global batch, so a preset runs on 1, 2, 4, 8, ...
-    processes unchanged (quickstart: 8 sequences of 256 -> micro-batch 8, 4, 2, 1).
-    An explicit micro_batch larger than that share (global_batch_tokens / (seq_len x GPUs)
-    sequences) is lowered to the share, with one log line: more cannot be meant literally.
+    micro_batch=auto picks the largest micro-batch <= max(1, micro_batch_tokens // seq_len) sequences
+    (micro_batch_tokens(cfg, device): 16k tokens without a GPU) that divides each process's share of
+    the global batch, so a preset runs on 1, 2, 4, 8, ... processes unchanged (quickstart: 8
+    sequences of 256 -> micro-batch 8, 4, 2, 1). An explicit micro_batch larger than that share
+    (global_batch_tokens / (seq_len x GPUs) sequences) is lowered to the share, with one log line:
+    more cannot be meant literally.
     """
     from longctx.trainer.config import as_config
 
     cfg = as_config(cfg)  # types and ranges: the schema (trainer/config.py)
     seq_len, gbt, mb = cfg.seq_len, cfg.train.global_batch_tokens, cfg.train.micro_batch
     if mb == "auto":
-        mb = max(1, 16384 // seq_len)
+        mb = max(1, micro_batch_tokens(cfg, device) // seq_len)
         while mb > 1 and gbt % (mb * seq_len * world_size):
             mb -= 1
     share = gbt // (seq_len * world_size)  # sequences per process per optimizer step

@@ -146,6 +146,7 @@ def apply_fsdp(model: nn.Module, pcfg, dist: DistInfo, precision: str = "bf16") 
         fully_shard(block, reshard_after_forward=reshard and (i < n - 1 or pcfg.reshard_last_block), **kw)
     # Root: embeddings (wte == lm_head.weight, tied, one parameter), position embeddings, final norm.
     fully_shard(model, reshard_after_forward=reshard, **kw)
+    model.reshard_between_micro_steps = bool(pcfg.reshard_between_micro_steps)  # read by grad_sync
     prefetch = pcfg.prefetch
     if prefetch:
         model.set_modules_to_forward_prefetch(list(blocks[:prefetch]))
@@ -203,15 +204,22 @@ def grad_sync(model: nn.Module, enabled: bool):
                 loss = model(x, y)[1] / grad_accum
                 loss.backward()
 
-    FSDP2: set_requires_gradient_sync (unsharded grads accumulate locally, in reduce_dtype);
+    FSDP2: set_requires_gradient_sync (unsharded grads accumulate locally, in reduce_dtype), and
+    unless parallel.reshard_between_micro_steps, set_reshard_after_backward(False) on all but the
+    last micro-step (the gathered params stay for the next micro-step: no second all-gather);
     DDP: no_sync(); single process: nothing.
     """
     if _is_fsdp(model):
+        keep = not enabled and not getattr(model, "reshard_between_micro_steps", True)
         model.set_requires_gradient_sync(bool(enabled))
+        if keep:
+            model.set_reshard_after_backward(False)
         try:
             yield
         finally:
             model.set_requires_gradient_sync(True)
+            if keep:
+                model.set_reshard_after_backward(True)
     elif isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
         with model.no_sync():
             yield

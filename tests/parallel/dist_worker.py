@@ -57,7 +57,18 @@ def main(argv=None):
     ap.add_argument("--hang-rank", type=int, default=None,
                     help="this rank stalls past the collective timeout (3 s); the others report the failure")
     ap.add_argument("--fsdp", action="append", default=[], help="extra parallel.KEY=VALUE (e.g. cpu_offload=true)")
+    ap.add_argument("--count-gathers", action="store_true",
+                    help="count FSDP2's parameter all-gathers (a private torch function) into the output")
     a = ap.parse_args(argv)
+    gathers = [0]
+    if a.count_gathers:
+        import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_pg
+        real_gather = fsdp_pg.foreach_all_gather
+
+        def counted(*args, **kw):
+            gathers[0] += 1
+            return real_gather(*args, **kw)
+        fsdp_pg.foreach_all_gather = counted
 
     if a.hang_rank is not None:  # both ranks up (torch imported) before the 3 s timeout can bite: on a
         import time                 # loaded machine one process may start seconds after the other
@@ -127,7 +138,8 @@ def main(argv=None):
     barrier()
     if d.is_main and a.out:
         with open(a.out, "w") as f:
-            json.dump({"losses": losses, "norms": norms, "world_size": d.world_size, "accum": accum}, f)
+            json.dump({"losses": losses, "norms": norms, "world_size": d.world_size, "accum": accum,
+                       "all_gathers": gathers[0]}, f)
     destroy()
 
 

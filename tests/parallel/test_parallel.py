@@ -175,13 +175,32 @@ def test_single_process_helpers():
 
 def test_fsdp_options_reshard_and_cpu_offload(runs, tmp_path):
     """reshard_after_forward=true (re-shard after each forward; the default false runs in every other
-    FSDP test), cpu_offload=true and prefetching 2 blocks ahead
-    change no number (on the CPU the offload policy's code path runs, though there is nothing to
-    move). The default prefetch (1 block) runs in every other FSDP test."""
+    FSDP test), reshard_between_micro_steps=true (re-gather for every micro-step; the default keeps
+    the gathered params through the step's 2 micro-steps in the other tests), cpu_offload=true and
+    prefetching 2 blocks ahead change no number (on the CPU the offload policy's code path runs,
+    though there is nothing to move). The default prefetch (1 block) runs in every other FSDP test."""
     r = torchrun(2, "--parallel", "fsdp", "--steps", "3", "--fsdp", "reshard_after_forward=true",
+                 "--fsdp", "reshard_between_micro_steps=true",
                  "--fsdp", "cpu_offload=true", "--fsdp", "prefetch=2", "--ac", "full",
                  "--out", str(tmp_path / "o.json"))
     close(r["losses"], runs["ref"]["losses"][:3])
+
+
+def test_fsdp_gathers_once_per_step_under_accumulation(tmp_path):
+    """With gradient accumulation (4 micro-steps per rank here) and reshard_after_forward=false, the
+    default keeps the gathered params from the first micro-step to the last backward: one all-gather
+    per FSDP unit (3 blocks + root) and step, against one per unit and micro-step when
+    reshard_between_micro_steps=true. Same losses either way."""
+    counts = {}
+    for between in ("false", "true"):
+        r = torchrun(2, "--parallel", "fsdp", "--steps", "2", "--global-batch", "8", "--count-gathers",
+                     "--fsdp", "reshard_after_forward=false", "--fsdp", f"reshard_between_micro_steps={between}",
+                     "--out", str(tmp_path / f"g_{between}.json"))
+        assert r["accum"] == 4
+        counts[between] = r
+    assert counts["false"]["all_gathers"] == 2 * 4
+    assert counts["true"]["all_gathers"] == 2 * 4 * 4
+    assert counts["false"]["losses"] == counts["true"]["losses"]
 
 
 def test_collective_timeout_names_the_rank(tmp_path):

@@ -107,7 +107,7 @@ def test_presets_split_over_1_2_4_8_processes(presets, name, world):
     mb, accum = batch_arithmetic(cfg, world)
     assert mb * seq * accum * world == gbt  # the same global batch on any number of processes
     share = gbt // (seq * world)  # sequences per process per step
-    if cfg.train.micro_batch == "auto":
+    if cfg.train.micro_batch == "auto":  # no device: 16k tokens per micro-batch at most
         assert mb <= max(1, 16384 // seq) and share % mb == 0
     else:
         assert mb == min(cfg.train.micro_batch, share)
@@ -174,3 +174,25 @@ def test_collect_garbage_every_pauses_gc_and_collects_on_schedule(monkeypatch):
         assert gc.isenabled()
         tick(1)
     assert calls == []
+
+
+@pytest.mark.parametrize("model, gib, attention, expect", [
+    ("gpt2_small", 80, "flash", 65536), ("gpt2_small", 141, "sdpa", 65536), ("gpt2_small", 40, "flash", 32768),
+    ("gpt2_small", 24, "flash", 16384), ("gpt2_medium", 141, "flash", 32768), ("gpt2_medium", 80, "flash", 16384),
+    ("gpt2_small", 141, "naive", 16384)])
+def test_auto_micro_batch_by_gpu_memory(monkeypatch, model, gib, attention, expect):
+    """micro_batch_tokens=auto sizes the micro-batch by the GPU's memory (activations of n_layer x
+    n_embd per token within 45% of it); naive attention (memory ~ seq_len^2) keeps 16k; no GPU: 16k."""
+    import types
+
+    from longctx.trainer.metrics import micro_batch_tokens
+    from .conftest import compose_cfg
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: types.SimpleNamespace(total_memory=gib * 2**30))
+    cfg = compose_cfg([f"model={model}", f"attention={attention}", "seq_len=1024", "train.global_batch_tokens=524288"])
+    assert micro_batch_tokens(cfg, torch.device("cuda", 0)) == expect
+    assert micro_batch_tokens(cfg, torch.device("cpu")) == 16384 and micro_batch_tokens(cfg) == 16384
+    assert batch_arithmetic(cfg, 1, torch.device("cuda", 0)) == (expect // 1024, 524288 // expect)
+    fixed = compose_cfg([f"model={model}", "seq_len=1024", "train.micro_batch_tokens=4096"])
+    assert micro_batch_tokens(fixed, torch.device("cuda", 0)) == 4096
