@@ -164,26 +164,30 @@ def profile_step(run_step, n_top: int = 12, trace: str | None = None) -> dict:
 # ----------------------------------------------------------------------------------- one row
 def run_case(case: dict, ready=None) -> dict:
     """Set up one row, warm up, call ready() (the driver's turn), time; returns the measurements."""
+    from longctx import train as train_mod
+    from longctx.trainer.distributed import init_distributed
+
+    dist = init_distributed(case["device"])
+    cfg = compose(case["overrides"])
+    model, opt, prec, mb, accum, fpt = setup(cfg, dist, case.get("loss_chunk_tokens"))
+    # train.py's garbage-collection policy (gc_every) around the steps, as in its loop
+    with train_mod.collect_garbage_every(cfg.gc_every) as gc_tick:
+        return _time_steps(case, cfg, dist, model, opt, prec, mb, accum, fpt, gc_tick, ready)
+
+
+def _time_steps(case, cfg, dist, model, opt, prec, mb, accum, fpt, gc_tick, ready) -> dict:
     import torch
 
-    from longctx.trainer.distributed import init_distributed
     from longctx.trainer.metrics import peak_flops
     from longctx.trainer.step import train_step
 
-    dist = init_distributed(case["device"])
     cuda = dist.device.type == "cuda"
-    cfg = compose(case["overrides"])
-    model, opt, prec, mb, accum, fpt = setup(cfg, dist, case.get("loss_chunk_tokens"))
     n_steps = case["warmup"] + case["steps"] + (1 if case.get("profile") else 0)
     batches = random_batches(cfg, dist, mb, accum, range(n_steps))
     grad_clip = cfg.train.grad_clip
 
     defer = case.get("defer")
     pending = [None]
-    # train.py's garbage-collection policy (gc_every) around every step, as in its loop
-    from longctx import train as train_mod
-    gc_policy = train_mod.collect_garbage_every(cfg.gc_every)
-    gc_tick = gc_policy.__enter__()
 
     def one(step):
         pending[0] = train_step(model, batches, opt, prec, accum=accum, grad_clip=grad_clip, step=step,
@@ -226,7 +230,6 @@ def run_case(case: dict, ready=None) -> dict:
         res["profile"] = profile_step(lambda: one(n_steps - 1).check(), trace=case.get("trace"))
         # share of the timed step's wall time the device spent in kernels (the rest: it waited)
         res["profile"]["device_busy"] = round(res["profile"]["kernel_ms"] / res["step_ms"], 4)
-    gc_policy.__exit__(None, None, None)
     return res
 
 

@@ -196,3 +196,15 @@ def test_auto_micro_batch_by_gpu_memory(monkeypatch, model, gib, attention, expe
     assert batch_arithmetic(cfg, 1, torch.device("cuda", 0)) == (expect // 1024, 524288 // expect)
     fixed = compose_cfg([f"model={model}", "seq_len=1024", "train.micro_batch_tokens=4096"])
     assert micro_batch_tokens(fixed, torch.device("cuda", 0)) == 4096
+
+
+def test_as_group_takes_a_node_of_a_composed_config():
+    """as_group on a group node of a Hydra-composed config (build_optimizer's cfg.train when the
+    caller holds the DictConfig, as the benchmarks do): the node keeps its schema type, which the
+    key filtering used to collide with ("dict is not a subclass of OptimConfig")."""
+    from longctx.trainer.config import as_config, as_group
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg(["model=gpt2_tiny", "train.lr=0.001"])
+    train = as_group("train", cfg.train)
+    assert train == as_config(cfg).train and train.lr == 0.001
