@@ -588,6 +588,11 @@ def _fit(kind, cfg, block_d, esize, limit):
     return bm, bn, w, s
 
 
+def _device_index(device: torch.device) -> int:
+    """The CUDA device index the cached table lookups are keyed by ("cuda" alone: the current one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def _table_config(kind: str, device_index: int, head_dim: int, sparse: bool, causal: bool, esize: int,
                   short: bool):
@@ -614,7 +619,7 @@ def _launch_config(kind: str, device: torch.device, head_dim: int, block_mask=No
     elif device.type != "cuda":
         bm, bn, w, s = _INTERP
     else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = _device_index(device)
         short = seq_k is not None and seq_k <= _SHORT_SEQ
         bm, bn, w, s = _table_config(kind, index, head_dim, block_mask is not None, bool(causal),
                                      _ELEMENT_SIZE[dtype], short)
@@ -776,8 +781,7 @@ def _deterministic_default(device: torch.device, head_dim: int, causal: bool) ->
         return not _OPTIONS["bwd_fused"]
     if device.type != "cuda":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return not _table_fused(index, head_dim, bool(causal))
+    return not _table_fused(_device_index(device), head_dim, bool(causal))
 
 
 @functools.cache

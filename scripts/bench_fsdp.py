@@ -49,9 +49,9 @@ def worker(a) -> None:
     import torch
     from bench_training import compose, random_batches, setup
 
+    from longctx import train as train_mod
     from longctx.trainer.distributed import barrier, destroy, init_distributed, reduce_metrics
     from longctx.trainer.metrics import peak_flops
-    from longctx import train as train_mod
     from longctx.trainer.step import train_step
 
     d = init_distributed(a.device, timeout_s=600)

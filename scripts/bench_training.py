@@ -345,13 +345,14 @@ def build_cases(args, device: str) -> list[dict]:
                     continue
                 # micro-batch: train.py's own choice (micro_batch=auto) unless --batch-tokens is given
                 mb = max(1, args.batch_tokens // T) if args.batch_tokens else None
-                gbt = max(args.global_batch_tokens, (mb or 1) * T) // ((mb or 1) * T) * ((mb or 1) * T)
+                unit = (mb or 1) * T  # the global batch: a whole number of micro-batches (or sequences)
+                gbt = max(args.global_batch_tokens, unit) // unit * unit
                 special = {k: int(v) for k, _, v in (s.partition("=") for s in vset) if k in BENCH_KEYS}
                 hydra_sets = [s for s in vset if s.partition("=")[0] not in BENCH_KEYS] if impl not in HF else []
                 attention = impl if impl in OURS else "sdpa"
                 overrides = [f"model={args.model}", f"seq_len={T}", f"attention={attention}", "logger=none",
-                             f"device={device}", *([f"train.micro_batch={mb}"] if mb else []), f"train.global_batch_tokens={gbt}",
-                             *args.set, *hydra_sets]
+                             f"device={device}", f"train.global_batch_tokens={gbt}",
+                             *([f"train.micro_batch={mb}"] if mb else []), *args.set, *hydra_sets]
                 if impl in HF:  # Hugging Face as its users run it: uncompiled
                     overrides += [f"model.backend={impl}", "compile=false"]
                 name = f"{impl}/{vname}" if named and impl not in HF else impl

@@ -344,12 +344,10 @@ class OptimConfig:
 
     def __post_init__(self):
         p = "train."
-        mb = self.micro_batch
-        if mb != MICRO_BATCH_AUTO and (not isinstance(mb, int) or isinstance(mb, bool) or mb <= 0):
-            raise ConfigError(f"train.micro_batch={mb!r} must be a positive integer or auto")
-        mt = self.micro_batch_tokens
-        if mt != MICRO_BATCH_AUTO and (not isinstance(mt, int) or isinstance(mt, bool) or mt <= 0):
-            raise ConfigError(f"train.micro_batch_tokens={mt!r} must be a positive integer or auto")
+        for key in ("micro_batch", "micro_batch_tokens"):
+            v = getattr(self, key)
+            if v != MICRO_BATCH_AUTO and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ConfigError(f"train.{key}={v!r} must be a positive integer or auto")
         if not isinstance(self.global_batch_tokens, int) or self.global_batch_tokens <= 0:
             raise ConfigError(f"train.global_batch_tokens={self.global_batch_tokens!r} must be a positive "
                               f"integer, e.g. 524288")
