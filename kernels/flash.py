@@ -508,6 +508,9 @@ _TABLES = {
         # which backward is faster when the caller does not ask for determinism: True = fused
         # (atomic dQ), False = the two deterministic kernels
         "bwd_fused": [(64, True, True), (128, True, False), (256, True, True)],
+        # the Gluon forward (kernels/flash_gluon.py) where it measured faster than the Triton one:
+        # (BLOCK_N, STAGES, consumer registers) per exact head dim, None = the Triton forward
+        "fwd_gluon": [(64, None, None), (128, (128, 2, 240), (128, 2, 240))],
         "dkdv": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 128, 8, 3), (64, 128, 8, 3)),
                  (256, (32, 64, 4, 2), (32, 64, 4, 2))],
         "dq": [(64, (128, 64, 8, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
@@ -531,7 +534,7 @@ _INTERP = (64, 64, 4, 1)
 
 _OVERRIDE: dict = {}  # filled by set_launch_config() (benchmarks / tuning sweeps)
 # TMA descriptor loads per pass: None: automatic (Hopper + aligned inputs); True / False: forced
-_OPTIONS = {"fwd_tma": None, "bwd_tma": None, "bwd_fused": None}
+_OPTIONS = {"fwd_tma": None, "bwd_tma": None, "bwd_fused": None, "fwd_gluon": None}
 # Automatic choices (measured on an H200, docs/kernel_notes.md): TMA descriptor loads were slower
 # than cp.async pipelining with Triton 3.6, so "automatic" leaves them off.
 _TMA_AUTO = False
@@ -550,11 +553,15 @@ def clear_launch_config() -> None:
     _OVERRIDE.clear()
 
 
-def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET) -> None:
-    """TMA descriptor loads in the forward (fwd_tma), the fused backward (bwd_tma) or both (tma):
-    None = on Hopper when the inputs allow (the default); True / False = always / never. True
-    still needs 16-byte aligned strides and base addresses; the interpreter emulates the loads."""
-    for key, val in (("fwd_tma", tma), ("bwd_tma", tma), ("fwd_tma", fwd_tma), ("bwd_tma", bwd_tma)):
+def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNSET) -> None:
+    """TMA descriptor loads in the Triton forward (fwd_tma), the fused backward (bwd_tma) or both
+    (tma): None = on Hopper when the inputs allow (the default); True / False = always / never. True
+    still needs 16-byte aligned strides and base addresses; the interpreter emulates the loads.
+    gluon: the warp-specialised Gluon forward on Hopper (kernels/flash_gluon.py). None (default) =
+    where the launch table marks it faster (head dim 128); True = for every head dim it is built for
+    (64, 128); False = never. Either way only dense fp16/bf16 inputs with TMA-aligned strides on sm_90."""
+    for key, val in (("fwd_tma", tma), ("bwd_tma", tma), ("fwd_tma", fwd_tma), ("bwd_tma", bwd_tma),
+                     ("fwd_gluon", gluon)):
         if val is not _UNSET:
             if val not in (None, True, False):
                 raise ValueError(f"{key} must be None, True or False, got {val!r}")
@@ -741,11 +748,38 @@ def _record(kind: str, handle) -> None:
         _RECORD[kind] = handle
 
 
+_GLUON_FORCED = (128, 2, 240)  # the Gluon config where set_kernel_options(gluon=True) overrides the table
+
+
+@functools.cache
+def _gluon_table(device_index: int, head_dim: int, causal: bool):
+    if torch.cuda.get_device_capability(device_index)[0] != 9:
+        return None, False
+    row = next(((c if causal else nc) for d, c, nc in _TABLES["hopper"]["fwd_gluon"] if d == head_dim), None)
+    return row, True
+
+
+def _gluon_fwd_config(q, k, v, causal, block_mask):
+    """The Gluon forward's config for this call, or None for the Triton forward."""
+    want = _OPTIONS["fwd_gluon"]
+    if (want is False or not _gluon.HAVE_GLUON or block_mask is not None or "fwd" in _OVERRIDE
+            or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16)
+            or q.shape[-1] not in _gluon.HEAD_DIMS or not _tma_ok(q, k, v)):
+        return None
+    cfg, hopper = _gluon_table(_device_index(q.device), q.shape[-1], bool(causal))
+    return _GLUON_FORCED if (cfg is None and want and hopper) else cfg
+
+
 def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
     o = _empty_like(q)
     lse = _empty((B, H, Nq), q.device)
+    gluon_cfg = _gluon_fwd_config(q, k, v, causal, block_mask)
+    if gluon_cfg is not None:
+        _ensure_allocator()  # its TMA descriptors are made on the device
+        _record("fwd", _gluon.gluon_fwd(q, k, v, o, lse, causal, sm_scale * LOG2E, gluon_cfg))
+        return o, lse
     bm, bn, w, s = _launch_config("fwd", q.device, D, block_mask, causal=causal, dtype=q.dtype, seq_k=Nk)
     _check_tiles(bm, bn, block_mask)
     count, idx, split, smh, smr, mbm, mbn = _mask_args(block_mask, q.device, True, causal)
@@ -949,4 +983,5 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     return _ops.flash_attn(q, k, v, bool(causal), sm_scale, block_mask, dot_prec, deterministic)
 
 
+from . import flash_gluon as _gluon  # the Hopper forward (imports nothing from this module)
 from . import ops as _ops  # last: ops.py reads _flash_fwd / _flash_bwd from this module

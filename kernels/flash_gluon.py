@@ -1,0 +1,244 @@
+"""Hopper (sm_90) attention forward in Gluon (Triton's lower-level dialect): warp-specialised,
+asynchronous wgmma, TMA loads.
+
+Why a second forward: Triton's `tl.dot` waits for every non-accumulating wgmma right after issuing
+it, so a tile's softmax work (exp2 on the MUFU pipe, max / sum / scale on the FP32 pipes) does not
+overlap the tensor cores inside a program (docs/kernel_notes.md). This kernel follows
+FlashAttention-3's forward: one program per 128 query rows of one (batch, head), split into three
+warp-specialised partitions that hand shared-memory buffers to each other through mbarriers only:
+
+    loader (1 warp):          Q once, then K_j and V_j by TMA into a STAGES-deep ring, each as soon
+                              as both consumers have released the buffer
+    consumer 0, 1 (4 warps):  64 query rows each; per key block j
+                                issue S_j = Q K_j^T, issue O += P_{j-1} V_{j-1} (asynchronous)
+                                wait for S_j only; release K_j
+                                P_j, alpha_j = exp2(...) of S_j      <- overlaps P_{j-1} V_{j-1}
+                                wait for O; release V_{j-1}; O *= alpha_j
+                              then O += P_last V_last, O / l, LSE = m + log2(l)
+
+No CTA-wide barrier sits in the loop, so the two consumer warpgroups drift apart and one's softmax
+runs under the other's products. P goes to the second product as a register operand. Every wgmma
+result is read after `wait_group` with no branch between issue and wait, the pattern ptxas keeps
+asynchronous (docs/kernel_notes.md Version 5). TMA reads each (batch, head)'s (seq, head_dim) view
+through a device-side descriptor; rows past the end read as 0 and are masked.
+
+Same contract as `flash._fwd_kernel` (bottom-right causal alignment; rows that see no key give 0
+and LSE = +inf; LSE in base 2 of the scaled scores), so `flash._flash_bwd` runs on its output.
+`flash._flash_fwd` launches it for dense fp16/bf16 attention on sm_90 where the launch table has a
+"fwd_gluon" entry (head dim 128: 1.15-1.3x the Triton forward on an H200, docs/benchmarks.md 1d)
+and the inputs suit TMA; everything else runs the Triton kernel.
+"""
+from __future__ import annotations
+
+try:  # Gluon with the Hopper pieces: Triton >= 3.5 (the GPU image has 3.6)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # 3.9 renamed it
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+HEAD_DIMS = (64, 128)  # the head dims the kernel is built for (one warpgroup's wgmma N = head_dim)
+
+
+if HAVE_GLUON:
+    @gluon.jit
+    def _softmax_step(s, m_i, l_i, offs_m, offs_n, start_n, Nk, causal_off, qk_scale,
+                      MASK: gl.constexpr, CAUSAL: gl.constexpr):
+        """Online-softmax update for one score tile: returns P (fp32), alpha, new m and l."""
+        if MASK:
+            cols = start_n + offs_n
+            keep = cols[None, :] < Nk
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_off)
+            s = gl.where(keep, s, float("-inf"))
+        # m_i starts at -1e30 (finite): a fully masked tile gives p = 0 and alpha = 1, never NaN
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, alpha, m_new, l_i
+
+    @gluon.jit
+    def _fwd_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                    m0, n_blocks, NUM_WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: Q once, then K_j, V_j into the ring as the consumers free the buffers."""
+        mbarrier.expect(q_bar, NUM_WG * q_desc.block_type.nbytes)
+        for w in gl.static_range(NUM_WG):
+            _tma_load(q_desc, [m0 + w * 64, 0], q_bar, q_smem.index(w))
+        for j in range(n_blocks):
+            buf = j % STAGES
+            free_phase = ((j // STAGES) & 1) ^ 1  # a fresh barrier passes the wait for parity 1
+            mbarrier.wait(k_empty.index(buf), free_phase)
+            mbarrier.expect(k_ready.index(buf), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [j * BLOCK_N, 0], k_ready.index(buf), k_smem.index(buf))
+            mbarrier.wait(v_empty.index(buf), free_phase)
+            mbarrier.expect(v_ready.index(buf), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [j * BLOCK_N, 0], v_ready.index(buf), v_smem.index(buf))
+
+    @gluon.jit
+    def _fwd_step(j, o, p_a, m_i, l_i, q_w, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, s_zero,
+                  offs_m, offs_n, Nk, causal_off, qk_scale,
+                  o_l: gl.constexpr, p_l: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  MASK: gl.constexpr, CAUSAL: gl.constexpr):
+        kb = j % STAGES
+        vb = (j - 1) % STAGES
+        mbarrier.wait(k_ready.index(kb), (j // STAGES) & 1)
+        mbarrier.wait(v_ready.index(vb), ((j - 1) // STAGES) & 1)
+        s = warpgroup_mma(q_w, k_smem.index(kb).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        o = warpgroup_mma(p_a, v_smem.index(vb), o, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+        mbarrier.arrive(k_empty.index(kb))
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, offs_m, offs_n, j * BLOCK_N, Nk, causal_off, qk_scale,
+                                           MASK, CAUSAL)
+        o, p_a = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_a))
+        mbarrier.arrive(v_empty.index(vb))
+        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+        p_a = gl.convert_layout(p.to(p_a.dtype), p_l)
+        return o, p_a, m_i, l_i
+
+    @gluon.jit
+    def _fwd_consumer(O, stride_on, o_base, lse_base, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                      k_empty, v_empty, m0, n_blocks, full_end, Nq, Nk, qk_scale,
+                      WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      CAUSAL: gl.constexpr):
+        """Rows [m0 + 64 WG, m0 + 64 WG + 64) of the tile, one warpgroup."""
+        dtype: gl.constexpr = q_smem.dtype
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 16])
+        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, HEAD_DIM, 16])
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+        causal_off = Nk - Nq
+        r0 = m0 + WG * 64
+        q_w = q_smem.index(WG)
+        offs_m = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
+        m_i = gl.full([64], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_l))
+        l_i = gl.zeros([64], gl.float32, layout=gl.SliceLayout(1, s_l))
+        o = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_l)
+        s_zero = gl.zeros([64, BLOCK_N], gl.float32, layout=s_l)
+
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q_w, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        mbarrier.arrive(k_empty.index(0))
+        p, _, m_i, l_i = _softmax_step(s, m_i, l_i, offs_m, offs_n, 0, Nk, causal_off, qk_scale, True, CAUSAL)
+        p_a = gl.convert_layout(p.to(dtype), p_l)
+        for j in range(1, full_end):
+            o, p_a, m_i, l_i = _fwd_step(j, o, p_a, m_i, l_i, q_w, k_smem, v_smem, k_ready, v_ready, k_empty,
+                                         v_empty, s_zero, offs_m, offs_n, Nk, causal_off, qk_scale,
+                                         o_l, p_l, BLOCK_N, STAGES, False, CAUSAL)
+        for j in range(gl.maximum(full_end, 1), n_blocks):
+            o, p_a, m_i, l_i = _fwd_step(j, o, p_a, m_i, l_i, q_w, k_smem, v_smem, k_ready, v_ready, k_empty,
+                                         v_empty, s_zero, offs_m, offs_n, Nk, causal_off, qk_scale,
+                                         o_l, p_l, BLOCK_N, STAGES, True, CAUSAL)
+        last = n_blocks - 1
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        o = warpgroup_mma(p_a, v_smem.index(last % STAGES), o, is_async=True)
+        o, p_a = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_a))
+
+        has_keys = l_i > 0.0
+        l_safe = gl.where(has_keys, l_i, 1.0)
+        lse = gl.where(has_keys, m_i + gl.log2(l_safe), float("inf"))
+        gl.store(lse_base + offs_m, lse, mask=offs_m < Nq)
+        out = (o / gl.convert_layout(l_safe, gl.SliceLayout(1, o_l))[:, None]).to(O.dtype.element_ty)
+        st_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
+        out = gl.convert_layout(out, st_l)
+        rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, st_l))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, st_l))
+        gl.store(o_base + rows[:, None] * stride_on + cols[None, :], out, mask=rows[:, None] < Nq)
+
+    @gluon.jit
+    def _gl_fwd_kernel(Q, K, V, O, LSE,
+                       stride_qb, stride_qn, stride_qh,
+                       stride_kb, stride_kn, stride_kh,
+                       stride_vb, stride_vn, stride_vh,
+                       stride_ob, stride_on, stride_oh,
+                       H, Nq, Nk, qk_scale,
+                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       num_warps: gl.constexpr):
+        """BLOCK_M = 128 query rows: the default partition (4 warps) and a 4-warp worker each own
+        64 rows; a 1-warp worker issues every TMA load. Buffers are handed over by mbarriers only
+        (ready: TMA done; empty: both consumers' products that read the buffer retired), so the two
+        warpgroups never wait for each other at a CTA-wide barrier and drift apart freely."""
+        gl.static_assert(BLOCK_M == 128)
+        gl.static_assert(num_warps == 4)
+        dtype: gl.constexpr = Q.dtype.element_ty
+        pid_m = gl.program_id(0)
+        if CAUSAL:
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        bh = gl.program_id(1)
+        b = (bh // H).to(gl.int64)
+        h = (bh % H).to(gl.int64)
+        m0 = pid_m * BLOCK_M
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+        kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Nq, HEAD_DIM],
+                                            strides=[stride_qn, 1], block_shape=[64, HEAD_DIM], layout=q_sl)
+        k_desc = tma.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, shape=[Nk, HEAD_DIM],
+                                            strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM],
+                                            layout=kv_sl)
+        v_desc = tma.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, shape=[Nk, HEAD_DIM],
+                                            strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM],
+                                            layout=kv_sl)
+        q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_sl)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for st in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(st), count=1)
+            mbarrier.init(v_ready.index(st), count=1)
+            mbarrier.init(k_empty.index(st), count=2)
+            mbarrier.init(v_empty.index(st), count=2)
+
+        if CAUSAL:  # key blocks [0, full_end) need no mask; the rest hold the diagonal
+            causal_off = Nk - Nq
+            hi = gl.minimum(Nk, m0 + BLOCK_M + causal_off)
+            full_end = gl.maximum(gl.minimum(hi, m0 + causal_off + 1), 0) // BLOCK_N
+        else:  # only the last block may need a mask (the Nk tail)
+            hi = Nk
+            full_end = Nk // BLOCK_N
+        # rows that see no key (hi <= 0) still run one block, fully masked: output 0, LSE = +inf
+        n_blocks = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+        full_end = gl.minimum(full_end, n_blocks)
+        o_base = O + b * stride_ob + h * stride_oh
+        lse_base = LSE + bh * Nq
+        gl.warp_specialize([
+            (_fwd_consumer, (O, stride_on, o_base, lse_base, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                             k_empty, v_empty, m0, n_blocks, full_end, Nq, Nk, qk_scale,
+                             0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_fwd_consumer, (O, stride_on, o_base, lse_base, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                             k_empty, v_empty, m0, n_blocks, full_end, Nq, Nk, qk_scale,
+                             1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_fwd_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+                           v_empty, m0, n_blocks, 2, BLOCK_N, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config):
+    """Launch the Gluon forward into `o` (like q) and `lse` ((B, H, Nq) fp32); returns the kernel
+    handle. config = (BLOCK_N, STAGES, consumer registers); the caller has checked the inputs
+    (fp16/bf16, head dim in HEAD_DIMS, TMA-aligned strides, sm_90) and set Triton's allocator."""
+    B, Nq, H, D = q.shape
+    block_n, stages, regs = config
+    return _gl_fwd_kernel[(-(-Nq // 128), B * H)](
+        q, k, v, o, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, Nq, k.shape[1], qk_scale,
+        HEAD_DIM=D, BLOCK_M=128, BLOCK_N=block_n, CAUSAL=bool(causal), STAGES=stages, CONSUMER_REGS=regs,
+        num_warps=4)

@@ -1,0 +1,98 @@
+"""The Gluon (Hopper, warp-specialised) forward in kernels/flash_gluon.py.
+
+On the CPU machine the kernel cannot run (Triton's interpreter does not run Gluon), so it is built
+for sm_90 with the installed Triton and its PTX is checked for the structure it exists for. On a
+Hopper GPU (LONGCTX_TEST_GPU=1) flash_attention runs it and is compared with float64 attention,
+gradients included (the backward runs on the Gluon forward's LSE).
+"""
+import os
+import re
+import subprocess
+import sys
+
+import longctx.kernels.flash as flash_mod
+import pytest
+import torch
+from longctx.kernels import flash_gluon
+
+from .test_flash import DEVICE, run_case
+
+HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
+needs_gluon = pytest.mark.skipif(not flash_gluon.HAVE_GLUON, reason="the installed Triton has no Gluon Hopper module")
+
+
+_BUILD = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from longctx.kernels import flash_gluon
+head_dim, causal = int(sys.argv[1]), sys.argv[2] == "1"
+sig = {name: "*bf16" for name in ("Q", "K", "V", "O")}
+sig["LSE"] = "*fp32"
+for t in "qkvo":
+    sig.update({f"stride_{t}{s}": "i32" for s in "bnh"})
+sig.update({"H": "i32", "Nq": "i32", "Nk": "i32", "qk_scale": "fp32"})
+consts = {"HEAD_DIM": head_dim, "BLOCK_M": 128, "BLOCK_N": 128, "CAUSAL": causal, "STAGES": 2,
+          "CONSUMER_REGS": 240, "num_warps": 4}
+sig.update({name: "constexpr" for name in consts})
+src = GluonASTSource(fn=flash_gluon._gl_fwd_kernel, signature=sig, constexprs=consts)
+sys.stdout.write(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"])
+"""
+
+
+def build_ptx(head_dim: int, causal: bool) -> str:
+    """PTX of the kernel for sm_90, built in a subprocess: the test session runs Triton's interpreter
+    (TRITON_INTERPRET=1), under which gluon.jit functions cannot be compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _BUILD, str(head_dim), "1" if causal else "0"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False)])
+def test_builds_for_hopper_with_async_wgmma_and_no_cta_wide_barrier_in_the_loop(head_dim, causal):
+    ptx = build_ptx(head_dim, causal)
+    assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1" in ptx  # S waited for alone
+    assert "setmaxnreg" in ptx  # warp specialisation: registers move from the loader to the consumers
+    assert "cp.async.bulk.tensor" in ptx  # TMA loads
+    # the consumers synchronise only within their own warpgroup (named barriers of 128 threads) or
+    # through mbarriers; a CTA-wide `bar.sync 0;` would put the two warpgroups back in lockstep
+    assert not re.search(r"\bbar\.sync\s+\d+;", ptx)
+
+
+@pytest.mark.skipif(not HOPPER or not flash_gluon.HAVE_GLUON, reason="needs a Hopper GPU (LONGCTX_TEST_GPU=1)")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (127, 127), (300, 777), (777, 300), (1500, 1500)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_float64_reference(nq, nk, causal, head_dim, dtype, monkeypatch):
+    monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", True)  # D=64 too (the table keeps it on Triton)
+    ran = []
+    real = flash_gluon.gluon_fwd
+    monkeypatch.setattr(flash_gluon, "gluon_fwd", lambda *a, **k: ran.append(1) or real(*a, **k))
+    run_case(2, nq, nk, 3, head_dim, causal, dtype)
+    assert ran, "the Gluon forward did not run"
+
+
+@pytest.mark.skipif(not HOPPER or not flash_gluon.HAVE_GLUON, reason="needs a Hopper GPU (LONGCTX_TEST_GPU=1)")
+def test_strided_views_and_fallbacks(monkeypatch):
+    ran = []
+    real = flash_gluon.gluon_fwd
+    monkeypatch.setattr(flash_gluon, "gluon_fwd", lambda *a, **k: ran.append(1) or real(*a, **k))
+
+    def fused(gen):  # q, k, v as strided views of one (B, N, 3, H, D) projection
+        qkv = torch.randn(2, 700, 3, 2, 128, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+        return qkv.unbind(2), (qkv,)
+    run_case(2, 700, 700, 2, 128, True, torch.bfloat16, make=fused)
+    assert ran
+    ran.clear()
+    monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", False)
+    run_case(1, 300, 300, 2, 128, True, torch.bfloat16)
+    assert not ran  # switched off: the Triton forward
+    monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", None)
+    run_case(1, 300, 300, 2, 64, True, torch.bfloat16)
+    run_case(1, 300, 300, 2, 128, True, torch.float32)
+    assert not ran  # the table keeps D=64 on Triton; fp32 has no Gluon path
