@@ -748,15 +748,14 @@ def _record(kind: str, handle) -> None:
         _RECORD[kind] = handle
 
 
-_GLUON_FORCED = (128, 2, 240)  # the Gluon config where set_kernel_options(gluon=True) overrides the table
-
-
 @functools.cache
 def _gluon_table(device_index: int, head_dim: int, causal: bool):
+    """(the table's Gluon config for this case, the config set_kernel_options(gluon=True) uses
+    where the table has none); both None off Hopper."""
     if torch.cuda.get_device_capability(device_index)[0] != 9:
-        return None, False
-    row = next(((c if causal else nc) for d, c, nc in _TABLES["hopper"]["fwd_gluon"] if d == head_dim), None)
-    return row, True
+        return None, None
+    rows = [(d, c if causal else nc) for d, c, nc in _TABLES["hopper"]["fwd_gluon"]]
+    return next((c for d, c in rows if d == head_dim), None), next(c for _, c in rows if c is not None)
 
 
 def _gluon_fwd_config(q, k, v, causal, block_mask):
@@ -764,10 +763,11 @@ def _gluon_fwd_config(q, k, v, causal, block_mask):
     want = _OPTIONS["fwd_gluon"]
     if (want is False or not _gluon.HAVE_GLUON or block_mask is not None or "fwd" in _OVERRIDE
             or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16)
-            or q.shape[-1] not in _gluon.HEAD_DIMS or not _tma_ok(q, k, v)):
+            or q.shape[-1] not in _gluon.HEAD_DIMS):
         return None
-    cfg, hopper = _gluon_table(_device_index(q.device), q.shape[-1], bool(causal))
-    return _GLUON_FORCED if (cfg is None and want and hopper) else cfg
+    cfg, forced = _gluon_table(_device_index(q.device), q.shape[-1], bool(causal))
+    cfg = forced if (cfg is None and want) else cfg
+    return cfg if cfg is not None and _tma_ok(q, k, v) else None
 
 
 def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):

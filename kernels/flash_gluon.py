@@ -104,7 +104,7 @@ if HAVE_GLUON:
         return o, p_a, m_i, l_i
 
     @gluon.jit
-    def _fwd_consumer(O, stride_on, o_base, lse_base, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+    def _fwd_consumer(stride_on, o_base, lse_base, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                       k_empty, v_empty, m0, n_blocks, full_end, Nq, Nk, qk_scale,
                       WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                       CAUSAL: gl.constexpr):
@@ -149,7 +149,7 @@ if HAVE_GLUON:
         l_safe = gl.where(has_keys, l_i, 1.0)
         lse = gl.where(has_keys, m_i + gl.log2(l_safe), float("inf"))
         gl.store(lse_base + offs_m, lse, mask=offs_m < Nq)
-        out = (o / gl.convert_layout(l_safe, gl.SliceLayout(1, o_l))[:, None]).to(O.dtype.element_ty)
+        out = (o / gl.convert_layout(l_safe, gl.SliceLayout(1, o_l))[:, None]).to(o_base.dtype.element_ty)
         st_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
         out = gl.convert_layout(out, st_l)
         rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, st_l))
@@ -218,10 +218,10 @@ if HAVE_GLUON:
         o_base = O + b * stride_ob + h * stride_oh
         lse_base = LSE + bh * Nq
         gl.warp_specialize([
-            (_fwd_consumer, (O, stride_on, o_base, lse_base, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+            (_fwd_consumer, (stride_on, o_base, lse_base, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                              k_empty, v_empty, m0, n_blocks, full_end, Nq, Nk, qk_scale,
                              0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-            (_fwd_consumer, (O, stride_on, o_base, lse_base, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+            (_fwd_consumer, (stride_on, o_base, lse_base, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                              k_empty, v_empty, m0, n_blocks, full_end, Nq, Nk, qk_scale,
                              1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
             (_fwd_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
