@@ -511,6 +511,9 @@ _TABLES = {
         # the Gluon forward (kernels/flash_gluon.py) where it measured faster than the Triton one:
         # (BLOCK_N, STAGES, consumer registers) per exact head dim, None = the Triton forward
         "fwd_gluon": [(64, None, None), (128, (128, 2, 240), (128, 2, 240))],
+        # the Gluon fused backward (kernels/flash_gluon.py, head dim 64 only): (minimum keys, STAGES,
+        # consumer registers); below the minimum the Triton fused backward measured faster
+        "bwd_gluon": [(64, (4096, 2, 240), (4096, 2, 240))],
         "dkdv": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 128, 8, 3), (64, 128, 8, 3)),
                  (256, (32, 64, 4, 2), (32, 64, 4, 2))],
         "dq": [(64, (128, 64, 8, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
@@ -534,7 +537,7 @@ _INTERP = (64, 64, 4, 1)
 
 _OVERRIDE: dict = {}  # filled by set_launch_config() (benchmarks / tuning sweeps)
 # TMA descriptor loads per pass: None: automatic (Hopper + aligned inputs); True / False: forced
-_OPTIONS = {"fwd_tma": None, "bwd_tma": None, "bwd_fused": None, "fwd_gluon": None}
+_OPTIONS = {"fwd_tma": None, "bwd_tma": None, "bwd_fused": None, "fwd_gluon": None, "bwd_gluon": None}
 # Automatic choices (measured on an H200, docs/kernel_notes.md): TMA descriptor loads were slower
 # than cp.async pipelining with Triton 3.6, so "automatic" leaves them off.
 _TMA_AUTO = False
@@ -553,15 +556,19 @@ def clear_launch_config() -> None:
     _OVERRIDE.clear()
 
 
-def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNSET) -> None:
+def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNSET, fwd_gluon=_UNSET,
+                       bwd_gluon=_UNSET) -> None:
     """TMA descriptor loads in the Triton forward (fwd_tma), the fused backward (bwd_tma) or both
     (tma): None = on Hopper when the inputs allow (the default); True / False = always / never. True
     still needs 16-byte aligned strides and base addresses; the interpreter emulates the loads.
-    gluon: the warp-specialised Gluon forward on Hopper (kernels/flash_gluon.py). None (default) =
-    where the launch table marks it faster (head dim 128); True = for every head dim it is built for
-    (64, 128); False = never. Either way only dense fp16/bf16 inputs with TMA-aligned strides on sm_90."""
+    fwd_gluon / bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper
+    (kernels/flash_gluon.py). None (default) = where the launch table marks them faster (forward: head
+    dim 128; fused backward: head dim 64 with >= 4096 keys); True = for every case they are built for
+    (forward: head dim 64, 128; backward: 64); False = never. Either way only dense fp16/bf16 inputs
+    with TMA-aligned strides on sm_90; the Gluon backward replaces the fused (non-deterministic) one."""
     for key, val in (("fwd_tma", tma), ("bwd_tma", tma), ("fwd_tma", fwd_tma), ("bwd_tma", bwd_tma),
-                     ("fwd_gluon", gluon)):
+                     ("fwd_gluon", gluon), ("bwd_gluon", gluon), ("fwd_gluon", fwd_gluon),
+                     ("bwd_gluon", bwd_gluon)):
         if val is not _UNSET:
             if val not in (None, True, False):
                 raise ValueError(f"{key} must be None, True or False, got {val!r}")
@@ -770,6 +777,28 @@ def _gluon_fwd_config(q, k, v, causal, block_mask):
     return cfg if cfg is not None and _tma_ok(q, k, v) else None
 
 
+@functools.cache
+def _gluon_bwd_row(device_index: int, head_dim: int, causal: bool):
+    """(minimum keys, STAGES, registers) of the Gluon backward for this case, or None."""
+    if torch.cuda.get_device_capability(device_index)[0] != 9:
+        return None
+    rows = [(d, c if causal else nc) for d, c, nc in _TABLES["hopper"]["bwd_gluon"]]
+    return next((c for d, c in rows if d == head_dim), None)
+
+
+def _gluon_bwd_config(q, k, v, do, causal, block_mask):
+    """The Gluon backward's (STAGES, registers) for this call, or None for the Triton fused one."""
+    want = _OPTIONS["bwd_gluon"]
+    if (want is False or not _gluon.HAVE_GLUON or block_mask is not None or "bwd" in _OVERRIDE
+            or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16)
+            or q.shape[-1] not in _gluon.BWD_HEAD_DIMS):
+        return None
+    row = _gluon_bwd_row(_device_index(q.device), q.shape[-1], bool(causal))
+    if row is None or (not want and k.shape[1] < row[0]):
+        return None
+    return row[1:] if _tma_ok(q, k, v, do) else None
+
+
 def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
@@ -848,6 +877,13 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
     dv = _empty_like(v)
     qk_scale = sm_scale * LOG2E
     sparse = block_mask is not None
+
+    gluon_cfg = _gluon_bwd_config(q, k, v, do, causal, block_mask) if fused else None
+    if gluon_cfg is not None:
+        _ensure_allocator()  # its TMA descriptors are made on the device
+        _record("bwd", _gluon.gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal, qk_scale, sm_scale,
+                                        gluon_cfg))
+        return _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D), dk, dv
 
     kind = "bwd" if fused else "dkdv"
     bm, bn, w, s = _launch_config(kind, q.device, D, block_mask, causal=causal, dtype=q.dtype)

@@ -27,6 +27,27 @@ and LSE = +inf; LSE in base 2 of the scaled scores), so `flash._flash_bwd` runs 
 `flash._flash_fwd` launches it for dense fp16/bf16 attention on sm_90 where the launch table has a
 "fwd_gluon" entry (head dim 128: 1.15-1.3x the Triton forward on an H200, docs/benchmarks.md 1d)
 and the inputs suit TMA; everything else runs the Triton kernel.
+
+The backward (`gluon_bwd`, head dim 64) has the same partition structure, FlashAttention-3's backward
+schedule as far as 240 registers per consumer thread allow:
+
+    loader (1 warp):          K and V of the program's 128 keys once, then Q_i and dO_i (64 query
+                              rows) by TMA into a 2-deep ring, each once both consumers released it
+    consumer 0, 1 (4 warps):  64 keys each; per query block i, with S_i^T = K Q_i^T and
+                              dP_i^T = V dO_i^T already issued by the previous step:
+                                wait S_i^T, dP_i^T; P^T = exp2(S^T scale - LSE)
+                                issue dV += P^T dO_i; dS^T = P^T (dP^T - delta)   <- dV running
+                                dS^T -> shared; issue dK += dS^T Q_i, dQ_i = dS K; wait
+                                release the buffer; issue S_{i+1}^T, dP_{i+1}^T
+                                dQ_i -> fp32 `red.v4` reductions                  <- those two running
+                              then dK (times the softmax scale) and dV stored once
+
+Issuing the next block's products before this block's dQ reductions is what made it faster than the
+Triton fused backward (docs/kernel_notes.md Version 7); every wait is `wait_group 0`, so the loop's
+back edge between an issue and its wait does not make ptxas serialise the wgmma. dQ goes out as
+`red.global.add.v4.f32` through inline PTX: `gl.atomic_add` emits `atom`, which returns the old value
+through L2. Same contract as `flash._bwd_dkdv_kernel` with the fused dQ: dK, dV written, dQ / scale
+added into the zeroed fp32 accumulator that `flash._convert_dq` turns into dQ.
 """
 from __future__ import annotations
 
@@ -34,6 +55,7 @@ try:  # Gluon with the Hopper pieces: Triton >= 3.5 (the GPU image has 3.6)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -44,7 +66,8 @@ try:  # Gluon with the Hopper pieces: Triton >= 3.5 (the GPU image has 3.6)
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-HEAD_DIMS = (64, 128)  # the head dims the kernel is built for (one warpgroup's wgmma N = head_dim)
+HEAD_DIMS = (64, 128)  # the head dims the forward is built for (one warpgroup's wgmma N = head_dim)
+BWD_HEAD_DIMS = (64,)  # the backward's (at 128 its accumulators do not fit in 240 registers)
 
 
 if HAVE_GLUON:
@@ -229,6 +252,222 @@ if HAVE_GLUON:
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
+if HAVE_GLUON:
+    @gluon.jit
+    def _red_add_v4(base, offs, vals, mask):
+        """base[offs] += vals where mask, as fire-and-forget reductions of 4 consecutive fp32
+        (`red.global.add.v4.f32`, sm_90); vals, offs, mask in a layout of 4 contiguous columns per
+        thread. Returns a dummy tensor (inline asm must produce one)."""
+        ptrs = (base + offs).to(gl.int64)  # as integers: inline-asm arguments are broadcast together
+        return gl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $12, 0;\n"
+            "@p red.relaxed.gpu.global.add.v4.f32 [$4], {$8, $9, $10, $11};\n"
+            "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }",
+            "=r,=r,=r,=r,l,l,l,l,f,f,f,f,r,r,r,r", [ptrs, vals, mask.to(gl.int32)],
+            dtype=gl.int32, is_pure=False, pack=4)
+
+    @gluon.jit
+    def _bwd_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty,
+                    n0, lo, n_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: both consumers' K and V once, then Q_i, dO_i into the ring."""
+        mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
+        for w in gl.static_range(2):
+            _tma_load(k_desc, [n0 + 64 * w, 0], kv_bar, k_smem.index(w))
+            _tma_load(v_desc, [n0 + 64 * w, 0], kv_bar, v_smem.index(w))
+        for t in range(n_tiles):
+            buf = t % STAGES
+            mbarrier.wait(empty.index(buf), ((t // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+            mbarrier.expect(ready.index(buf), 2 * q_desc.block_type.nbytes)
+            _tma_load(q_desc, [lo + t * BLOCK_M, 0], ready.index(buf), q_smem.index(buf))
+            _tma_load(do_desc, [lo + t * BLOCK_M, 0], ready.index(buf), do_smem.index(buf))
+
+    @gluon.jit
+    def _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t, s_zero, STAGES: gl.constexpr):
+        """Wait for query block t's Q and dO; issue S^T = K Q^T and dP^T = V dO^T (asynchronous)."""
+        buf = t % STAGES
+        mbarrier.wait(ready.index(buf), (t // STAGES) & 1)
+        s = warpgroup_mma(k_w, q_smem.index(buf).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dp = warpgroup_mma(v_w, do_smem.index(buf).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        return s, dp
+
+    @gluon.jit
+    def _bwd_step(t, s, dp, lse, delta, dk, dv, k_w, v_w, ds_w, q_smem, do_smem, ready, empty, lse_ptr,
+                  delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
+                  offs_mq, offs_dq, a_l: gl.constexpr, at_l: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr, NEXT: gl.constexpr):
+        """Query block t, whose S^T and dP^T are in flight (s, dp) and whose LSE / delta rows were
+        loaded one step earlier. Returns the next block's (s, dp, lse, delta) and dK, dV."""
+        buf = t % STAGES
+        start_m = lo + t * BLOCK_M
+        rows = start_m + offs_ms
+        rows_n = rows + BLOCK_M  # the next block's LSE and delta: loaded now, used one step later
+        lse_n = gl.load(lse_ptr + rows_n, mask=rows_n < Nq, other=0.0)
+        delta_n = gl.load(delta_ptr + rows_n, mask=rows_n < Nq, other=0.0)
+        q_t = q_smem.index(buf)
+        do_t = do_smem.index(buf)
+        s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
+        if MASK:  # the diagonal blocks (start_m < full_w); the one peeled last block may need none
+            keep = (offs_n[:, None] <= rows[None, :] + causal_off) | (start_m >= full_w)
+            s = gl.where(keep, s, float("-inf"))
+        p = gl.exp2(s * qk_scale - lse[None, :])
+        p_a = gl.convert_layout(p.to(q_smem.dtype), a_l)
+        dv = warpgroup_mma(p_a, do_t, dv, is_async=True)
+        ds = (p * (dp - delta[None, :])).to(q_smem.dtype)
+        ds_w.store(ds)
+        fence_async_shared()
+        ds_a = gl.convert_layout(ds, a_l)
+        dk = warpgroup_mma(ds_a, q_t, dk, is_async=True)
+        dq = warpgroup_mma(ds_w.permute((1, 0)), k_w, dq_zero, use_acc=False, is_async=True)
+        dq, dk, dv, p_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dk, dv, p_a, ds_a))
+        mbarrier.arrive(empty.index(buf))
+        if NEXT:  # the next block's products run on the tensor cores during the reductions below
+            s, dp = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES)
+        rows_q = start_m + offs_mq
+        _red_add_v4(dqa_base, rows_q[:, None] * HEAD_DIM + offs_dq[None, :], gl.convert_layout(dq, at_l),
+                    rows_q[:, None] < Nq)
+        return s, dp, lse_n, delta_n, dk, dv
+
+    @gluon.jit
+    def _bwd_consumer(dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
+                      q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
+                      n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale,
+                      WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                      CAUSAL: gl.constexpr):
+        """Keys [n0 + 64 WG, n0 + 64 WG + 64), one warpgroup."""
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        kv_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_l, k_width=2)
+        at_l: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // HEAD_DIM, HEAD_DIM // 4], [4, 1], [1, 0])
+        causal_off = Nk - Nq
+        nw = n0 + 64 * WG
+        m_end = n_tiles * BLOCK_M + lo
+        if CAUSAL:  # this half's first query block and the first one that needs no mask
+            lo_w = gl.minimum(gl.maximum(nw - causal_off, 0) // BLOCK_M * BLOCK_M, m_end)
+            full_w = gl.minimum(gl.cdiv(gl.maximum(nw + 63 - causal_off, 0), BLOCK_M) * BLOCK_M, m_end)
+            full_w = gl.maximum(full_w, lo_w)
+        else:
+            lo_w = lo
+            full_w = lo
+        # the second half starts at most one block later (0 <= t0 <= 1); it still releases the block
+        # it skips. A half with no block at all runs the last one fully masked (it adds zeros).
+        t0 = gl.minimum((lo_w - lo) // BLOCK_M, n_tiles - 1)
+        t_full = (full_w - lo) // BLOCK_M
+        mbarrier.arrive(empty.index(0), pred=t0 > 0)
+
+        k_w = k_smem.index(WG)
+        v_w = v_smem.index(WG)
+        ds_w = ds_smem.index(WG)
+        offs_n = nw + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
+        offs_ms = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_l))
+        offs_mq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, at_l))
+        offs_dq = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, at_l))
+        s_zero = gl.zeros([64, BLOCK_M], gl.float32, layout=s_l)
+        dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=kv_l)
+        dk = gl.zeros([64, HEAD_DIM], gl.float32, layout=kv_l)
+        dv = gl.zeros([64, HEAD_DIM], gl.float32, layout=kv_l)
+        rows0 = lo + t0 * BLOCK_M + offs_ms
+        lse = gl.load(lse_ptr + rows0, mask=rows0 < Nq, other=0.0)
+        delta = gl.load(delta_ptr + rows0, mask=rows0 < Nq, other=0.0)
+        mbarrier.wait(kv_bar, 0)
+        s, dp = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t0, s_zero, STAGES)
+        for t in range(t0, gl.minimum(t_full, n_tiles - 1)):
+            s, dp, lse, delta, dk, dv = _bwd_step(
+                t, s, dp, lse, delta, dk, dv, k_w, v_w, ds_w, q_smem, do_smem, ready, empty, lse_ptr,
+                delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
+                offs_mq, offs_dq, a_l, at_l, HEAD_DIM, BLOCK_M, STAGES, True, True)
+        for t in range(t_full, n_tiles - 1):
+            s, dp, lse, delta, dk, dv = _bwd_step(
+                t, s, dp, lse, delta, dk, dv, k_w, v_w, ds_w, q_smem, do_smem, ready, empty, lse_ptr,
+                delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
+                offs_mq, offs_dq, a_l, at_l, HEAD_DIM, BLOCK_M, STAGES, False, True)
+        s, dp, lse, delta, dk, dv = _bwd_step(
+            n_tiles - 1, s, dp, lse, delta, dk, dv, k_w, v_w, ds_w, q_smem, do_smem, ready, empty, lse_ptr,
+            delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
+            offs_mq, offs_dq, a_l, at_l, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, False)
+
+        offs_nk = nw + gl.arange(0, 64, layout=gl.SliceLayout(1, kv_l))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_l))
+        kv_mask = offs_nk[:, None] < Nk
+        gl.store(dk_base + offs_nk[:, None] * stride_dkn + offs_d[None, :],
+                 (dk * sm_scale).to(dk_base.dtype.element_ty), mask=kv_mask)
+        gl.store(dv_base + offs_nk[:, None] * stride_dvn + offs_d[None, :],
+                 dv.to(dv_base.dtype.element_ty), mask=kv_mask)
+
+    @gluon.jit
+    def _gl_bwd_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA,
+                       stride_qb, stride_qn, stride_qh,
+                       stride_kb, stride_kn, stride_kh,
+                       stride_vb, stride_vn, stride_vh,
+                       stride_dob, stride_don, stride_doh,
+                       stride_dkb, stride_dkn, stride_dkh,
+                       stride_dvb, stride_dvn, stride_dvh,
+                       H, Nq, Nk, qk_scale, sm_scale,
+                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr,
+                       STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """128 keys per program: two consumer warpgroups of 64 keys, one loader warp (see the module
+        docstring). Query blocks of BLOCK_M = 64 rows."""
+        gl.static_assert(BLOCK_M == 64)
+        gl.static_assert(HEAD_DIM == 64)
+        gl.static_assert(num_warps == 4)
+        dtype: gl.constexpr = Q.dtype.element_ty
+        pid_n = gl.program_id(0)  # key block 0 sees the most query blocks when causal: heaviest first
+        bh = gl.program_id(1)
+        b = (bh // H).to(gl.int64)
+        h = (bh % H).to(gl.int64)
+        n0 = pid_n * 128
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        k_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+        ds_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype)
+        q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Nq, HEAD_DIM],
+                                            strides=[stride_qn, 1], block_shape=[BLOCK_M, HEAD_DIM],
+                                            layout=q_sl)
+        do_desc = tma.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, shape=[Nq, HEAD_DIM],
+                                             strides=[stride_don, 1], block_shape=[BLOCK_M, HEAD_DIM],
+                                             layout=q_sl)
+        k_desc = tma.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, shape=[Nk, HEAD_DIM],
+                                            strides=[stride_kn, 1], block_shape=[64, HEAD_DIM], layout=k_sl)
+        v_desc = tma.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, shape=[Nk, HEAD_DIM],
+                                            strides=[stride_vn, 1], block_shape=[64, HEAD_DIM], layout=k_sl)
+        k_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_sl)
+        v_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_sl)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
+        ds_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_M], ds_sl)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for st in gl.static_range(STAGES):
+            mbarrier.init(ready.index(st), count=1)
+            mbarrier.init(empty.index(st), count=2)
+
+        m_end = gl.cdiv(Nq, BLOCK_M) * BLOCK_M
+        if CAUSAL:  # query rows i >= n - (Nk - Nq) see key n: the first block that sees key n0
+            lo = gl.minimum(gl.maximum(n0 - (Nk - Nq), 0) // BLOCK_M * BLOCK_M, m_end)
+        else:
+            lo = 0
+        n_tiles = (m_end - lo) // BLOCK_M
+        dk_base = DK + b * stride_dkb + h * stride_dkh
+        dv_base = DV + b * stride_dvb + h * stride_dvh
+        lse_ptr = LSE + bh * Nq
+        delta_ptr = DELTA + bh * Nq
+        dqa_base = DQA + bh.to(gl.int64) * Nq * HEAD_DIM
+        gl.warp_specialize([
+            (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
+                             q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
+                             n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 0, HEAD_DIM, BLOCK_M, STAGES,
+                             CAUSAL)),
+            (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
+                             q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
+                             n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 1, HEAD_DIM, BLOCK_M, STAGES,
+                             CAUSAL)),
+            (_bwd_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready,
+                           empty, n0, lo, n_tiles, BLOCK_M, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+
 def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config):
     """Launch the Gluon forward into `o` (like q) and `lse` ((B, H, Nq) fp32); returns the kernel
     handle. config = (BLOCK_N, STAGES, consumer registers); the caller has checked the inputs
@@ -242,3 +481,20 @@ def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config):
         H, Nq, k.shape[1], qk_scale,
         HEAD_DIM=D, BLOCK_M=128, BLOCK_N=block_n, CAUSAL=bool(causal), STAGES=stages, CONSUMER_REGS=regs,
         num_warps=4)
+
+
+def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: float, sm_scale: float, config):
+    """Launch the Gluon backward: writes dk, dv (like k, v) and adds dQ / sm_scale into the zeroed
+    fp32 `dqa` (B, H, Nq, D); returns the kernel handle. config = (STAGES, consumer registers); the
+    caller has checked the inputs (fp16/bf16, head dim in BWD_HEAD_DIMS, TMA-aligned strides, sm_90)
+    and set Triton's allocator."""
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    stages, regs = config
+    return _gl_bwd_kernel[(-(-Nk // 128), B * H)](
+        q, k, v, do, dk, dv, lse, delta, dqa,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        H, Nq, Nk, qk_scale, sm_scale,
+        HEAD_DIM=D, BLOCK_M=64, CAUSAL=bool(causal), STAGES=stages, CONSUMER_REGS=regs, num_warps=4)

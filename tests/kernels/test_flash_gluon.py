@@ -1,4 +1,4 @@
-"""The Gluon (Hopper, warp-specialised) forward in kernels/flash_gluon.py.
+"""The Gluon (Hopper, warp-specialised) forward and backward in kernels/flash_gluon.py.
 
 On the CPU machine the kernel cannot run (Triton's interpreter does not run Gluon), so it is built
 for sm_90 with the installed Triton and its PTX is checked for the structure it exists for. On a
@@ -18,7 +18,10 @@ from longctx.kernels import flash_gluon
 from .test_flash import DEVICE, run_case
 
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
-needs_gluon = pytest.mark.skipif(not flash_gluon.HAVE_GLUON, reason="the installed Triton has no Gluon Hopper module")
+needs_gluon = pytest.mark.skipif(not flash_gluon.HAVE_GLUON,
+                                 reason="the installed Triton has no Gluon Hopper module")
+needs_hopper = pytest.mark.skipif(not HOPPER or not flash_gluon.HAVE_GLUON,
+                                  reason="needs a Hopper GPU (LONGCTX_TEST_GPU=1)")
 
 
 _BUILD = """
@@ -27,26 +30,33 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from longctx.kernels import flash_gluon
-head_dim, causal = int(sys.argv[1]), sys.argv[2] == "1"
-sig = {name: "*bf16" for name in ("Q", "K", "V", "O")}
-sig["LSE"] = "*fp32"
-for t in "qkvo":
-    sig.update({f"stride_{t}{s}": "i32" for s in "bnh"})
+head_dim, causal, backward = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "bwd"
+tensors = ("Q", "K", "V", "DO", "DK", "DV") if backward else ("Q", "K", "V", "O")
+sig = {name: "*bf16" for name in tensors}
+sig.update({name: "*fp32" for name in (("LSE", "DELTA", "DQA") if backward else ("LSE",))})
+for t in tensors:
+    sig.update({f"stride_{t.lower()}{s}": "i32" for s in "bnh"})
 sig.update({"H": "i32", "Nq": "i32", "Nk": "i32", "qk_scale": "fp32"})
-consts = {"HEAD_DIM": head_dim, "BLOCK_M": 128, "BLOCK_N": 128, "CAUSAL": causal, "STAGES": 2,
-          "CONSUMER_REGS": 240, "num_warps": 4}
+if backward:
+    sig["sm_scale"] = "fp32"
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "CAUSAL": causal, "STAGES": 2, "CONSUMER_REGS": 240,
+              "num_warps": 4}
+else:
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": 128, "BLOCK_N": 128, "CAUSAL": causal, "STAGES": 2,
+              "CONSUMER_REGS": 240, "num_warps": 4}
 sig.update({name: "constexpr" for name in consts})
-src = GluonASTSource(fn=flash_gluon._gl_fwd_kernel, signature=sig, constexprs=consts)
+kernel = flash_gluon._gl_bwd_kernel if backward else flash_gluon._gl_fwd_kernel
+src = GluonASTSource(fn=kernel, signature=sig, constexprs=consts)
 sys.stdout.write(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"])
 """
 
 
-def build_ptx(head_dim: int, causal: bool) -> str:
-    """PTX of the kernel for sm_90, built in a subprocess: the test session runs Triton's interpreter
+def build_ptx(head_dim: int, causal: bool, kernel: str = "fwd") -> str:
+    """PTX of a kernel for sm_90, built in a subprocess: the test session runs Triton's interpreter
     (TRITON_INTERPRET=1), under which gluon.jit functions cannot be compiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _BUILD, str(head_dim), "1" if causal else "0"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    args = [sys.executable, "-c", _BUILD, str(head_dim), "1" if causal else "0", kernel]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -63,7 +73,55 @@ def test_builds_for_hopper_with_async_wgmma_and_no_cta_wide_barrier_in_the_loop(
     assert not re.search(r"\bbar\.sync\s+\d+;", ptx)
 
 
-@pytest.mark.skipif(not HOPPER or not flash_gluon.HAVE_GLUON, reason="needs a Hopper GPU (LONGCTX_TEST_GPU=1)")
+@needs_gluon
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_builds_with_warp_specialisation_and_vector_reductions(causal):
+    ptx = build_ptx(64, causal, "bwd")
+    assert "wgmma.mma_async" in ptx
+    # every wait is wait_group 0: a wait_group N > 0 behind the loop's back edge makes ptxas
+    # serialise all wgmma of the kernel (docs/kernel_notes.md Version 5)
+    assert set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)) == {"0"}
+    assert "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx
+    assert "red.relaxed.gpu.global.add.v4.f32" in ptx  # dQ: fire-and-forget 4-wide reductions
+    assert not re.search(r"\batom\.global", ptx)  # no value-returning atomics
+    assert not re.search(r"\bbar\.sync\s+\d+;", ptx)
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (63, 65), (127, 127), (300, 777), (777, 300), (1, 513), (1500, 1500)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_matches_float64_reference(nq, nk, causal, dtype, monkeypatch):
+    monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)  # below the table's minimum length too
+    ran = []
+    real = flash_gluon.gluon_bwd
+    monkeypatch.setattr(flash_gluon, "gluon_bwd", lambda *a, **k: ran.append(1) or real(*a, **k))
+    run_case(2, nq, nk, 3, 64, causal, dtype, deterministic=False)
+    assert ran, "the Gluon backward did not run"
+
+
+@needs_hopper
+def test_backward_table_and_fallbacks(monkeypatch):
+    ran = []
+    real = flash_gluon.gluon_bwd
+    monkeypatch.setattr(flash_gluon, "gluon_bwd", lambda *a, **k: ran.append(1) or real(*a, **k))
+
+    def fused(gen):  # q, k, v as strided views of one (B, N, 3, H, D) projection
+        qkv = torch.randn(1, 4096, 3, 2, 64, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+        return qkv.unbind(2), (qkv,)
+    run_case(1, 4096, 4096, 2, 64, True, torch.bfloat16, make=fused)
+    assert ran  # the table's default at >= 4096 keys, on strided views
+    ran.clear()
+    run_case(1, 1000, 1000, 2, 64, True, torch.bfloat16)
+    run_case(1, 4096, 4096, 2, 64, True, torch.bfloat16, deterministic=True)
+    run_case(1, 4096, 4096, 2, 128, True, torch.bfloat16)
+    assert not ran  # short rows, deterministic=True and head dim 128 keep the Triton backward
+    monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", False)
+    run_case(1, 4096, 4096, 2, 64, True, torch.bfloat16)
+    assert not ran
+
+
+@needs_hopper
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("nq,nk", [(1, 1), (127, 127), (300, 777), (777, 300), (1500, 1500)])
@@ -77,7 +135,7 @@ def test_matches_float64_reference(nq, nk, causal, head_dim, dtype, monkeypatch)
     assert ran, "the Gluon forward did not run"
 
 
-@pytest.mark.skipif(not HOPPER or not flash_gluon.HAVE_GLUON, reason="needs a Hopper GPU (LONGCTX_TEST_GPU=1)")
+@needs_hopper
 def test_strided_views_and_fallbacks(monkeypatch):
     ran = []
     real = flash_gluon.gluon_fwd
