@@ -354,6 +354,10 @@ if HAVE_GLUON:
         # it skips. A half with no block at all runs the last one fully masked (it adds zeros).
         t0 = gl.minimum((lo_w - lo) // BLOCK_M, n_tiles - 1)
         t_full = (full_w - lo) // BLOCK_M
+        # The skipped block must still be waited for: a parity wait only tells a phase from the one
+        # before it, so block 2's wait (parity 1) would pass at once while block 0's TMA is still in
+        # flight (ready[0] in phase 0) and this half would read block 0's buffer as block 2.
+        mbarrier.wait(ready.index(0), 0, pred=t0 > 0)
         mbarrier.arrive(empty.index(0), pred=t0 > 0)
 
         k_w = k_smem.index(WG)

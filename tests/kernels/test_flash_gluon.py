@@ -5,6 +5,7 @@ for sm_90 with the installed Triton and its PTX is checked for the structure it 
 Hopper GPU (LONGCTX_TEST_GPU=1) flash_attention runs it and is compared with float64 attention,
 gradients included (the backward runs on the Gluon forward's LSE).
 """
+import importlib.util
 import os
 import re
 import subprocess
@@ -22,6 +23,42 @@ needs_gluon = pytest.mark.skipif(not flash_gluon.HAVE_GLUON,
                                  reason="the installed Triton has no Gluon Hopper module")
 needs_hopper = pytest.mark.skipif(not HOPPER or not flash_gluon.HAVE_GLUON,
                                   reason="needs a Hopper GPU (LONGCTX_TEST_GPU=1)")
+
+
+if flash_gluon.HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+    _tma_load = flash_gluon._tma_load
+
+    @gluon.jit
+    def _pause_20us():
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        x = gl.full([32], 0, gl.int32, lay)
+        for _ in gl.static_range(20):
+            x = gl.inline_asm_elementwise("nanosleep.u32 1000; mov.b32 $0, $1;", "=r,r", [x],
+                                          dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _late_block0_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready,
+                            empty, n0, lo, n_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """The backward's loader with query block 0 landing last: block 1 first, then a pause long
+        enough for a consumer to finish a block, then block 0 (the worst case of TMA reordering)."""
+        mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
+        for w in gl.static_range(2):
+            _tma_load(k_desc, [n0 + 64 * w, 0], kv_bar, k_smem.index(w))
+            _tma_load(v_desc, [n0 + 64 * w, 0], kv_bar, v_smem.index(w))
+        for t in range(n_tiles):
+            buf = t % STAGES
+            mbarrier.wait(empty.index(buf), ((t // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(buf), 2 * q_desc.block_type.nbytes)
+            if t > 0:
+                _tma_load(q_desc, [lo + t * BLOCK_M, 0], ready.index(buf), q_smem.index(buf))
+                _tma_load(do_desc, [lo + t * BLOCK_M, 0], ready.index(buf), do_smem.index(buf))
+            if t == gl.minimum(n_tiles - 1, 1):
+                _pause_20us()
+                _tma_load(q_desc, [lo, 0], ready.index(0), q_smem.index(0))
+                _tma_load(do_desc, [lo, 0], ready.index(0), do_smem.index(0))
 
 
 _BUILD = """
@@ -89,7 +126,8 @@ def test_backward_builds_with_warp_specialisation_and_vector_reductions(causal):
 
 @needs_hopper
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("nq,nk", [(1, 1), (63, 65), (127, 127), (300, 777), (777, 300), (1, 513), (1500, 1500)])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (63, 65), (127, 127), (300, 777), (777, 300), (1, 513),
+                                   (1500, 1500)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_backward_matches_float64_reference(nq, nk, causal, dtype, monkeypatch):
     monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)  # below the table's minimum length too
@@ -97,6 +135,26 @@ def test_backward_matches_float64_reference(nq, nk, causal, dtype, monkeypatch):
     real = flash_gluon.gluon_bwd
     monkeypatch.setattr(flash_gluon, "gluon_bwd", lambda *a, **k: ran.append(1) or real(*a, **k))
     run_case(2, nq, nk, 3, 64, causal, dtype, deterministic=False)
+    assert ran, "the Gluon backward did not run"
+
+
+@needs_hopper
+@pytest.mark.parametrize("nq,nk", [(1024, 1024), (700, 1500), (1500, 700)])
+def test_backward_waits_for_the_query_block_a_consumer_skips(nq, nk, monkeypatch):
+    """Causal programs whose second key half starts one query block later skip block 0 but release
+    its buffer; they must still wait for it to land, or their parity wait for block 2 passes while
+    block 0 is in flight and they read buffer 0 as block 2 (wrong dK/dV in about 1 of 25 large
+    launches). A copy of the kernel module whose loader lands block 0 last makes that order certain."""
+    spec = importlib.util.spec_from_file_location("_flash_gluon_late_block0", flash_gluon.__file__)
+    late = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(late)
+    late._bwd_loader = _late_block0_loader
+    monkeypatch.setattr(flash_mod, "_gluon", late)
+    monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)
+    ran = []
+    real = late.gluon_bwd
+    monkeypatch.setattr(late, "gluon_bwd", lambda *a, **k: ran.append(1) or real(*a, **k))
+    run_case(1, nq, nk, 2, 64, True, torch.bfloat16, deterministic=False)
     assert ran, "the Gluon backward did not run"
 
 
