@@ -267,19 +267,29 @@ if HAVE_GLUON:
             dtype=gl.int32, is_pure=False, pack=4)
 
     @gluon.jit
-    def _bwd_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty,
-                    n0, lo, n_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: both consumers' K and V once, then Q_i, dO_i into the ring."""
+    def _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, n0):
+        """Both consumers' K and V (64 keys each) onto kv_bar, once per program."""
         mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
         for w in gl.static_range(2):
             _tma_load(k_desc, [n0 + 64 * w, 0], kv_bar, k_smem.index(w))
             _tma_load(v_desc, [n0 + 64 * w, 0], kv_bar, v_smem.index(w))
+
+    @gluon.jit
+    def _bwd_load_q_do(q_desc, do_desc, q_smem, do_smem, bar, row, buf):
+        """Q and dO rows [row, row + BLOCK_M) into ring buffer `buf`, onto `bar` (the caller expects)."""
+        _tma_load(q_desc, [row, 0], bar, q_smem.index(buf))
+        _tma_load(do_desc, [row, 0], bar, do_smem.index(buf))
+
+    @gluon.jit
+    def _bwd_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty,
+                    n0, lo, n_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: both consumers' K and V once, then Q_i, dO_i into the ring."""
+        _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, n0)
         for t in range(n_tiles):
             buf = t % STAGES
             mbarrier.wait(empty.index(buf), ((t // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
             mbarrier.expect(ready.index(buf), 2 * q_desc.block_type.nbytes)
-            _tma_load(q_desc, [lo + t * BLOCK_M, 0], ready.index(buf), q_smem.index(buf))
-            _tma_load(do_desc, [lo + t * BLOCK_M, 0], ready.index(buf), do_smem.index(buf))
+            _bwd_load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(buf), lo + t * BLOCK_M, buf)
 
     @gluon.jit
     def _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t, s_zero, STAGES: gl.constexpr):

@@ -29,7 +29,7 @@ if flash_gluon.HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier
-    _tma_load = flash_gluon._tma_load
+    _load_kv, _load_q_do = flash_gluon._bwd_load_kv, flash_gluon._bwd_load_q_do
 
     @gluon.jit
     def _pause_20us():
@@ -44,21 +44,16 @@ if flash_gluon.HAVE_GLUON:
                             empty, n0, lo, n_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
         """The backward's loader with query block 0 landing last: block 1 first, then a pause long
         enough for a consumer to finish a block, then block 0 (the worst case of TMA reordering)."""
-        mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
-        for w in gl.static_range(2):
-            _tma_load(k_desc, [n0 + 64 * w, 0], kv_bar, k_smem.index(w))
-            _tma_load(v_desc, [n0 + 64 * w, 0], kv_bar, v_smem.index(w))
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, n0)
         for t in range(n_tiles):
             buf = t % STAGES
             mbarrier.wait(empty.index(buf), ((t // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(buf), 2 * q_desc.block_type.nbytes)
             if t > 0:
-                _tma_load(q_desc, [lo + t * BLOCK_M, 0], ready.index(buf), q_smem.index(buf))
-                _tma_load(do_desc, [lo + t * BLOCK_M, 0], ready.index(buf), do_smem.index(buf))
+                _load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(buf), lo + t * BLOCK_M, buf)
             if t == gl.minimum(n_tiles - 1, 1):
                 _pause_20us()
-                _tma_load(q_desc, [lo, 0], ready.index(0), q_smem.index(0))
-                _tma_load(do_desc, [lo, 0], ready.index(0), do_smem.index(0))
+                _load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(0), lo, 0)
 
 
 _BUILD = """
@@ -98,6 +93,13 @@ def build_ptx(head_dim: int, causal: bool, kernel: str = "fwd") -> str:
     return out.stdout
 
 
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap module.name so that each call appends to the returned list (did that kernel run?)."""
+    ran, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: ran.append(1) or real(*a, **k))
+    return ran
+
+
 @needs_gluon
 @pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False)])
 def test_builds_for_hopper_with_async_wgmma_and_no_cta_wide_barrier_in_the_loop(head_dim, causal):
@@ -131,9 +133,7 @@ def test_backward_builds_with_warp_specialisation_and_vector_reductions(causal):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_backward_matches_float64_reference(nq, nk, causal, dtype, monkeypatch):
     monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)  # below the table's minimum length too
-    ran = []
-    real = flash_gluon.gluon_bwd
-    monkeypatch.setattr(flash_gluon, "gluon_bwd", lambda *a, **k: ran.append(1) or real(*a, **k))
+    ran = count_calls(monkeypatch, flash_gluon, "gluon_bwd")
     run_case(2, nq, nk, 3, 64, causal, dtype, deterministic=False)
     assert ran, "the Gluon backward did not run"
 
@@ -151,18 +151,14 @@ def test_backward_waits_for_the_query_block_a_consumer_skips(nq, nk, monkeypatch
     late._bwd_loader = _late_block0_loader
     monkeypatch.setattr(flash_mod, "_gluon", late)
     monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)
-    ran = []
-    real = late.gluon_bwd
-    monkeypatch.setattr(late, "gluon_bwd", lambda *a, **k: ran.append(1) or real(*a, **k))
+    ran = count_calls(monkeypatch, late, "gluon_bwd")
     run_case(1, nq, nk, 2, 64, True, torch.bfloat16, deterministic=False)
     assert ran, "the Gluon backward did not run"
 
 
 @needs_hopper
 def test_backward_table_and_fallbacks(monkeypatch):
-    ran = []
-    real = flash_gluon.gluon_bwd
-    monkeypatch.setattr(flash_gluon, "gluon_bwd", lambda *a, **k: ran.append(1) or real(*a, **k))
+    ran = count_calls(monkeypatch, flash_gluon, "gluon_bwd")
 
     def fused(gen):  # q, k, v as strided views of one (B, N, 3, H, D) projection
         qkv = torch.randn(1, 4096, 3, 2, 64, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
@@ -186,18 +182,14 @@ def test_backward_table_and_fallbacks(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_float64_reference(nq, nk, causal, head_dim, dtype, monkeypatch):
     monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", True)  # D=64 too (the table keeps it on Triton)
-    ran = []
-    real = flash_gluon.gluon_fwd
-    monkeypatch.setattr(flash_gluon, "gluon_fwd", lambda *a, **k: ran.append(1) or real(*a, **k))
+    ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
     run_case(2, nq, nk, 3, head_dim, causal, dtype)
     assert ran, "the Gluon forward did not run"
 
 
 @needs_hopper
 def test_strided_views_and_fallbacks(monkeypatch):
-    ran = []
-    real = flash_gluon.gluon_fwd
-    monkeypatch.setattr(flash_gluon, "gluon_fwd", lambda *a, **k: ran.append(1) or real(*a, **k))
+    ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
 
     def fused(gen):  # q, k, v as strided views of one (B, N, 3, H, D) projection
         qkv = torch.randn(2, 700, 3, 2, 128, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
