@@ -756,45 +756,42 @@ def _record(kind: str, handle) -> None:
 
 
 @functools.cache
-def _gluon_table(device_index: int, head_dim: int, causal: bool):
-    """(the table's Gluon config for this case, the config set_kernel_options(gluon=True) uses
-    where the table has none); both None off Hopper."""
+def _gluon_rows(device_index: int, kind: str, causal: bool) -> dict:
+    """{head dim: config or None} of the Hopper table's Gluon rows for kind ("fwd_gluon" /
+    "bwd_gluon"); {} off Hopper."""
     if torch.cuda.get_device_capability(device_index)[0] != 9:
-        return None, None
-    rows = [(d, c if causal else nc) for d, c, nc in _TABLES["hopper"]["fwd_gluon"]]
-    return next((c for d, c in rows if d == head_dim), None), next(c for _, c in rows if c is not None)
+        return {}
+    return {d: (c if causal else nc) for d, c, nc in _TABLES["hopper"][kind]}
+
+
+def _gluon_rows_for(q, kind: str, causal, block_mask, head_dims) -> dict | None:
+    """The Gluon rows that apply to this call, or None where no Gluon kernel may run: switched off,
+    no Gluon, block-sparse, a set_launch_config override, not CUDA, not fp16/bf16, or a head dim the
+    kernel is not built for. kind "fwd_gluon" / "bwd_gluon" is the option's name; its first three
+    letters are the set_launch_config kind that overrides it."""
+    if (_OPTIONS[kind] is False or not _gluon.HAVE_GLUON or block_mask is not None
+            or kind[:3] in _OVERRIDE or q.device.type != "cuda"
+            or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in head_dims):
+        return None
+    return _gluon_rows(_device_index(q.device), kind, bool(causal))
 
 
 def _gluon_fwd_config(q, k, v, causal, block_mask):
     """The Gluon forward's config for this call, or None for the Triton forward."""
-    want = _OPTIONS["fwd_gluon"]
-    if (want is False or not _gluon.HAVE_GLUON or block_mask is not None or "fwd" in _OVERRIDE
-            or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16)
-            or q.shape[-1] not in _gluon.HEAD_DIMS):
+    rows = _gluon_rows_for(q, "fwd_gluon", causal, block_mask, _gluon.HEAD_DIMS)
+    if not rows:
         return None
-    cfg, forced = _gluon_table(_device_index(q.device), q.shape[-1], bool(causal))
-    cfg = forced if (cfg is None and want) else cfg
+    cfg = rows.get(q.shape[-1])
+    if cfg is None and _OPTIONS["fwd_gluon"]:  # forced on: a head dim the table leaves to Triton
+        cfg = next(c for c in rows.values() if c is not None)
     return cfg if cfg is not None and _tma_ok(q, k, v) else None
-
-
-@functools.cache
-def _gluon_bwd_row(device_index: int, head_dim: int, causal: bool):
-    """(minimum keys, STAGES, registers) of the Gluon backward for this case, or None."""
-    if torch.cuda.get_device_capability(device_index)[0] != 9:
-        return None
-    rows = [(d, c if causal else nc) for d, c, nc in _TABLES["hopper"]["bwd_gluon"]]
-    return next((c for d, c in rows if d == head_dim), None)
 
 
 def _gluon_bwd_config(q, k, v, do, causal, block_mask):
     """The Gluon backward's (STAGES, registers) for this call, or None for the Triton fused one."""
-    want = _OPTIONS["bwd_gluon"]
-    if (want is False or not _gluon.HAVE_GLUON or block_mask is not None or "bwd" in _OVERRIDE
-            or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16)
-            or q.shape[-1] not in _gluon.BWD_HEAD_DIMS):
-        return None
-    row = _gluon_bwd_row(_device_index(q.device), q.shape[-1], bool(causal))
-    if row is None or (not want and k.shape[1] < row[0]):
+    rows = _gluon_rows_for(q, "bwd_gluon", causal, block_mask, _gluon.BWD_HEAD_DIMS)
+    row = rows.get(q.shape[-1]) if rows else None  # (minimum keys, STAGES, registers)
+    if row is None or (not _OPTIONS["bwd_gluon"] and k.shape[1] < row[0]):
         return None
     return row[1:] if _tma_ok(q, k, v, do) else None
 

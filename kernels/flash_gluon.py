@@ -1,5 +1,5 @@
-"""Hopper (sm_90) attention forward in Gluon (Triton's lower-level dialect): warp-specialised,
-asynchronous wgmma, TMA loads.
+"""Hopper (sm_90) attention forward and backward in Gluon (Triton's lower-level dialect):
+warp-specialised, asynchronous wgmma, TMA loads.
 
 Why a second forward: Triton's `tl.dot` waits for every non-accumulating wgmma right after issuing
 it, so a tile's softmax work (exp2 on the MUFU pipe, max / sum / scale on the FP32 pipes) does not
@@ -71,6 +71,14 @@ BWD_HEAD_DIMS = (64,)  # the backward's (at 128 its accumulators do not fit in 2
 
 
 if HAVE_GLUON:
+    @gluon.jit
+    def _head_desc(base, b, h, stride_b, stride_n, stride_h, n_rows, HEAD_DIM: gl.constexpr,
+                   BLOCK_ROWS: gl.constexpr, layout: gl.constexpr):
+        """TMA descriptor of one (batch, head)'s (n_rows, HEAD_DIM) view, BLOCK_ROWS rows per load."""
+        return tma.make_tensor_descriptor(base + b * stride_b + h * stride_h, shape=[n_rows, HEAD_DIM],
+                                          strides=[stride_n, 1], block_shape=[BLOCK_ROWS, HEAD_DIM],
+                                          layout=layout)
+
     @gluon.jit
     def _softmax_step(s, m_i, l_i, offs_m, offs_n, start_n, Nk, causal_off, qk_scale,
                       MASK: gl.constexpr, CAUSAL: gl.constexpr):
@@ -205,14 +213,9 @@ if HAVE_GLUON:
         m0 = pid_m * BLOCK_M
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
         kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Nq, HEAD_DIM],
-                                            strides=[stride_qn, 1], block_shape=[64, HEAD_DIM], layout=q_sl)
-        k_desc = tma.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, shape=[Nk, HEAD_DIM],
-                                            strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM],
-                                            layout=kv_sl)
-        v_desc = tma.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, shape=[Nk, HEAD_DIM],
-                                            strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM],
-                                            layout=kv_sl)
+        q_desc = _head_desc(Q, b, h, stride_qb, stride_qn, stride_qh, Nq, HEAD_DIM, 64, q_sl)
+        k_desc = _head_desc(K, b, h, stride_kb, stride_kn, stride_kh, Nk, HEAD_DIM, BLOCK_N, kv_sl)
+        v_desc = _head_desc(V, b, h, stride_vb, stride_vn, stride_vh, Nk, HEAD_DIM, BLOCK_N, kv_sl)
         q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_sl)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
@@ -434,16 +437,10 @@ if HAVE_GLUON:
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         k_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
         ds_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype)
-        q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Nq, HEAD_DIM],
-                                            strides=[stride_qn, 1], block_shape=[BLOCK_M, HEAD_DIM],
-                                            layout=q_sl)
-        do_desc = tma.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, shape=[Nq, HEAD_DIM],
-                                             strides=[stride_don, 1], block_shape=[BLOCK_M, HEAD_DIM],
-                                             layout=q_sl)
-        k_desc = tma.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, shape=[Nk, HEAD_DIM],
-                                            strides=[stride_kn, 1], block_shape=[64, HEAD_DIM], layout=k_sl)
-        v_desc = tma.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, shape=[Nk, HEAD_DIM],
-                                            strides=[stride_vn, 1], block_shape=[64, HEAD_DIM], layout=k_sl)
+        q_desc = _head_desc(Q, b, h, stride_qb, stride_qn, stride_qh, Nq, HEAD_DIM, BLOCK_M, q_sl)
+        do_desc = _head_desc(DO, b, h, stride_dob, stride_don, stride_doh, Nq, HEAD_DIM, BLOCK_M, q_sl)
+        k_desc = _head_desc(K, b, h, stride_kb, stride_kn, stride_kh, Nk, HEAD_DIM, 64, k_sl)
+        v_desc = _head_desc(V, b, h, stride_vb, stride_vn, stride_vh, Nk, HEAD_DIM, 64, k_sl)
         k_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_sl)
         v_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_sl)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
