@@ -274,7 +274,7 @@ if HAVE_GLUON:
         """Both consumers' K and V (64 keys each) onto kv_bar, once per program."""
         mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
         for w in gl.static_range(2):
-            _tma_load(k_desc, [n0 + 64 * w, 0], kv_bar, k_smem.index(w))
+            _tma_load(k_desc, [n0 + 64 * w, 0], kv_bar, k_smem.slice(64 * w, 64))
             _tma_load(v_desc, [n0 + 64 * w, 0], kv_bar, v_smem.index(w))
 
     @gluon.jit
@@ -304,13 +304,16 @@ if HAVE_GLUON:
         return s, dp
 
     @gluon.jit
-    def _bwd_step(t, s, dp, lse, delta, dk, dv, k_w, v_w, ds_w, q_smem, do_smem, ready, empty, lse_ptr,
-                  delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
-                  offs_mq, offs_dq, a_l: gl.constexpr, at_l: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr, NEXT: gl.constexpr):
+    def _bwd_step(t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
+                  ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero,
+                  dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l: gl.constexpr, at_l: gl.constexpr,
+                  WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                  MASK: gl.constexpr, NEXT: gl.constexpr):
         """Query block t, whose S^T and dP^T are in flight (s, dp) and whose LSE / delta rows were
         loaded one step earlier. Returns the next block's (s, dp, lse, delta) and dK, dV."""
         buf = t % STAGES
+        slot = t % 2  # dS slot; its owner (consumer `slot`) computes the block's dQ over all 128 keys
+        use = t // 2
         start_m = lo + t * BLOCK_M
         rows = start_m + offs_ms
         rows_n = rows + BLOCK_M  # the next block's LSE and delta: loaded now, used one step later
@@ -324,25 +327,44 @@ if HAVE_GLUON:
             s = gl.where(keep, s, float("-inf"))
         p = gl.exp2(s * qk_scale - lse[None, :])
         p_a = gl.convert_layout(p.to(q_smem.dtype), a_l)
-        dv = warpgroup_mma(p_a, do_t, dv, is_async=True)
+        dv_acc = warpgroup_mma(p_a, do_t, dv, is_async=True)
         ds = (p * (dp - delta[None, :])).to(q_smem.dtype)
-        ds_w.store(ds)
+        mbarrier.wait(ds_free.index(slot), (use & 1) ^ 1)  # block t - 2's dQ product has read the slot
+        ds_smem.index(slot).slice(64 * WG, 64).store(ds)
         fence_async_shared()
+        mbarrier.arrive(ds_ready.index(slot))
         ds_a = gl.convert_layout(ds, a_l)
-        dk = warpgroup_mma(ds_a, q_t, dk, is_async=True)
-        dq = warpgroup_mma(ds_w.permute((1, 0)), k_w, dq_zero, use_acc=False, is_async=True)
-        dq, dk, dv, p_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dk, dv, p_a, ds_a))
-        mbarrier.arrive(empty.index(buf))
-        if NEXT:  # the next block's products run on the tensor cores during the reductions below
-            s, dp = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES)
-        rows_q = start_m + offs_mq
-        _red_add_v4(dqa_base, rows_q[:, None] * HEAD_DIM + offs_dq[None, :], gl.convert_layout(dq, at_l),
-                    rows_q[:, None] < Nq)
-        return s, dp, lse_n, delta_n, dk, dv
+        dk_acc = warpgroup_mma(ds_a, q_t, dk, is_async=True)
+        # (new names in both branches: an asynchronous result may not change type inside an `if`)
+        if slot == WG:
+            mbarrier.wait(ds_ready.index(slot), use & 1)  # the other consumer's dS^T half is in
+            dq = warpgroup_mma(ds_smem.index(slot).permute((1, 0)), k_both, dq_zero, use_acc=False,
+                               is_async=True)
+            dq, dk_o, dv_o, p_a, ds_a = warpgroup_mma_wait(num_outstanding=0,
+                                                           deps=(dq, dk_acc, dv_acc, p_a, ds_a))
+            mbarrier.arrive(ds_free.index(slot))
+            mbarrier.arrive(empty.index(buf))
+            if NEXT:  # the next block's products run on the tensor cores during the reductions below
+                s_n, dp_n = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES)
+            else:
+                s_n = s
+                dp_n = dp
+            rows_q = start_m + offs_mq
+            _red_add_v4(dqa_base, rows_q[:, None] * HEAD_DIM + offs_dq[None, :], gl.convert_layout(dq, at_l),
+                        rows_q[:, None] < Nq)
+        else:
+            dk_o, dv_o, p_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=(dk_acc, dv_acc, p_a, ds_a))
+            mbarrier.arrive(empty.index(buf))
+            if NEXT:
+                s_n, dp_n = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES)
+            else:
+                s_n = s
+                dp_n = dp
+        return s_n, dp_n, lse_n, delta_n, dk_o, dv_o
 
     @gluon.jit
     def _bwd_consumer(dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
-                      q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
+                      q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty, ds_ready, ds_free,
                       n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale,
                       WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                       CAUSAL: gl.constexpr):
@@ -372,10 +394,13 @@ if HAVE_GLUON:
         # flight (ready[0] in phase 0) and this half would read block 0's buffer as block 2.
         mbarrier.wait(ready.index(0), 0, pred=t0 > 0)
         mbarrier.arrive(empty.index(0), pred=t0 > 0)
+        if t0 > 0:  # its half of block 0's dS^T is zero (block 0's dQ product sums both halves)
+            ds_smem.index(0).slice(64 * WG, 64).store(gl.zeros([64, BLOCK_M], q_smem.dtype, layout=s_l))
+            fence_async_shared()
+            mbarrier.arrive(ds_ready.index(0))
 
-        k_w = k_smem.index(WG)
+        k_w = k_smem.slice(64 * WG, 64)
         v_w = v_smem.index(WG)
-        ds_w = ds_smem.index(WG)
         offs_n = nw + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
         offs_ms = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_l))
         offs_mq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, at_l))
@@ -391,18 +416,18 @@ if HAVE_GLUON:
         s, dp = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t0, s_zero, STAGES)
         for t in range(t0, gl.minimum(t_full, n_tiles - 1)):
             s, dp, lse, delta, dk, dv = _bwd_step(
-                t, s, dp, lse, delta, dk, dv, k_w, v_w, ds_w, q_smem, do_smem, ready, empty, lse_ptr,
-                delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
-                offs_mq, offs_dq, a_l, at_l, HEAD_DIM, BLOCK_M, STAGES, True, True)
+                t, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
+                ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
+                offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M, STAGES, True, True)
         for t in range(t_full, n_tiles - 1):
             s, dp, lse, delta, dk, dv = _bwd_step(
-                t, s, dp, lse, delta, dk, dv, k_w, v_w, ds_w, q_smem, do_smem, ready, empty, lse_ptr,
-                delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
-                offs_mq, offs_dq, a_l, at_l, HEAD_DIM, BLOCK_M, STAGES, False, True)
+                t, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
+                ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
+                offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M, STAGES, False, True)
         s, dp, lse, delta, dk, dv = _bwd_step(
-            n_tiles - 1, s, dp, lse, delta, dk, dv, k_w, v_w, ds_w, q_smem, do_smem, ready, empty, lse_ptr,
-            delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
-            offs_mq, offs_dq, a_l, at_l, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, False)
+            n_tiles - 1, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
+            ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
+            offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, False)
 
         offs_nk = nw + gl.arange(0, 64, layout=gl.SliceLayout(1, kv_l))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_l))
@@ -436,23 +461,30 @@ if HAVE_GLUON:
         n0 = pid_n * 128
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         k_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
-        ds_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype)
+        # K and the two dS^T halves as [128, *] tiles: dQ = dS K is one product over all 128 keys
+        k2_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
+        ds_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, BLOCK_M], dtype)
         q_desc = _head_desc(Q, b, h, stride_qb, stride_qn, stride_qh, Nq, HEAD_DIM, BLOCK_M, q_sl)
         do_desc = _head_desc(DO, b, h, stride_dob, stride_don, stride_doh, Nq, HEAD_DIM, BLOCK_M, q_sl)
         k_desc = _head_desc(K, b, h, stride_kb, stride_kn, stride_kh, Nk, HEAD_DIM, 64, k_sl)
         v_desc = _head_desc(V, b, h, stride_vb, stride_vn, stride_vh, Nk, HEAD_DIM, 64, k_sl)
-        k_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_sl)
+        k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], k2_sl)
         v_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_sl)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
-        ds_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_M], ds_sl)
+        ds_smem = gl.allocate_shared_memory(dtype, [2, 128, BLOCK_M], ds_sl)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
         for st in gl.static_range(STAGES):
             mbarrier.init(ready.index(st), count=1)
             mbarrier.init(empty.index(st), count=2)
+        for st in gl.static_range(2):
+            mbarrier.init(ds_ready.index(st), count=2)
+            mbarrier.init(ds_free.index(st), count=1)
 
         m_end = gl.cdiv(Nq, BLOCK_M) * BLOCK_M
         if CAUSAL:  # query rows i >= n - (Nk - Nq) see key n: the first block that sees key n0
@@ -467,12 +499,12 @@ if HAVE_GLUON:
         dqa_base = DQA + bh.to(gl.int64) * Nq * HEAD_DIM
         gl.warp_specialize([
             (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
-                             q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
-                             n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 0, HEAD_DIM, BLOCK_M, STAGES,
+                             q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty, ds_ready,
+                             ds_free, n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 0, HEAD_DIM, BLOCK_M, STAGES,
                              CAUSAL)),
             (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
-                             q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
-                             n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 1, HEAD_DIM, BLOCK_M, STAGES,
+                             q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty, ds_ready,
+                             ds_free, n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 1, HEAD_DIM, BLOCK_M, STAGES,
                              CAUSAL)),
             (_bwd_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready,
                            empty, n0, lo, n_tiles, BLOCK_M, STAGES)),
