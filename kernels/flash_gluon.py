@@ -37,10 +37,19 @@ schedule as far as 240 registers per consumer thread allow:
                               dP_i^T = V dO_i^T already issued by the previous step:
                                 wait S_i^T, dP_i^T; P^T = exp2(S^T scale - LSE)
                                 issue dV += P^T dO_i; dS^T = P^T (dP^T - delta)   <- dV running
-                                dS^T -> shared; issue dK += dS^T Q_i, dQ_i = dS K; wait
-                                release the buffer; issue S_{i+1}^T, dP_{i+1}^T
-                                dQ_i -> fp32 `red.v4` reductions                  <- those two running
+                                dS^T -> its half of the block's [128 keys, 64] dS^T slot
+                                issue dK += dS^T Q_i
+                                block owner only (consumer i % 2): wait for the other half's dS^T,
+                                  issue dQ_i = dS K over all 128 keys (one K = 128 product)
+                                wait; release the buffer; issue S_{i+1}^T, dP_{i+1}^T
+                                owner: dQ_i -> fp32 `red.v4` reductions           <- those two running
                               then dK (times the softmax scale) and dV stored once
+
+The owner alternates with the block's parity, so each consumer reduces every other block's dQ and
+the program sends one reduction per 128 keys, not one per 64 (half the L2 reduction traffic; 1.11-1.19x
+the backward that reduced each half's dQ, docs/kernel_notes.md Version 9). The dS^T slots are double
+buffered: `ds_ready` (two arrivals) tells the owner both halves are in, `ds_free` (the owner's
+arrival once its product is done) lets the next writer of the slot, two blocks later, overwrite it.
 
 Issuing the next block's products before this block's dQ reductions is what made it faster than the
 Triton fused backward (docs/kernel_notes.md Version 7); every wait is `wait_group 0`, so the loop's
@@ -305,8 +314,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_step(t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
-                  ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero,
-                  dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l: gl.constexpr, at_l: gl.constexpr,
+                  ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale,
+                  s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l: gl.constexpr, at_l: gl.constexpr,
                   WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                   MASK: gl.constexpr, NEXT: gl.constexpr):
         """Query block t, whose S^T and dP^T are in flight (s, dp) and whose LSE / delta rows were
@@ -417,17 +426,20 @@ if HAVE_GLUON:
         for t in range(t0, gl.minimum(t_full, n_tiles - 1)):
             s, dp, lse, delta, dk, dv = _bwd_step(
                 t, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
-                ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
-                offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M, STAGES, True, True)
+                ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero,
+                dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M, STAGES,
+                True, True)
         for t in range(t_full, n_tiles - 1):
             s, dp, lse, delta, dk, dv = _bwd_step(
                 t, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
-                ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
-                offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M, STAGES, False, True)
+                ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero,
+                dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M, STAGES,
+                False, True)
         s, dp, lse, delta, dk, dv = _bwd_step(
             n_tiles - 1, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
-            ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms,
-            offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, False)
+            ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero,
+            dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M, STAGES,
+            CAUSAL, False)
 
         offs_nk = nw + gl.arange(0, 64, layout=gl.SliceLayout(1, kv_l))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_l))
@@ -500,12 +512,12 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
                              q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty, ds_ready,
-                             ds_free, n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 0, HEAD_DIM, BLOCK_M, STAGES,
-                             CAUSAL)),
+                             ds_free, n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 0, HEAD_DIM, BLOCK_M,
+                             STAGES, CAUSAL)),
             (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
                              q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty, ds_ready,
-                             ds_free, n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 1, HEAD_DIM, BLOCK_M, STAGES,
-                             CAUSAL)),
+                             ds_free, n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 1, HEAD_DIM, BLOCK_M,
+                             STAGES, CAUSAL)),
             (_bwd_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready,
                            empty, n0, lo, n_tiles, BLOCK_M, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
