@@ -71,6 +71,9 @@ try:  # Gluon with the Hopper pieces: Triton >= 3.5 (the GPU image has 3.6)
         warpgroup_mma_wait,
     )
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # 3.9 renamed it
+    if not hasattr(gl.shared_memory_descriptor, "reinterpret"):  # 3.6 has it as _reinterpret
+        gl.shared_memory_descriptor.reinterpret = gl.shared_memory_descriptor._reinterpret
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
@@ -279,29 +282,35 @@ if HAVE_GLUON:
             dtype=gl.int32, is_pure=False, pack=4)
 
     @gluon.jit
-    def _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, n0):
+    def _tma_rows(desc, b, h, row, bar, dst):
+        """Rows [row, row + BLOCK_ROWS) of (batch b, head h) of a (B, N, H, D) descriptor into the 2-D
+        tile dst, onto bar (rows past N read as 0)."""
+        _tma_load(desc, [b, row, h, 0], bar, dst.reinterpret(dst.dtype, desc.block_type.shape, desc.layout))
+
+    @gluon.jit
+    def _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, b, h, n0):
         """Both consumers' K and V (64 keys each) onto kv_bar, once per program."""
         mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
         for w in gl.static_range(2):
-            _tma_load(k_desc, [n0 + 64 * w, 0], kv_bar, k_smem.slice(64 * w, 64))
-            _tma_load(v_desc, [n0 + 64 * w, 0], kv_bar, v_smem.index(w))
+            _tma_rows(k_desc, b, h, n0 + 64 * w, kv_bar, k_smem.slice(64 * w, 64))
+            _tma_rows(v_desc, b, h, n0 + 64 * w, kv_bar, v_smem.index(w))
 
     @gluon.jit
-    def _bwd_load_q_do(q_desc, do_desc, q_smem, do_smem, bar, row, buf):
+    def _bwd_load_q_do(q_desc, do_desc, q_smem, do_smem, bar, b, h, row, buf):
         """Q and dO rows [row, row + BLOCK_M) into ring buffer `buf`, onto `bar` (the caller expects)."""
-        _tma_load(q_desc, [row, 0], bar, q_smem.index(buf))
-        _tma_load(do_desc, [row, 0], bar, do_smem.index(buf))
+        _tma_rows(q_desc, b, h, row, bar, q_smem.index(buf))
+        _tma_rows(do_desc, b, h, row, bar, do_smem.index(buf))
 
     @gluon.jit
     def _bwd_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty,
-                    n0, lo, n_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                    b, h, n0, lo, n_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
         """One warp: both consumers' K and V once, then Q_i, dO_i into the ring."""
-        _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, n0)
+        _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, b, h, n0)
         for t in range(n_tiles):
             buf = t % STAGES
             mbarrier.wait(empty.index(buf), ((t // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
             mbarrier.expect(ready.index(buf), 2 * q_desc.block_type.nbytes)
-            _bwd_load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(buf), lo + t * BLOCK_M, buf)
+            _bwd_load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(buf), b, h, lo + t * BLOCK_M, buf)
 
     @gluon.jit
     def _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t, s_zero, STAGES: gl.constexpr):
@@ -450,38 +459,30 @@ if HAVE_GLUON:
                  dv.to(dv_base.dtype.element_ty), mask=kv_mask)
 
     @gluon.jit
-    def _gl_bwd_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA,
-                       stride_qb, stride_qn, stride_qh,
-                       stride_kb, stride_kn, stride_kh,
-                       stride_vb, stride_vn, stride_vh,
-                       stride_dob, stride_don, stride_doh,
+    def _gl_bwd_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE, DELTA, DQA,
                        stride_dkb, stride_dkn, stride_dkh,
                        stride_dvb, stride_dvn, stride_dvh,
                        H, Nq, Nk, qk_scale, sm_scale,
                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr,
                        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """128 keys per program: two consumer warpgroups of 64 keys, one loader warp (see the module
-        docstring). Query blocks of BLOCK_M = 64 rows."""
+        docstring). Query blocks of BLOCK_M = 64 rows. q_desc ... do_desc: host TMA descriptors of the
+        whole (B, N, H, HEAD_DIM) tensors, blocks of [1, 64, 1, HEAD_DIM] (gluon_bwd)."""
         gl.static_assert(BLOCK_M == 64)
         gl.static_assert(HEAD_DIM == 64)
         gl.static_assert(num_warps == 4)
-        dtype: gl.constexpr = Q.dtype.element_ty
+        dtype: gl.constexpr = DK.dtype.element_ty
         pid_n = gl.program_id(0)  # key block 0 sees the most query blocks when causal: heaviest first
         bh = gl.program_id(1)
-        b = (bh // H).to(gl.int64)
-        h = (bh % H).to(gl.int64)
+        b = bh // H
+        h = bh % H
         n0 = pid_n * 128
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-        k_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
         # K and the two dS^T halves as [128, *] tiles: dQ = dS K is one product over all 128 keys
         k2_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
         ds_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, BLOCK_M], dtype)
-        q_desc = _head_desc(Q, b, h, stride_qb, stride_qn, stride_qh, Nq, HEAD_DIM, BLOCK_M, q_sl)
-        do_desc = _head_desc(DO, b, h, stride_dob, stride_don, stride_doh, Nq, HEAD_DIM, BLOCK_M, q_sl)
-        k_desc = _head_desc(K, b, h, stride_kb, stride_kn, stride_kh, Nk, HEAD_DIM, 64, k_sl)
-        v_desc = _head_desc(V, b, h, stride_vb, stride_vn, stride_vh, Nk, HEAD_DIM, 64, k_sl)
         k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], k2_sl)
-        v_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_sl)
+        v_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_sl)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
         ds_smem = gl.allocate_shared_memory(dtype, [2, 128, BLOCK_M], ds_sl)
@@ -504,8 +505,8 @@ if HAVE_GLUON:
         else:
             lo = 0
         n_tiles = (m_end - lo) // BLOCK_M
-        dk_base = DK + b * stride_dkb + h * stride_dkh
-        dv_base = DV + b * stride_dvb + h * stride_dvh
+        dk_base = DK + b.to(gl.int64) * stride_dkb + h.to(gl.int64) * stride_dkh
+        dv_base = DV + b.to(gl.int64) * stride_dvb + h.to(gl.int64) * stride_dvh
         lse_ptr = LSE + bh * Nq
         delta_ptr = DELTA + bh * Nq
         dqa_base = DQA + bh.to(gl.int64) * Nq * HEAD_DIM
@@ -519,7 +520,7 @@ if HAVE_GLUON:
                              ds_free, n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 1, HEAD_DIM, BLOCK_M,
                              STAGES, CAUSAL)),
             (_bwd_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready,
-                           empty, n0, lo, n_tiles, BLOCK_M, STAGES)),
+                           empty, b, h, n0, lo, n_tiles, BLOCK_M, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -546,10 +547,15 @@ def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: floa
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
     stages, regs = config
+    q_desc, k_desc, v_desc, do_desc = (_bshd_desc(t) for t in (q, k, v, do))
     return _gl_bwd_kernel[(-(-Nk // 128), B * H)](
-        q, k, v, do, dk, dv, lse, delta, dqa,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        q_desc, k_desc, v_desc, do_desc, dk, dv, lse, delta, dqa,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_M=64, CAUSAL=bool(causal), STAGES=stages, CONSUMER_REGS=regs, num_warps=4)
+
+
+def _bshd_desc(t):
+    """Host TMA descriptor of a (B, N, H, D) tensor, 64 rows of one (batch, head) per load."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=t.element_size() * 8, rank=4)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 64, 1, t.shape[-1]], layout)

@@ -41,19 +41,19 @@ if flash_gluon.HAVE_GLUON:
 
     @gluon.jit
     def _late_block0_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready,
-                            empty, n0, lo, n_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                            empty, b, h, n0, lo, n_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
         """The backward's loader with query block 0 landing last: block 1 first, then a pause long
         enough for a consumer to finish a block, then block 0 (the worst case of TMA reordering)."""
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, n0)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, b, h, n0)
         for t in range(n_tiles):
             buf = t % STAGES
             mbarrier.wait(empty.index(buf), ((t // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(buf), 2 * q_desc.block_type.nbytes)
             if t > 0:
-                _load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(buf), lo + t * BLOCK_M, buf)
+                _load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(buf), b, h, lo + t * BLOCK_M, buf)
             if t == gl.minimum(n_tiles - 1, 1):
                 _pause_20us()
-                _load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(0), lo, 0)
+                _load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(0), b, h, lo, 0)
 
 
 _BUILD = """
@@ -63,8 +63,15 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from longctx.kernels import flash_gluon
 head_dim, causal, backward = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "bwd"
-tensors = ("Q", "K", "V", "DO", "DK", "DV") if backward else ("Q", "K", "V", "O")
-sig = {name: "*bf16" for name in tensors}
+if backward:  # host TMA descriptors of the (B, N, H, D) inputs, then the outputs
+    layout = flash_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+    desc = f"tensordesc<bf16[1,64,1,{head_dim}],{layout!r}>"
+    sig = {name: desc for name in ("q_desc", "k_desc", "v_desc", "do_desc")}
+    tensors = ("DK", "DV")
+else:
+    tensors = ("Q", "K", "V", "O")
+    sig = {}
+sig.update({name: "*bf16" for name in tensors})
 sig.update({name: "*fp32" for name in (("LSE", "DELTA", "DQA") if backward else ("LSE",))})
 for t in tensors:
     sig.update({f"stride_{t.lower()}{s}": "i32" for s in "bnh"})
