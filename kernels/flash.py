@@ -513,7 +513,7 @@ _TABLES = {
         "fwd_gluon": [(64, None, None), (128, (128, 2, 240), (128, 2, 240))],
         # the Gluon fused backward (kernels/flash_gluon.py, head dim 64 only): (minimum keys, STAGES,
         # consumer registers); below the minimum the Triton fused backward measured faster
-        "bwd_gluon": [(64, (2048, 2, 240), (1024, 2, 240))],
+        "bwd_gluon": [(64, (1024, 2, 240), (512, 2, 240))],
         "dkdv": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 128, 8, 3), (64, 128, 8, 3)),
                  (256, (32, 64, 4, 2), (32, 64, 4, 2))],
         "dq": [(64, (128, 64, 8, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
@@ -563,7 +563,7 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNS
     still needs 16-byte aligned strides and base addresses; the interpreter emulates the loads.
     fwd_gluon / bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper
     (kernels/flash_gluon.py). None (default) = where the launch table marks them faster (forward: head
-    dim 128; fused backward: head dim 64 with >= 2048 keys causal, >= 1024 non-causal); True = for
+    dim 128; fused backward: head dim 64 with >= 1024 keys causal, >= 512 non-causal); True = for
     every case they are built for (forward: head dim 64, 128; backward: 64); False = never. Either way only dense fp16/bf16 inputs
     with TMA-aligned strides on sm_90; the Gluon backward replaces the fused (non-deterministic) one."""
     for key, val in (("fwd_tma", tma), ("bwd_tma", tma), ("fwd_tma", fwd_tma), ("bwd_tma", bwd_tma),
