@@ -564,8 +564,9 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNS
     fwd_gluon / bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper
     (kernels/flash_gluon.py). None (default) = where the launch table marks them faster (forward: head
     dim 128; fused backward: head dim 64 with >= 1024 keys causal, >= 512 non-causal); True = for
-    every case they are built for (forward: head dim 64, 128; backward: 64); False = never. Either way only dense fp16/bf16 inputs
-    with TMA-aligned strides on sm_90; the Gluon backward replaces the fused (non-deterministic) one."""
+    every case they are built for (forward: head dim 64, 128; backward: 64); False = never. Either way
+    only dense fp16/bf16 inputs with TMA-aligned strides on sm_90; the Gluon backward replaces the
+    fused (non-deterministic) one."""
     for key, val in (("fwd_tma", tma), ("bwd_tma", tma), ("fwd_tma", fwd_tma), ("bwd_tma", bwd_tma),
                      ("fwd_gluon", gluon), ("bwd_gluon", gluon), ("fwd_gluon", fwd_gluon),
                      ("bwd_gluon", bwd_gluon)):
@@ -877,7 +878,6 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
 
     gluon_cfg = _gluon_bwd_config(q, k, v, do, causal, block_mask) if fused else None
     if gluon_cfg is not None:
-        _ensure_allocator()  # its TMA descriptors are made on the device
         _record("bwd", _gluon.gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal, qk_scale, sm_scale,
                                         gluon_cfg))
         return _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D), dk, dv

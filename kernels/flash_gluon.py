@@ -544,8 +544,8 @@ def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config):
 def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: float, sm_scale: float, config):
     """Launch the Gluon backward: writes dk, dv (like k, v) and adds dQ / sm_scale into the zeroed
     fp32 `dqa` (B, H, Nq, D); returns the kernel handle. config = (STAGES, consumer registers); the
-    caller has checked the inputs (fp16/bf16, head dim in BWD_HEAD_DIMS, TMA-aligned strides, sm_90)
-    and set Triton's allocator."""
+    caller has checked the inputs (fp16/bf16, head dim in BWD_HEAD_DIMS, TMA-aligned strides, sm_90).
+    Its descriptors are made here on the host, so it needs no Triton allocator (no device scratch)."""
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
     stages, regs = config

@@ -100,6 +100,14 @@ def build_ptx(head_dim: int, causal: bool, kernel: str = "fwd") -> str:
     return out.stdout
 
 
+def qkv_views(B: int, N: int, H: int, D: int):
+    """run_case's `make`: q, k, v as strided views of one (B, N, 3, H, D) bf16 projection."""
+    def make(gen):
+        qkv = torch.randn(B, N, 3, H, D, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+        return qkv.unbind(2), (qkv,)
+    return make
+
+
 def count_calls(monkeypatch, module, name: str) -> list:
     """Wrap module.name so that each call appends to the returned list (did that kernel run?)."""
     ran, real = [], getattr(module, name)
@@ -167,10 +175,7 @@ def test_backward_waits_for_the_query_block_a_consumer_skips(nq, nk, monkeypatch
 def test_backward_table_and_fallbacks(monkeypatch):
     ran = count_calls(monkeypatch, flash_gluon, "gluon_bwd")
 
-    def fused(gen):  # q, k, v as strided views of one (B, N, 3, H, D) projection
-        qkv = torch.randn(1, 4096, 3, 2, 64, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
-        return qkv.unbind(2), (qkv,)
-    run_case(1, 4096, 4096, 2, 64, True, torch.bfloat16, make=fused)
+    run_case(1, 4096, 4096, 2, 64, True, torch.bfloat16, make=qkv_views(1, 4096, 2, 64))
     assert ran  # the table's default (>= 1024 keys causal), on strided views
     ran.clear()
     run_case(1, 1000, 1000, 2, 64, True, torch.bfloat16)
@@ -198,10 +203,7 @@ def test_matches_float64_reference(nq, nk, causal, head_dim, dtype, monkeypatch)
 def test_strided_views_and_fallbacks(monkeypatch):
     ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
 
-    def fused(gen):  # q, k, v as strided views of one (B, N, 3, H, D) projection
-        qkv = torch.randn(2, 700, 3, 2, 128, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
-        return qkv.unbind(2), (qkv,)
-    run_case(2, 700, 700, 2, 128, True, torch.bfloat16, make=fused)
+    run_case(2, 700, 700, 2, 128, True, torch.bfloat16, make=qkv_views(2, 700, 2, 128))
     assert ran
     ran.clear()
     monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", False)
