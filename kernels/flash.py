@@ -767,10 +767,13 @@ def _gluon_rows(device_index: int, kind: str, causal: bool) -> dict:
 
 def _gluon_rows_for(q, kind: str, causal, block_mask, head_dims) -> dict | None:
     """The Gluon rows that apply to this call, or None where no Gluon kernel may run: switched off,
-    no Gluon, block-sparse, a set_launch_config override, not CUDA, not fp16/bf16, or a head dim the
-    kernel is not built for. kind "fwd_gluon" / "bwd_gluon" is the option's name; its first three
-    letters are the set_launch_config kind that overrides it."""
-    if (_OPTIONS[kind] is False or not _gluon.HAVE_GLUON or block_mask is not None
+    no Gluon, a block mask the kernel does not take (the forward takes none; the backward, blocks of
+    a multiple of 64 query rows by a multiple of 128 keys), a set_launch_config override, not CUDA,
+    not fp16/bf16, or a head dim the kernel is not built for. kind "fwd_gluon" / "bwd_gluon" is the
+    option's name; its first three letters are the set_launch_config kind that overrides it."""
+    mask_ok = block_mask is None or (kind == "bwd_gluon" and block_mask.block_m % 64 == 0
+                                     and block_mask.block_n % 128 == 0)
+    if (_OPTIONS[kind] is False or not _gluon.HAVE_GLUON or not mask_ok
             or kind[:3] in _OVERRIDE or q.device.type != "cuda"
             or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in head_dims):
         return None
@@ -792,9 +795,26 @@ def _gluon_bwd_config(q, k, v, do, causal, block_mask):
     """The Gluon backward's (STAGES, registers) for this call, or None for the Triton fused one."""
     rows = _gluon_rows_for(q, "bwd_gluon", causal, block_mask, _gluon.BWD_HEAD_DIMS)
     row = rows.get(q.shape[-1]) if rows else None  # (minimum keys, STAGES, registers)
-    if row is None or (not _OPTIONS["bwd_gluon"] and k.shape[1] < row[0]):
+    if row is None:
         return None
+    if not _OPTIONS["bwd_gluon"]:
+        if block_mask is None and k.shape[1] < row[0]:
+            return None
+        if block_mask is not None and _sparse_tiles_per_program(block_mask) < _GLUON_SPARSE_MIN_TILES:
+            return None
     return row[1:] if _tma_ok(q, k, v, do) else None
+
+
+# Block-sparse: the Gluon backward (128 keys per program) is faster where its programs see enough
+# query blocks of 64 rows to amortise their start (K/V loads, barrier set-up) - on an H200: 1.17-1.37x
+# the Triton one at 16 blocks per program and more (local / BigBird, 16k and 64k keys), 0.92-0.97x at 4
+# (docs/benchmarks.md 2b). The threshold lies between the two measured points.
+_GLUON_SPARSE_MIN_TILES = 8
+
+
+def _sparse_tiles_per_program(block_mask) -> float:
+    """Mean number of 64-row query blocks a 128-key program of the Gluon backward runs for this mask."""
+    return block_mask.nnz / (block_mask.n_heads * block_mask.n_blocks_n) * block_mask.block_m / 64
 
 
 def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
@@ -878,8 +898,9 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
 
     gluon_cfg = _gluon_bwd_config(q, k, v, do, causal, block_mask) if fused else None
     if gluon_cfg is not None:
+        lists = _mask_args(block_mask, q.device, False, causal) if sparse else None
         _record("bwd", _gluon.gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal, qk_scale, sm_scale,
-                                        gluon_cfg))
+                                        gluon_cfg, lists))
         return _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D), dk, dv
 
     kind = "bwd" if fused else "dkdv"

@@ -305,14 +305,28 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty,
-                    b, h, n0, lo, n_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                    b, h, n0, lo, n_tiles, idx_ptr, n_idx, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                    SPARSE: gl.constexpr, MASK_BM: gl.constexpr):
         """One warp: both consumers' K and V once, then Q_i, dO_i into the ring."""
         _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, b, h, n0)
         for t in range(n_tiles):
             buf = t % STAGES
             mbarrier.wait(empty.index(buf), ((t // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
             mbarrier.expect(ready.index(buf), 2 * q_desc.block_type.nbytes)
-            _bwd_load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(buf), b, h, lo + t * BLOCK_M, buf)
+            row = _bwd_tile_row(t, lo, idx_ptr, n_idx, BLOCK_M, SPARSE, MASK_BM)
+            _bwd_load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(buf), b, h, row, buf)
+
+    @gluon.jit
+    def _bwd_tile_row(t, lo, idx_ptr, n_idx, BLOCK_M: gl.constexpr, SPARSE: gl.constexpr,
+                      MASK_BM: gl.constexpr):
+        """First query row of the program's t-th query block: consecutive from `lo` when dense; when
+        block-sparse, block t % R of the (t // R)-th kept mask row block (R = MASK_BM / BLOCK_M) in
+        the key block's list idx_ptr[0 : n_idx] (clamped: the step after the last reads the last)."""
+        if SPARSE:
+            R: gl.constexpr = MASK_BM // BLOCK_M
+            return gl.load(idx_ptr + gl.minimum(t // R, n_idx - 1)) * MASK_BM + (t % R) * BLOCK_M
+        else:
+            return lo + t * BLOCK_M
 
     @gluon.jit
     def _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t, s_zero, STAGES: gl.constexpr):
@@ -325,25 +339,44 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_step(t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
-                  ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale,
-                  s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l: gl.constexpr, at_l: gl.constexpr,
-                  WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                  MASK: gl.constexpr, NEXT: gl.constexpr):
+                  ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full, idx_ptr, n_idx, Nq, causal_off,
+                  qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l: gl.constexpr,
+                  at_l: gl.constexpr, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                  STAGES: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr, MASK: gl.constexpr,
+                  NEXT: gl.constexpr):
         """Query block t, whose S^T and dP^T are in flight (s, dp) and whose LSE / delta rows were
-        loaded one step earlier. Returns the next block's (s, dp, lse, delta) and dK, dV."""
+        loaded one step earlier (dense; block-sparse loads them here). Returns the next block's (s, dp,
+        lse, delta), dK, dV and `lo` for the next step (dense: the first block's row, unchanged;
+        block-sparse: the next block's first row, looked up here)."""
         buf = t % STAGES
         slot = t % 2  # dS slot; its owner (consumer `slot`) computes the block's dQ over all 128 keys
         use = t // 2
-        start_m = lo + t * BLOCK_M
-        rows = start_m + offs_ms
-        rows_n = rows + BLOCK_M  # the next block's LSE and delta: loaded now, used one step later
-        lse_n = gl.load(lse_ptr + rows_n, mask=rows_n < Nq, other=0.0)
-        delta_n = gl.load(delta_ptr + rows_n, mask=rows_n < Nq, other=0.0)
+        if SPARSE:  # lo: this block's first row, looked up one step earlier
+            start_m = lo
+            lo_n = _bwd_tile_row(t + 1, lo, idx_ptr, n_idx, BLOCK_M, SPARSE, MASK_BM)
+            rows = start_m + offs_ms
+            # this block's LSE and delta, loaded now (a prefetch one step ahead held 32 more registers
+            # across the step, and the kernel spilled)
+            lse = gl.load(lse_ptr + rows, mask=rows < Nq, other=0.0)
+            delta = gl.load(delta_ptr + rows, mask=rows < Nq, other=0.0)
+            lse_n = lse
+            delta_n = delta
+        else:
+            start_m = lo + t * BLOCK_M
+            lo_n = lo
+            rows = start_m + offs_ms
+            rows_n = rows + BLOCK_M  # the next block's LSE and delta: loaded now, used one step later
+            lse_n = gl.load(lse_ptr + rows_n, mask=rows_n < Nq, other=0.0)
+            delta_n = gl.load(delta_ptr + rows_n, mask=rows_n < Nq, other=0.0)
         q_t = q_smem.index(buf)
         do_t = do_smem.index(buf)
         s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
-        if MASK:  # the diagonal blocks (start_m < full_w); the one peeled last block may need none
-            keep = (offs_n[:, None] <= rows[None, :] + causal_off) | (start_m >= full_w)
+        if MASK:  # the diagonal blocks (below `full`); the one peeled last block may need none
+            if SPARSE:  # full: the first block past the list's n_masked mask blocks
+                unmasked = t >= full
+            else:  # full: the first query row of this half's first block past the diagonal
+                unmasked = start_m >= full
+            keep = (offs_n[:, None] <= rows[None, :] + causal_off) | unmasked
             s = gl.where(keep, s, float("-inf"))
         p = gl.exp2(s * qk_scale - lse[None, :])
         p_a = gl.convert_layout(p.to(q_smem.dtype), a_l)
@@ -380,14 +413,14 @@ if HAVE_GLUON:
             else:
                 s_n = s
                 dp_n = dp
-        return s_n, dp_n, lse_n, delta_n, dk_o, dv_o
+        return s_n, dp_n, lse_n, delta_n, dk_o, dv_o, lo_n
 
     @gluon.jit
     def _bwd_consumer(dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
                       q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty, ds_ready, ds_free,
-                      n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale,
+                      n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale, sm_scale,
                       WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                      CAUSAL: gl.constexpr):
+                      CAUSAL: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr):
         """Keys [n0 + 64 WG, n0 + 64 WG + 64), one warpgroup."""
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
@@ -397,27 +430,33 @@ if HAVE_GLUON:
         at_l: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // HEAD_DIM, HEAD_DIM // 4], [4, 1], [1, 0])
         causal_off = Nk - Nq
         nw = n0 + 64 * WG
-        m_end = n_tiles * BLOCK_M + lo
-        if CAUSAL:  # this half's first query block and the first one that needs no mask
-            lo_w = gl.minimum(gl.maximum(nw - causal_off, 0) // BLOCK_M * BLOCK_M, m_end)
-            full_w = gl.minimum(gl.cdiv(gl.maximum(nw + 63 - causal_off, 0), BLOCK_M) * BLOCK_M, m_end)
-            full_w = gl.maximum(full_w, lo_w)
+        if SPARSE:  # every query block of the list; those of its first n_masked mask blocks get the mask
+            t0 = 0
+            t_full = gl.minimum(n_masked * (MASK_BM // BLOCK_M), n_tiles)
+            full = t_full
         else:
-            lo_w = lo
-            full_w = lo
-        # the second half starts at most one block later (0 <= t0 <= 1); it still releases the block
-        # it skips. A half with no block at all runs the last one fully masked (it adds zeros).
-        t0 = gl.minimum((lo_w - lo) // BLOCK_M, n_tiles - 1)
-        t_full = (full_w - lo) // BLOCK_M
-        # The skipped block must still be waited for: a parity wait only tells a phase from the one
-        # before it, so block 2's wait (parity 1) would pass at once while block 0's TMA is still in
-        # flight (ready[0] in phase 0) and this half would read block 0's buffer as block 2.
-        mbarrier.wait(ready.index(0), 0, pred=t0 > 0)
-        mbarrier.arrive(empty.index(0), pred=t0 > 0)
-        if t0 > 0:  # its half of block 0's dS^T is zero (block 0's dQ product sums both halves)
-            ds_smem.index(0).slice(64 * WG, 64).store(gl.zeros([64, BLOCK_M], q_smem.dtype, layout=s_l))
-            fence_async_shared()
-            mbarrier.arrive(ds_ready.index(0))
+            m_end = n_tiles * BLOCK_M + lo
+            if CAUSAL:  # this half's first query block and the first one that needs no mask
+                lo_w = gl.minimum(gl.maximum(nw - causal_off, 0) // BLOCK_M * BLOCK_M, m_end)
+                full_w = gl.minimum(gl.cdiv(gl.maximum(nw + 63 - causal_off, 0), BLOCK_M) * BLOCK_M, m_end)
+                full_w = gl.maximum(full_w, lo_w)
+            else:
+                lo_w = lo
+                full_w = lo
+            # the second half starts at most one block later (0 <= t0 <= 1); it still releases the
+            # block it skips. A half with no block at all runs the last one fully masked (adds zeros).
+            t0 = gl.minimum((lo_w - lo) // BLOCK_M, n_tiles - 1)
+            t_full = (full_w - lo) // BLOCK_M
+            full = full_w
+            # The skipped block must still be waited for: a parity wait only tells a phase from the
+            # one before it, so block 2's wait (parity 1) would pass at once while block 0's TMA is
+            # still in flight (ready[0] in phase 0) and this half would read block 0's buffer as 2.
+            mbarrier.wait(ready.index(0), 0, pred=t0 > 0)
+            mbarrier.arrive(empty.index(0), pred=t0 > 0)
+            if t0 > 0:  # its half of block 0's dS^T is zero (block 0's dQ product sums both halves)
+                ds_smem.index(0).slice(64 * WG, 64).store(gl.zeros([64, BLOCK_M], q_smem.dtype, layout=s_l))
+                fence_async_shared()
+                mbarrier.arrive(ds_ready.index(0))
 
         k_w = k_smem.slice(64 * WG, 64)
         v_w = v_smem.index(WG)
@@ -429,28 +468,21 @@ if HAVE_GLUON:
         dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=kv_l)
         dk = gl.zeros([64, HEAD_DIM], gl.float32, layout=kv_l)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, layout=kv_l)
-        rows0 = lo + t0 * BLOCK_M + offs_ms
-        lse = gl.load(lse_ptr + rows0, mask=rows0 < Nq, other=0.0)
-        delta = gl.load(delta_ptr + rows0, mask=rows0 < Nq, other=0.0)
-        mbarrier.wait(kv_bar, 0)
-        s, dp = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t0, s_zero, STAGES)
-        for t in range(t0, gl.minimum(t_full, n_tiles - 1)):
-            s, dp, lse, delta, dk, dv = _bwd_step(
-                t, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
-                ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero,
-                dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M, STAGES,
-                True, True)
-        for t in range(t_full, n_tiles - 1):
-            s, dp, lse, delta, dk, dv = _bwd_step(
-                t, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
-                ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero,
-                dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M, STAGES,
-                False, True)
-        s, dp, lse, delta, dk, dv = _bwd_step(
-            n_tiles - 1, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
-            ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full_w, Nq, causal_off, qk_scale, s_zero,
-            dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M, STAGES,
-            CAUSAL, False)
+        if SPARSE:
+            if n_tiles > 0:
+                dk, dv = _bwd_blocks(
+                    dk, dv, t0, t_full, full, n_tiles, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, kv_bar,
+                    ready, empty, ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, idx_ptr, n_idx, Nq,
+                    causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG,
+                    HEAD_DIM, BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM)
+            else:  # a key block that no query block keeps: dK = dV = 0 (K and V still arrive first)
+                mbarrier.wait(kv_bar, 0)
+        else:
+            dk, dv = _bwd_blocks(
+                dk, dv, t0, t_full, full, n_tiles, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, kv_bar, ready,
+                empty, ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, idx_ptr, n_idx, Nq, causal_off,
+                qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM,
+                BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM)
 
         offs_nk = nw + gl.arange(0, 64, layout=gl.SliceLayout(1, kv_l))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_l))
@@ -461,11 +493,51 @@ if HAVE_GLUON:
                  dv.to(dv_base.dtype.element_ty), mask=kv_mask)
 
     @gluon.jit
+    def _bwd_blocks(dk, dv, t0, t_full, full, n_tiles, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, kv_bar,
+                    ready, empty, ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, idx_ptr, n_idx, Nq,
+                    causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq,
+                    a_l: gl.constexpr, at_l: gl.constexpr, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
+                    MASK_BM: gl.constexpr):
+        """One consumer's query blocks t0 .. n_tiles - 1, those below t_full masked (`full`: see
+        _bwd_step): returns dK, dV."""
+        if SPARSE:
+            lo = _bwd_tile_row(t0, lo, idx_ptr, n_idx, BLOCK_M, SPARSE, MASK_BM)
+            rows0 = lo + offs_ms
+        else:
+            rows0 = lo + t0 * BLOCK_M + offs_ms
+        lse = gl.load(lse_ptr + rows0, mask=rows0 < Nq, other=0.0)
+        delta = gl.load(delta_ptr + rows0, mask=rows0 < Nq, other=0.0)
+        mbarrier.wait(kv_bar, 0)
+        s, dp = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t0, s_zero, STAGES)
+        for t in range(t0, gl.minimum(t_full, n_tiles - 1)):
+            s, dp, lse, delta, dk, dv, lo = _bwd_step(
+                t, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
+                ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full, idx_ptr, n_idx, Nq, causal_off,
+                qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM,
+                BLOCK_M, STAGES, SPARSE, MASK_BM, True, True)
+        for t in range(t_full, n_tiles - 1):
+            s, dp, lse, delta, dk, dv, lo = _bwd_step(
+                t, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
+                ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full, idx_ptr, n_idx, Nq, causal_off,
+                qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM,
+                BLOCK_M, STAGES, SPARSE, MASK_BM, False, True)
+        s, dp, lse, delta, dk, dv, lo = _bwd_step(
+            n_tiles - 1, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
+            ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full, idx_ptr, n_idx, Nq, causal_off,
+            qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M,
+            STAGES, SPARSE, MASK_BM, CAUSAL, False)
+        return dk, dv
+
+    @gluon.jit
     def _gl_bwd_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE, DELTA, DQA,
+                       COL_COUNT, COL_IDX, COL_MASKED,
                        stride_dkb, stride_dkn, stride_dkh,
                        stride_dvb, stride_dvn, stride_dvh,
+                       stride_mh, stride_mcol,
                        H, Nq, Nk, qk_scale, sm_scale,
                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr,
+                       SPARSE: gl.constexpr, MASK_BM: gl.constexpr, MASK_BN: gl.constexpr,
                        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """128 keys per program: two consumer warpgroups of 64 keys, one loader warp (see the module
         docstring). Query blocks of BLOCK_M = 64 rows. q_desc ... do_desc: host TMA descriptors of the
@@ -507,6 +579,15 @@ if HAVE_GLUON:
         else:
             lo = 0
         n_tiles = (m_end - lo) // BLOCK_M
+        idx_ptr = COL_IDX
+        n_idx = 1
+        n_masked = 0
+        if SPARSE:  # the key block's list of kept query mask blocks (MASK_BN a multiple of 128)
+            col = n0 // MASK_BN
+            n_idx = gl.load(COL_COUNT + h * stride_mh + col)
+            n_masked = gl.load(COL_MASKED + h * stride_mh + col)  # leading blocks crossing the diagonal
+            idx_ptr = COL_IDX + (h * stride_mh + col) * stride_mcol
+            n_tiles = n_idx * (MASK_BM // BLOCK_M)
         dk_base = DK + b.to(gl.int64) * stride_dkb + h.to(gl.int64) * stride_dkh
         dv_base = DV + b.to(gl.int64) * stride_dvb + h.to(gl.int64) * stride_dvh
         lse_ptr = LSE + bh * Nq
@@ -515,14 +596,14 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
                              q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty, ds_ready,
-                             ds_free, n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 0, HEAD_DIM, BLOCK_M,
-                             STAGES, CAUSAL)),
+                             ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale, sm_scale,
+                             0, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM)),
             (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
                              q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty, ds_ready,
-                             ds_free, n0, lo, n_tiles, Nq, Nk, qk_scale, sm_scale, 1, HEAD_DIM, BLOCK_M,
-                             STAGES, CAUSAL)),
+                             ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale, sm_scale,
+                             1, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM)),
             (_bwd_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready,
-                           empty, b, h, n0, lo, n_tiles, BLOCK_M, STAGES)),
+                           empty, b, h, n0, lo, n_tiles, idx_ptr, n_idx, BLOCK_M, STAGES, SPARSE, MASK_BM)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -541,20 +622,26 @@ def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config):
         num_warps=4)
 
 
-def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: float, sm_scale: float, config):
+def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: float, sm_scale: float, config,
+              sparse=None):
     """Launch the Gluon backward: writes dk, dv (like k, v) and adds dQ / sm_scale into the zeroed
     fp32 `dqa` (B, H, Nq, D); returns the kernel handle. config = (STAGES, consumer registers); the
     caller has checked the inputs (fp16/bf16, head dim in BWD_HEAD_DIMS, TMA-aligned strides, sm_90).
+    sparse: None (dense) or the block mask's column lists as flash._mask_args(rows=False) gives them,
+    (col_count, col_idx, col_masked, stride_head, stride_col, MASK_BM, MASK_BN), with MASK_BN a
+    multiple of 128 (one program's keys) and MASK_BM of 64 (one query block).
     Its descriptors are made here on the host, so it needs no Triton allocator (no device scratch)."""
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
     stages, regs = config
     q_desc, k_desc, v_desc, do_desc = (_bshd_desc(t) for t in (q, k, v, do))
+    count, idx, masked, smh, smc, mbm, mbn = sparse if sparse is not None else (lse, lse, lse, 0, 0, 64, 128)
     return _gl_bwd_kernel[(-(-Nk // 128), B * H)](
-        q_desc, k_desc, v_desc, do_desc, dk, dv, lse, delta, dqa,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        q_desc, k_desc, v_desc, do_desc, dk, dv, lse, delta, dqa, count, idx, masked,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), smh, smc,
         H, Nq, Nk, qk_scale, sm_scale,
-        HEAD_DIM=D, BLOCK_M=64, CAUSAL=bool(causal), STAGES=stages, CONSUMER_REGS=regs, num_warps=4)
+        HEAD_DIM=D, BLOCK_M=64, CAUSAL=bool(causal), SPARSE=sparse is not None, MASK_BM=mbm, MASK_BN=mbn,
+        STAGES=stages, CONSUMER_REGS=regs, num_warps=4)
 
 
 def _bshd_desc(t):

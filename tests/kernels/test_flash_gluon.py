@@ -14,6 +14,7 @@ import sys
 import longctx.kernels.flash as flash_mod
 import pytest
 import torch
+from longctx import kernels
 from longctx.kernels import flash_gluon
 
 from .test_flash import DEVICE, run_case
@@ -41,7 +42,8 @@ if flash_gluon.HAVE_GLUON:
 
     @gluon.jit
     def _late_block0_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready,
-                            empty, b, h, n0, lo, n_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                            empty, b, h, n0, lo, n_tiles, idx_ptr, n_idx, BLOCK_M: gl.constexpr,
+                            STAGES: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr):
         """The backward's loader with query block 0 landing last: block 1 first, then a pause long
         enough for a consumer to finish a block, then block 0 (the worst case of TMA reordering)."""
         _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, b, h, n0)
@@ -62,7 +64,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from longctx.kernels import flash_gluon
-head_dim, causal, backward = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "bwd"
+head_dim, causal, kernel = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
+backward, sparse = kernel != "fwd", kernel == "sparse"
 if backward:  # host TMA descriptors of the (B, N, H, D) inputs, then the outputs
     layout = flash_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     desc = f"tensordesc<bf16[1,64,1,{head_dim}],{layout!r}>"
@@ -73,13 +76,17 @@ else:
     sig = {}
 sig.update({name: "*bf16" for name in tensors})
 sig.update({name: "*fp32" for name in (("LSE", "DELTA", "DQA") if backward else ("LSE",))})
+if backward:  # the block mask's column lists
+    sig.update({name: "*i32" for name in ("COL_COUNT", "COL_IDX", "COL_MASKED")})
 for t in tensors:
     sig.update({f"stride_{t.lower()}{s}": "i32" for s in "bnh"})
+if backward:
+    sig.update({"stride_mh": "i32", "stride_mcol": "i32"})
 sig.update({"H": "i32", "Nq": "i32", "Nk": "i32", "qk_scale": "fp32"})
 if backward:
     sig["sm_scale"] = "fp32"
-    consts = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "CAUSAL": causal, "STAGES": 2, "CONSUMER_REGS": 240,
-              "num_warps": 4}
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "CAUSAL": causal, "SPARSE": sparse, "MASK_BM": 128,
+              "MASK_BN": 128, "STAGES": 2, "CONSUMER_REGS": 240, "num_warps": 4}
 else:
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": 128, "BLOCK_N": 128, "CAUSAL": causal, "STAGES": 2,
               "CONSUMER_REGS": 240, "num_warps": 4}
@@ -91,7 +98,8 @@ sys.stdout.write(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={
 
 
 def build_ptx(head_dim: int, causal: bool, kernel: str = "fwd") -> str:
-    """PTX of a kernel for sm_90, built in a subprocess: the test session runs Triton's interpreter
+    """PTX of a kernel ("fwd", "bwd" or "sparse": the block-sparse backward) for sm_90, built in a
+    subprocess: the test session runs Triton's interpreter
     (TRITON_INTERPRET=1), under which gluon.jit functions cannot be compiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [sys.executable, "-c", _BUILD, str(head_dim), "1" if causal else "0", kernel]
@@ -128,9 +136,9 @@ def test_builds_for_hopper_with_async_wgmma_and_no_cta_wide_barrier_in_the_loop(
 
 
 @needs_gluon
-@pytest.mark.parametrize("causal", [True, False])
-def test_backward_builds_with_warp_specialisation_and_vector_reductions(causal):
-    ptx = build_ptx(64, causal, "bwd")
+@pytest.mark.parametrize("causal,kernel", [(True, "bwd"), (False, "bwd"), (True, "sparse")])
+def test_backward_builds_with_warp_specialisation_and_vector_reductions(causal, kernel):
+    ptx = build_ptx(64, causal, kernel)
     assert "wgmma.mma_async" in ptx
     # every wait is wait_group 0: a wait_group N > 0 behind the loop's back edge makes ptxas
     # serialise all wgmma of the kernel (docs/kernel_notes.md Version 5)
@@ -169,6 +177,70 @@ def test_backward_waits_for_the_query_block_a_consumer_skips(nq, nk, monkeypatch
     ran = count_calls(monkeypatch, late, "gluon_bwd")
     run_case(1, nq, nk, 2, 64, True, torch.bfloat16, deterministic=False)
     assert ran, "the Gluon backward did not run"
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", ["local", "bigbird_heads", "rect_64x128", "big_256", "cross",
+                                  "noncausal_empty"])
+def test_block_sparse_backward_matches_float64_reference(case, monkeypatch):
+    """The Gluon backward over a block mask's column lists (mask blocks of 64k query rows by 128k
+    keys): causal masks on the blocks that cross the diagonal only, per-head layouts, partial last
+    blocks, Nq != Nk, and key blocks that no query block keeps (their dK, dV must be 0)."""
+    monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)
+    ran = count_calls(monkeypatch, flash_gluon, "gluon_bwd")
+    causal, nq, nk, heads = True, 1000, 1000, 2
+    if case == "local":
+        mask = kernels.local_mask(nq, window_blocks=1, block_m=128, block_n=128, causal=True)
+    elif case == "bigbird_heads":
+        mask = kernels.bigbird_mask(nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=5,
+                                    n_heads=heads, block_m=128, block_n=128, causal=True)
+    elif case == "rect_64x128":
+        mask = kernels.local_mask(nq, window_blocks=2, block_m=64, block_n=128, causal=True)
+    elif case == "big_256":
+        nq = nk = 1300
+        mask = kernels.bigbird_mask(nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=2,
+                                    block_m=256, block_n=256, causal=True)
+    elif case == "cross":
+        nq, nk = 700, 1500
+        mask = kernels.local_mask(nq, nk, window_blocks=2, block_m=128, block_n=128, causal=True)
+    else:
+        causal, nk = False, 1100
+        layout = torch.rand(1, 8, 9, generator=torch.Generator().manual_seed(0)) < 0.4
+        layout[:, :, 3] = False  # key block 3 kept by no query block
+        layout[:, 2, :] = False  # query block 2 keeps nothing
+        layout[:, 0, 0] = True
+        mask = kernels.BlockMask(layout, block_m=128, block_n=128, seq_q=nq, seq_k=nk)
+    out, (dq, dk, dv) = run_case(1, nq, nk, heads, 64, causal, torch.bfloat16, block_mask=mask,
+                                 deterministic=False)
+    assert ran, "the Gluon backward did not run"
+    if case == "noncausal_empty":
+        assert torch.equal(dk[:, 384:512], torch.zeros_like(dk[:, 384:512]))
+        assert torch.equal(dv[:, 384:512], torch.zeros_like(dv[:, 384:512]))
+
+
+@needs_hopper
+def test_block_sparse_backward_falls_back_for_64_key_blocks(monkeypatch):
+    monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)
+    ran = count_calls(monkeypatch, flash_gluon, "gluon_bwd")
+    mask = kernels.local_mask(600, window_blocks=2, block_m=64, block_n=64, causal=True)
+    run_case(1, 600, 600, 2, 64, True, torch.bfloat16, block_mask=mask, deterministic=False)
+    assert not ran  # a program owns 128 keys: 64-key mask columns keep the Triton backward
+
+
+@needs_hopper
+def test_block_sparse_backward_choice(monkeypatch):
+    """Automatic: the Gluon backward for masks whose 128-key programs see >= 8 query blocks on average
+    (local window of 8 blocks of 128), the Triton one below (window of 1)."""
+    ran = count_calls(monkeypatch, flash_gluon, "gluon_bwd")
+    wide = kernels.local_mask(2048, window_blocks=8, block_m=128, block_n=128, causal=True)
+    narrow = kernels.local_mask(2048, window_blocks=1, block_m=128, block_n=128, causal=True)
+    assert flash_mod._sparse_tiles_per_program(wide) >= 8 > flash_mod._sparse_tiles_per_program(narrow)
+    run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide)
+    assert ran
+    ran.clear()
+    run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=narrow)
+    run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide, deterministic=True)
+    assert not ran
 
 
 @needs_hopper
