@@ -805,11 +805,11 @@ def _gluon_bwd_config(q, k, v, do, causal, block_mask):
     return row[1:] if _tma_ok(q, k, v, do) else None
 
 
-# Block-sparse: the Gluon backward (128 keys per program) is faster where its programs see enough
-# query blocks of 64 rows to amortise their start (K/V loads, barrier set-up) - on an H200: 1.17-1.37x
-# the Triton one at 16 blocks per program and more (local / BigBird, 16k and 64k keys), 0.92-0.97x at 4
-# (docs/benchmarks.md 2b). The threshold lies between the two measured points.
-_GLUON_SPARSE_MIN_TILES = 8
+# Block-sparse: the Gluon backward (128 keys per program, one program per SM) is faster where its
+# programs see enough query blocks of 64 rows to amortise their start (K/V loads, barrier set-up) - on
+# an H200: 1.17-1.37x the Triton one at 16 blocks per program (local / BigBird, 16k and 64k keys),
+# 1.05x at 7.6-8, 0.92-0.93x at 4 (docs/benchmarks.md 2b). The threshold lies between the last two.
+_GLUON_SPARSE_MIN_TILES = 6
 
 
 def _sparse_tiles_per_program(block_mask) -> float:

@@ -52,6 +52,10 @@ buffered: `ds_ready` (two arrivals) tells the owner both halves are in, `ds_free
 arrival once its product is done) lets the next writer of the slot, two blocks later, overwrite it.
 The loads use host TMA descriptors of the whole (B, N, H, D) inputs (`gluon_bwd`), so no program
 builds descriptors on the device before its first load (1.13x at causal 1k, Version 12).
+Block-sparse (SPARSE): a program's query blocks are those of the mask row blocks its key column
+keeps (the column lists of `BlockMask.lists`, MASK_BN a multiple of 128, MASK_BM of 64), looked up
+one step ahead; both halves run every block, and only blocks of the list's leading mask blocks that
+cross the causal diagonal get the element mask (Version 13).
 
 Issuing the next block's products before this block's dQ reductions is what made it faster than the
 Triton fused backward (docs/kernel_notes.md Version 7); every wait is `wait_group 0`, so the loop's
