@@ -101,10 +101,11 @@ def test_bench_attention_smoke_with_a_crashing_worker(tmp_path, monkeypatch, cap
     assert "cases ok" in capsys.readouterr().out
 
 
-def test_bench_block_sparse_smoke(tmp_path):
+@pytest.mark.parametrize("layout,n,density", [("local", "128", "1/2"), ("bigbird", "512", "1/4")])
+def test_bench_block_sparse_smoke(tmp_path, layout, n, density):
     out = tmp_path / "bs.json"
-    rc = bench_block_sparse.main(["--smoke", "--seqlens", "128", "--densities", "1/2", "--no-isolate",
-                                  "--out", str(out)])
+    rc = bench_block_sparse.main(["--smoke", "--seqlens", n, "--densities", density, "--no-isolate",
+                                  "--layout", layout, "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     _finite_numbers(data)
@@ -122,7 +123,7 @@ def test_bench_block_sparse_smoke(tmp_path):
             _check_timed(res[m], ("fwd", "fwdbwd"))
             assert res[m]["check_ok"] and res[m]["check"]["out"] < 1e-4
     table = data["table"]
-    assert table["rows"] and table["rows"][0][2] == "1/2"
+    assert table["rows"] and table["rows"][0][2] == density
     assert data["plots"] and Path(data["plots"][0]).stat().st_size > 1000
 
 
