@@ -472,21 +472,19 @@ if HAVE_GLUON:
         dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=kv_l)
         dk = gl.zeros([64, HEAD_DIM], gl.float32, layout=kv_l)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, layout=kv_l)
+        # block-sparse: a key block that no query block keeps stores dK = dV = 0 (after its K and V land)
         if SPARSE:
-            if n_tiles > 0:
-                dk, dv = _bwd_blocks(
-                    dk, dv, t0, t_full, full, n_tiles, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, kv_bar,
-                    ready, empty, ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, idx_ptr, n_idx, Nq,
-                    causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG,
-                    HEAD_DIM, BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM)
-            else:  # a key block that no query block keeps: dK = dV = 0 (K and V still arrive first)
-                mbarrier.wait(kv_bar, 0)
+            any_block = n_tiles > 0
         else:
+            any_block = True
+        if any_block:
             dk, dv = _bwd_blocks(
                 dk, dv, t0, t_full, full, n_tiles, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, kv_bar, ready,
                 empty, ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, idx_ptr, n_idx, Nq, causal_off,
                 qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM,
                 BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM)
+        else:
+            mbarrier.wait(kv_bar, 0)
 
         offs_nk = nw + gl.arange(0, 64, layout=gl.SliceLayout(1, kv_l))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_l))
@@ -510,6 +508,7 @@ if HAVE_GLUON:
             rows0 = lo + offs_ms
         else:
             rows0 = lo + t0 * BLOCK_M + offs_ms
+        # (block-sparse steps load their own LSE and delta; these then only seed the loop's values)
         lse = gl.load(lse_ptr + rows0, mask=rows0 < Nq, other=0.0)
         delta = gl.load(delta_ptr + rows0, mask=rows0 < Nq, other=0.0)
         mbarrier.wait(kv_bar, 0)
