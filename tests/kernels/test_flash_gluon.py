@@ -183,8 +183,8 @@ def test_backward_waits_for_the_query_block_a_consumer_skips(nq, nk, monkeypatch
 @pytest.mark.parametrize("case", ["local", "bigbird_heads", "rect_64x128", "big_256", "cross",
                                   "noncausal_empty"])
 def test_block_sparse_backward_matches_float64_reference(case, monkeypatch):
-    """The Gluon backward over a block mask's column lists (mask blocks of 64k query rows by 128k
-    keys): causal masks on the blocks that cross the diagonal only, per-head layouts, partial last
+    """The Gluon backward over a block mask's column lists (mask blocks of a multiple of 64 query
+    rows by a multiple of 128 keys): causal masks on the blocks that cross the diagonal only, per-head layouts, partial last
     blocks, Nq != Nk, and key blocks that no query block keeps (their dK, dV must be 0)."""
     monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)
     ran = count_calls(monkeypatch, flash_gluon, "gluon_bwd")
