@@ -511,9 +511,10 @@ _TABLES = {
         # the Gluon forward (kernels/flash_gluon.py) where it measured faster than the Triton one:
         # (BLOCK_N, STAGES, consumer registers) per exact head dim, None = the Triton forward
         "fwd_gluon": [(64, None, None), (128, (128, 2, 240), (128, 2, 240))],
-        # the Gluon fused backward (kernels/flash_gluon.py, head dim 64 only): (minimum keys, STAGES,
-        # consumer registers); below the minimum the Triton fused backward measured faster
-        "bwd_gluon": [(64, (1024, 2, 240), (512, 2, 240))],
+        # the Gluon fused backward (kernels/flash_gluon.py, head dims 64 and 128): (minimum keys,
+        # STAGES, consumer registers); below the minimum the Triton fused backward measured faster
+        # (head dim 128: 0.98x at causal 1k, 1.03-1.09x from 2k; non-causal measured from 4k)
+        "bwd_gluon": [(64, (1024, 2, 240), (512, 2, 240)), (128, (2048, 2, 240), (4096, 2, 240))],
         "dkdv": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 128, 8, 3), (64, 128, 8, 3)),
                  (256, (32, 64, 4, 2), (32, 64, 4, 2))],
         "dq": [(64, (128, 64, 8, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
@@ -800,7 +801,8 @@ def _gluon_bwd_config(q, k, v, do, causal, block_mask):
     if not _OPTIONS["bwd_gluon"]:
         if block_mask is None and k.shape[1] < row[0]:
             return None
-        if block_mask is not None and _sparse_tiles_per_program(block_mask) < _GLUON_SPARSE_MIN_TILES:
+        if block_mask is not None and (q.shape[-1] != 64  # (block-sparse measured at head dim 64 only)
+                                       or _sparse_tiles_per_program(block_mask) < _GLUON_SPARSE_MIN_TILES):
             return None
     return row[1:] if _tma_ok(q, k, v, do) else None
 
@@ -879,6 +881,12 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
     Nk = k.shape[1]
     if deterministic is None:
         deterministic = _deterministic_default(q.device, D, causal)
+        if (deterministic and _OPTIONS["bwd_fused"] is None
+                and not torch.are_deterministic_algorithms_enabled()
+                and _gluon_bwd_config(q, k, v, do, causal, block_mask) is not None):
+            # where the table prefers the deterministic Triton backward (head dim 128 non-causal), the
+            # Gluon one (atomic dQ) measured 1.08x faster still
+            deterministic = False
     fused = not deterministic
     if do.stride(-1) != 1:
         do = do.contiguous()

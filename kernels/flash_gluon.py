@@ -28,7 +28,7 @@ and LSE = +inf; LSE in base 2 of the scaled scores), so `flash._flash_bwd` runs 
 "fwd_gluon" entry (head dim 128: 1.15-1.3x the Triton forward on an H200, docs/benchmarks.md 1d)
 and the inputs suit TMA; everything else runs the Triton kernel.
 
-The backward (`gluon_bwd`, head dim 64) has the same partition structure, FlashAttention-3's backward
+The backward (`gluon_bwd`, head dims 64 and 128) has the same partition structure, FlashAttention-3's backward
 schedule as far as 240 registers per consumer thread allow:
 
     loader (1 warp):          K and V of the program's 128 keys once, then Q_i and dO_i (64 query
@@ -44,6 +44,14 @@ schedule as far as 240 registers per consumer thread allow:
                                 wait; release the buffer; issue S_{i+1}^T, dP_{i+1}^T
                                 owner: dQ_i -> fp32 `red.v4` reductions           <- those two running
                               then dK (times the softmax scale) and dV stored once
+
+Head dim 128 (DQ_SPLIT): a consumer's dK and dV accumulators ([64, 128] fp32 each) take 128 of its
+240 registers, so no consumer can also hold a [64, 128] dQ. There is no owner: both consumers, every
+block, form 64 of dQ's 128 columns over all 128 keys (K loaded once more as two [128, 64] column
+halves, `kc_smem`), reduce them, and only then issue the next block's S^T and dP^T; LSE and delta are
+loaded after the S^T / dP^T wait. 1.03-1.09x the Triton fused backward from 2048 keys (0.98x at causal
+1k); an owner forming both halves in turn spilled more and measured 0.83-0.94x (docs/kernel_notes.md
+Version 14).
 
 The owner alternates with the block's parity, so each consumer reduces every other block's dQ and
 the program sends one reduction per 128 keys, not one per 64 (half the L2 reduction traffic; 1.11-1.19x
@@ -85,7 +93,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 HEAD_DIMS = (64, 128)  # the head dims the forward is built for (one warpgroup's wgmma N = head_dim)
-BWD_HEAD_DIMS = (64,)  # the backward's (at 128 its accumulators do not fit in 240 registers)
+BWD_HEAD_DIMS = (64, 128)  # the backward's (at 128 each consumer forms half of dQ's columns)
 
 
 if HAVE_GLUON:
@@ -288,18 +296,30 @@ if HAVE_GLUON:
             dtype=gl.int32, is_pure=False, pack=4)
 
     @gluon.jit
-    def _tma_rows(desc, b, h, row, bar, dst):
-        """Rows [row, row + BLOCK_ROWS) of (batch b, head h) of a (B, N, H, D) descriptor into the 2-D
-        tile dst, onto bar (rows past N read as 0)."""
-        _tma_load(desc, [b, row, h, 0], bar, dst.reinterpret(dst.dtype, desc.block_type.shape, desc.layout))
+    def _tma_rows(desc, b, h, row, bar, dst, col=0):
+        """Rows [row, row + BLOCK_ROWS) of (batch b, head h) of a (B, N, H, D) descriptor (its columns
+        [col, col + block width)) into the 2-D tile dst, onto bar (rows past N read as 0)."""
+        _tma_load(desc, [b, row, h, col], bar, dst.reinterpret(dst.dtype, desc.block_type.shape, desc.layout))
 
     @gluon.jit
-    def _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, b, h, n0):
-        """Both consumers' K and V (64 keys each) onto kv_bar, once per program."""
-        mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
+    def _bwd_load_kv(k_desc, v_desc, kc_desc, k_smem, v_smem, kc_smem, kv_bar, b, h, n0,
+                     DQ_SPLIT: gl.constexpr):
+        """Both consumers' K and V (64 keys each) onto kv_bar, once per program; with DQ_SPLIT also K's
+        two 64-column halves over all 128 keys (kc_smem[c] = K[:, 64 c : 64 c + 64], consumer c's
+        dQ columns)."""
+        if DQ_SPLIT:
+            mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes + 4 * kc_desc.block_type.nbytes)
+        else:
+            mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
         for w in gl.static_range(2):
-            _tma_rows(k_desc, b, h, n0 + 64 * w, kv_bar, k_smem.slice(64 * w, 64))
+            if DQ_SPLIT:  # k_smem[w]: a [64, HEAD_DIM] tile per consumer
+                _tma_rows(k_desc, b, h, n0 + 64 * w, kv_bar, k_smem.index(w))
+            else:  # one [128, 64] tile: the owner's dQ product reads all 128 keys
+                _tma_rows(k_desc, b, h, n0 + 64 * w, kv_bar, k_smem.slice(64 * w, 64))
             _tma_rows(v_desc, b, h, n0 + 64 * w, kv_bar, v_smem.index(w))
+            if DQ_SPLIT:
+                for c in gl.static_range(2):
+                    _tma_rows(kc_desc, b, h, n0 + 64 * w, kv_bar, kc_smem.index(c).slice(64 * w, 64), 64 * c)
 
     @gluon.jit
     def _bwd_load_q_do(q_desc, do_desc, q_smem, do_smem, bar, b, h, row, buf):
@@ -308,11 +328,12 @@ if HAVE_GLUON:
         _tma_rows(do_desc, b, h, row, bar, do_smem.index(buf))
 
     @gluon.jit
-    def _bwd_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty,
-                    b, h, n0, lo, n_tiles, idx_ptr, n_idx, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                    SPARSE: gl.constexpr, MASK_BM: gl.constexpr):
+    def _bwd_loader(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                    kv_bar, ready, empty, b, h, n0, lo, n_tiles, idx_ptr, n_idx, BLOCK_M: gl.constexpr,
+                    STAGES: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr,
+                    DQ_SPLIT: gl.constexpr):
         """One warp: both consumers' K and V once, then Q_i, dO_i into the ring."""
-        _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, b, h, n0)
+        _bwd_load_kv(k_desc, v_desc, kc_desc, k_smem, v_smem, kc_smem, kv_bar, b, h, n0, DQ_SPLIT)
         for t in range(n_tiles):
             buf = t % STAGES
             mbarrier.wait(empty.index(buf), ((t // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
@@ -333,6 +354,14 @@ if HAVE_GLUON:
             return lo + t * BLOCK_M
 
     @gluon.jit
+    def _bwd_red_dq(dqa_base, start_m, dq, offs_mq, offs_dq, Nq, at_l: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """dq (this consumer's columns offs_dq of query rows [start_m, start_m + BLOCK_M)) into the fp32
+        accumulator."""
+        rows_q = start_m + offs_mq
+        _red_add_v4(dqa_base, rows_q[:, None] * HEAD_DIM + offs_dq[None, :], gl.convert_layout(dq, at_l),
+                    rows_q[:, None] < Nq)
+
+    @gluon.jit
     def _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t, s_zero, STAGES: gl.constexpr):
         """Wait for query block t's Q and dO; issue S^T = K Q^T and dP^T = V dO^T (asynchronous)."""
         buf = t % STAGES
@@ -346,18 +375,29 @@ if HAVE_GLUON:
                   ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full, idx_ptr, n_idx, Nq, causal_off,
                   qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l: gl.constexpr,
                   at_l: gl.constexpr, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                  STAGES: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr, MASK: gl.constexpr,
-                  NEXT: gl.constexpr):
+                  STAGES: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr, DQ_SPLIT: gl.constexpr,
+                  MASK: gl.constexpr, NEXT: gl.constexpr):
         """Query block t, whose S^T and dP^T are in flight (s, dp) and whose LSE / delta rows were
-        loaded one step earlier (dense; block-sparse loads them here). Returns the next block's (s, dp,
-        lse, delta), dK, dV and `lo` for the next step (dense: the first block's row, unchanged;
-        block-sparse: the next block's first row, looked up here)."""
+        loaded one step earlier (dense; block-sparse loads them here, DQ_SPLIT after the wait). Returns
+        the next block's (s, dp, lse, delta), dK, dV and `lo` for the next step (dense: the first block's row, unchanged;
+        block-sparse: the next block's first row, looked up here). k_both: K over all 128 keys, all
+        columns (the owner's dQ product), or with DQ_SPLIT this consumer's 64 columns of it."""
         buf = t % STAGES
-        slot = t % 2  # dS slot; its owner (consumer `slot`) computes the block's dQ over all 128 keys
+        # dS slot; its owner (consumer `slot`) computes the block's dQ over all 128 keys (DQ_SPLIT:
+        # both consumers do, each its own 64 of the head dim's 128 columns)
+        slot = t % 2
         use = t // 2
         if SPARSE:  # lo: this block's first row, looked up one step earlier
             start_m = lo
             lo_n = _bwd_tile_row(t + 1, lo, idx_ptr, n_idx, BLOCK_M, SPARSE, MASK_BM)
+        else:
+            start_m = lo + t * BLOCK_M
+            lo_n = lo
+        if DQ_SPLIT:  # loaded after the wait below: 32 registers held for less of the step
+            rows = start_m + offs_ms
+            lse_n = lse
+            delta_n = delta
+        elif SPARSE:
             rows = start_m + offs_ms
             # this block's LSE and delta, loaded now (a prefetch one step ahead held 32 more registers
             # across the step, and the kernel spilled)
@@ -366,8 +406,6 @@ if HAVE_GLUON:
             lse_n = lse
             delta_n = delta
         else:
-            start_m = lo + t * BLOCK_M
-            lo_n = lo
             rows = start_m + offs_ms
             rows_n = rows + BLOCK_M  # the next block's LSE and delta: loaded now, used one step later
             lse_n = gl.load(lse_ptr + rows_n, mask=rows_n < Nq, other=0.0)
@@ -375,6 +413,8 @@ if HAVE_GLUON:
         q_t = q_smem.index(buf)
         do_t = do_smem.index(buf)
         s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
+        if DQ_SPLIT:
+            lse = gl.load(lse_ptr + rows, mask=rows < Nq, other=0.0)
         if MASK:  # the diagonal blocks (below `full`); the one peeled last block may need none
             if SPARSE:  # full: the first block past the list's n_masked mask blocks
                 unmasked = t >= full
@@ -385,6 +425,8 @@ if HAVE_GLUON:
         p = gl.exp2(s * qk_scale - lse[None, :])
         p_a = gl.convert_layout(p.to(q_smem.dtype), a_l)
         dv_acc = warpgroup_mma(p_a, do_t, dv, is_async=True)
+        if DQ_SPLIT:
+            delta = gl.load(delta_ptr + rows, mask=rows < Nq, other=0.0)
         ds = (p * (dp - delta[None, :])).to(q_smem.dtype)
         mbarrier.wait(ds_free.index(slot), (use & 1) ^ 1)  # block t - 2's dQ product has read the slot
         ds_smem.index(slot).slice(64 * WG, 64).store(ds)
@@ -393,7 +435,21 @@ if HAVE_GLUON:
         ds_a = gl.convert_layout(ds, a_l)
         dk_acc = warpgroup_mma(ds_a, q_t, dk, is_async=True)
         # (new names in both branches: an asynchronous result may not change type inside an `if`)
-        if slot == WG:
+        if DQ_SPLIT:
+            mbarrier.wait(ds_ready.index(slot), use & 1)  # the other consumer's dS^T half is in
+            dq = warpgroup_mma(ds_smem.index(slot).permute((1, 0)), k_both, dq_zero, use_acc=False,
+                               is_async=True)
+            dq, dk_o, dv_o, p_a, ds_a = warpgroup_mma_wait(num_outstanding=0,
+                                                           deps=(dq, dk_acc, dv_acc, p_a, ds_a))
+            mbarrier.arrive(ds_free.index(slot))
+            mbarrier.arrive(empty.index(buf))
+            _bwd_red_dq(dqa_base, start_m, dq, offs_mq, offs_dq, Nq, at_l, HEAD_DIM)
+            if NEXT:  # after the reductions: dQ's registers are free again (240 per thread at D=128)
+                s_n, dp_n = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES)
+            else:
+                s_n = s
+                dp_n = dp
+        elif slot == WG:
             mbarrier.wait(ds_ready.index(slot), use & 1)  # the other consumer's dS^T half is in
             dq = warpgroup_mma(ds_smem.index(slot).permute((1, 0)), k_both, dq_zero, use_acc=False,
                                is_async=True)
@@ -406,9 +462,7 @@ if HAVE_GLUON:
             else:
                 s_n = s
                 dp_n = dp
-            rows_q = start_m + offs_mq
-            _red_add_v4(dqa_base, rows_q[:, None] * HEAD_DIM + offs_dq[None, :], gl.convert_layout(dq, at_l),
-                        rows_q[:, None] < Nq)
+            _bwd_red_dq(dqa_base, start_m, dq, offs_mq, offs_dq, Nq, at_l, HEAD_DIM)
         else:
             dk_o, dv_o, p_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=(dk_acc, dv_acc, p_a, ds_a))
             mbarrier.arrive(empty.index(buf))
@@ -421,17 +475,30 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_consumer(dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
-                      q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty, ds_ready, ds_free,
-                      n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale, sm_scale,
+                      q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, ready, empty, ds_ready,
+                      ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale, sm_scale,
                       WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                      CAUSAL: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr):
+                      CAUSAL: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr,
+                      DQ_SPLIT: gl.constexpr):
         """Keys [n0 + 64 WG, n0 + 64 WG + 64), one warpgroup."""
+        DQC: gl.constexpr = HEAD_DIM // 2 if DQ_SPLIT else HEAD_DIM  # the dQ columns this consumer forms
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         kv_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
+        dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, DQC, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_l, k_width=2)
-        at_l: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // HEAD_DIM, HEAD_DIM // 4], [4, 1], [1, 0])
+        at_l: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // DQC, DQC // 4], [4, 1], [1, 0])
+        if DQ_SPLIT:
+            k_both = kc_smem.index(WG)
+            dq_col0 = DQC * WG
+        else:
+            k_both = k_smem
+            dq_col0 = 0
+        offs_mq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, at_l))
+        offs_dq = dq_col0 + gl.arange(0, DQC, layout=gl.SliceLayout(0, at_l))
+        dq_zero = gl.zeros([BLOCK_M, DQC], gl.float32, layout=dq_l)
         causal_off = Nk - Nq
         nw = n0 + 64 * WG
         if SPARSE:  # every query block of the list; those of its first n_masked mask blocks get the mask
@@ -461,15 +528,23 @@ if HAVE_GLUON:
                 ds_smem.index(0).slice(64 * WG, 64).store(gl.zeros([64, BLOCK_M], q_smem.dtype, layout=s_l))
                 fence_async_shared()
                 mbarrier.arrive(ds_ready.index(0))
+                if DQ_SPLIT:  # and block 0's dQ columns of this consumer are still its job
+                    mbarrier.wait(kv_bar, 0)
+                    mbarrier.wait(ds_ready.index(0), 0)
+                    dq0 = warpgroup_mma(ds_smem.index(0).permute((1, 0)), k_both, dq_zero, use_acc=False,
+                                        is_async=True)
+                    dq0 = warpgroup_mma_wait(num_outstanding=0, deps=(dq0,))
+                    mbarrier.arrive(ds_free.index(0))
+                    _bwd_red_dq(dqa_base, lo, dq0, offs_mq, offs_dq, Nq, at_l, HEAD_DIM)
 
-        k_w = k_smem.slice(64 * WG, 64)
+        if DQ_SPLIT:
+            k_w = k_smem.index(WG)
+        else:
+            k_w = k_smem.slice(64 * WG, 64)
         v_w = v_smem.index(WG)
         offs_n = nw + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
         offs_ms = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_l))
-        offs_mq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, at_l))
-        offs_dq = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, at_l))
         s_zero = gl.zeros([64, BLOCK_M], gl.float32, layout=s_l)
-        dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=kv_l)
         dk = gl.zeros([64, HEAD_DIM], gl.float32, layout=kv_l)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, layout=kv_l)
         # block-sparse: a key block that no query block keeps stores dK = dV = 0 (after its K and V land)
@@ -479,10 +554,10 @@ if HAVE_GLUON:
             any_block = True
         if any_block:
             dk, dv = _bwd_blocks(
-                dk, dv, t0, t_full, full, n_tiles, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, kv_bar, ready,
+                dk, dv, t0, t_full, full, n_tiles, k_w, v_w, k_both, ds_smem, q_smem, do_smem, kv_bar, ready,
                 empty, ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, idx_ptr, n_idx, Nq, causal_off,
                 qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM,
-                BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM)
+                BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM, DQ_SPLIT)
         else:
             mbarrier.wait(kv_bar, 0)
 
@@ -495,12 +570,12 @@ if HAVE_GLUON:
                  dv.to(dv_base.dtype.element_ty), mask=kv_mask)
 
     @gluon.jit
-    def _bwd_blocks(dk, dv, t0, t_full, full, n_tiles, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, kv_bar,
+    def _bwd_blocks(dk, dv, t0, t_full, full, n_tiles, k_w, v_w, k_both, ds_smem, q_smem, do_smem, kv_bar,
                     ready, empty, ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, idx_ptr, n_idx, Nq,
                     causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq,
                     a_l: gl.constexpr, at_l: gl.constexpr, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
-                    MASK_BM: gl.constexpr):
+                    MASK_BM: gl.constexpr, DQ_SPLIT: gl.constexpr):
         """One consumer's query blocks t0 .. n_tiles - 1, those below t_full masked (`full`: see
         _bwd_step): returns dK, dV."""
         if SPARSE:
@@ -515,25 +590,25 @@ if HAVE_GLUON:
         s, dp = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t0, s_zero, STAGES)
         for t in range(t0, gl.minimum(t_full, n_tiles - 1)):
             s, dp, lse, delta, dk, dv, lo = _bwd_step(
-                t, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
+                t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
                 ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full, idx_ptr, n_idx, Nq, causal_off,
                 qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM,
-                BLOCK_M, STAGES, SPARSE, MASK_BM, True, True)
+                BLOCK_M, STAGES, SPARSE, MASK_BM, DQ_SPLIT, True, True)
         for t in range(t_full, n_tiles - 1):
             s, dp, lse, delta, dk, dv, lo = _bwd_step(
-                t, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
+                t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
                 ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full, idx_ptr, n_idx, Nq, causal_off,
                 qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM,
-                BLOCK_M, STAGES, SPARSE, MASK_BM, False, True)
+                BLOCK_M, STAGES, SPARSE, MASK_BM, DQ_SPLIT, False, True)
         s, dp, lse, delta, dk, dv, lo = _bwd_step(
-            n_tiles - 1, s, dp, lse, delta, dk, dv, k_w, v_w, k_smem, ds_smem, q_smem, do_smem, ready, empty,
+            n_tiles - 1, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
             ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full, idx_ptr, n_idx, Nq, causal_off,
             qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M,
-            STAGES, SPARSE, MASK_BM, CAUSAL, False)
+            STAGES, SPARSE, MASK_BM, DQ_SPLIT, CAUSAL, False)
         return dk, dv
 
     @gluon.jit
-    def _gl_bwd_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE, DELTA, DQA,
+    def _gl_bwd_kernel(q_desc, k_desc, v_desc, do_desc, kc_desc, DK, DV, LSE, DELTA, DQA,
                        COL_COUNT, COL_IDX, COL_MASKED,
                        stride_dkb, stride_dkn, stride_dkh,
                        stride_dvb, stride_dvn, stride_dvh,
@@ -544,9 +619,13 @@ if HAVE_GLUON:
                        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """128 keys per program: two consumer warpgroups of 64 keys, one loader warp (see the module
         docstring). Query blocks of BLOCK_M = 64 rows. q_desc ... do_desc: host TMA descriptors of the
-        whole (B, N, H, HEAD_DIM) tensors, blocks of [1, 64, 1, HEAD_DIM] (gluon_bwd)."""
+        whole (B, N, H, HEAD_DIM) tensors, blocks of [1, 64, 1, HEAD_DIM] (gluon_bwd); kc_desc: K in
+        blocks of [1, 64, 1, 64] (HEAD_DIM = 128: K's column halves for the split dQ; else unused)."""
         gl.static_assert(BLOCK_M == 64)
-        gl.static_assert(HEAD_DIM == 64)
+        gl.static_assert((HEAD_DIM == 64) | (HEAD_DIM == 128))
+        # HEAD_DIM = 128: a consumer's dK, dV accumulators take 128 of its 240 registers, too many to
+        # also hold a [64, 128] dQ; each consumer forms 64 of dQ's columns over all 128 keys instead
+        DQ_SPLIT: gl.constexpr = HEAD_DIM > 64
         gl.static_assert(num_warps == 4)
         dtype: gl.constexpr = DK.dtype.element_ty
         pid_n = gl.program_id(0)  # key block 0 sees the most query blocks when causal: heaviest first
@@ -558,11 +637,19 @@ if HAVE_GLUON:
         # K and the two dS^T halves as [128, *] tiles: dQ = dS K is one product over all 128 keys
         k2_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
         ds_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, BLOCK_M], dtype)
-        k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], k2_sl)
+        if DQ_SPLIT:  # (a row slice of a [128, 128] tile would not be contiguous in shared memory)
+            k_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_sl)
+        else:
+            k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], k2_sl)
         v_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_sl)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
         ds_smem = gl.allocate_shared_memory(dtype, [2, 128, BLOCK_M], ds_sl)
+        if DQ_SPLIT:
+            kc_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, 64], dtype)
+            kc_smem = gl.allocate_shared_memory(dtype, [2, 128, 64], kc_sl)
+        else:
+            kc_smem = k_smem
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -574,7 +661,7 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(st), count=2)
         for st in gl.static_range(2):
             mbarrier.init(ds_ready.index(st), count=2)
-            mbarrier.init(ds_free.index(st), count=1)
+            mbarrier.init(ds_free.index(st), count=2 if DQ_SPLIT else 1)  # the readers of the slot
 
         m_end = gl.cdiv(Nq, BLOCK_M) * BLOCK_M
         if CAUSAL:  # query rows i >= n - (Nk - Nq) see key n: the first block that sees key n0
@@ -598,15 +685,16 @@ if HAVE_GLUON:
         dqa_base = DQA + bh.to(gl.int64) * Nq * HEAD_DIM
         gl.warp_specialize([
             (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
-                             q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty, ds_ready,
-                             ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale, sm_scale,
-                             0, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM)),
+                             q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, ready, empty,
+                             ds_ready, ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale,
+                             sm_scale, 0, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM, DQ_SPLIT)),
             (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
-                             q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty, ds_ready,
-                             ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale, sm_scale,
-                             1, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM)),
-            (_bwd_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready,
-                           empty, b, h, n0, lo, n_tiles, idx_ptr, n_idx, BLOCK_M, STAGES, SPARSE, MASK_BM)),
+                             q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, ready, empty,
+                             ds_ready, ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale,
+                             sm_scale, 1, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM, DQ_SPLIT)),
+            (_bwd_loader, (q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                           kv_bar, ready, empty, b, h, n0, lo, n_tiles, idx_ptr, n_idx, BLOCK_M, STAGES,
+                           SPARSE, MASK_BM, DQ_SPLIT)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -638,16 +726,18 @@ def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: floa
     Nk = k.shape[1]
     stages, regs = config
     q_desc, k_desc, v_desc, do_desc = (_bshd_desc(t) for t in (q, k, v, do))
+    kc_desc = _bshd_desc(k, 64) if D > 64 else k_desc  # K's 64-column halves (the split dQ at D = 128)
     count, idx, masked, smh, smc, mbm, mbn = sparse if sparse is not None else (lse, lse, lse, 0, 0, 64, 128)
     return _gl_bwd_kernel[(-(-Nk // 128), B * H)](
-        q_desc, k_desc, v_desc, do_desc, dk, dv, lse, delta, dqa, count, idx, masked,
+        q_desc, k_desc, v_desc, do_desc, kc_desc, dk, dv, lse, delta, dqa, count, idx, masked,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), smh, smc,
         H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_M=64, CAUSAL=bool(causal), SPARSE=sparse is not None, MASK_BM=mbm, MASK_BN=mbn,
         STAGES=stages, CONSUMER_REGS=regs, num_warps=4)
 
 
-def _bshd_desc(t):
-    """Host TMA descriptor of a (B, N, H, D) tensor, 64 rows of one (batch, head) per load."""
+def _bshd_desc(t, cols=None):
+    """Host TMA descriptor of a (B, N, H, D) tensor, 64 rows of one (batch, head) per load, `cols`
+    columns wide (default: all D)."""
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=t.element_size() * 8, rank=4)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 64, 1, t.shape[-1]], layout)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 64, 1, cols or t.shape[-1]], layout)

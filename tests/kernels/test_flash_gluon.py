@@ -41,12 +41,13 @@ if flash_gluon.HAVE_GLUON:
                                           dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _late_block0_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready,
-                            empty, b, h, n0, lo, n_tiles, idx_ptr, n_idx, BLOCK_M: gl.constexpr,
-                            STAGES: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr):
+    def _late_block0_loader(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem,
+                            kc_smem, kv_bar, ready, empty, b, h, n0, lo, n_tiles, idx_ptr, n_idx,
+                            BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr,
+                            DQ_SPLIT: gl.constexpr):
         """The backward's loader with query block 0 landing last: block 1 first, then a pause long
         enough for a consumer to finish a block, then block 0 (the worst case of TMA reordering)."""
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, b, h, n0)
+        _load_kv(k_desc, v_desc, kc_desc, k_smem, v_smem, kc_smem, kv_bar, b, h, n0, DQ_SPLIT)
         for t in range(n_tiles):
             buf = t % STAGES
             mbarrier.wait(empty.index(buf), ((t // STAGES) & 1) ^ 1)
@@ -70,6 +71,7 @@ if backward:  # host TMA descriptors of the (B, N, H, D) inputs, then the output
     layout = flash_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     desc = f"tensordesc<bf16[1,64,1,{head_dim}],{layout!r}>"
     sig = {name: desc for name in ("q_desc", "k_desc", "v_desc", "do_desc")}
+    sig["kc_desc"] = f"tensordesc<bf16[1,64,1,64],{layout!r}>"
     tensors = ("DK", "DV")
 else:
     tensors = ("Q", "K", "V", "O")
@@ -136,9 +138,10 @@ def test_builds_for_hopper_with_async_wgmma_and_no_cta_wide_barrier_in_the_loop(
 
 
 @needs_gluon
-@pytest.mark.parametrize("causal,kernel", [(True, "bwd"), (False, "bwd"), (True, "sparse")])
-def test_backward_builds_with_warp_specialisation_and_vector_reductions(causal, kernel):
-    ptx = build_ptx(64, causal, kernel)
+@pytest.mark.parametrize("head_dim,causal,kernel", [(64, True, "bwd"), (64, False, "bwd"),
+                                                    (64, True, "sparse"), (128, True, "bwd")])
+def test_backward_builds_with_warp_specialisation_and_vector_reductions(head_dim, causal, kernel):
+    ptx = build_ptx(head_dim, causal, kernel)
     assert "wgmma.mma_async" in ptx
     # every wait is wait_group 0: a wait_group N > 0 behind the loop's back edge makes ptxas
     # serialise all wgmma of the kernel (docs/kernel_notes.md Version 5)
@@ -154,20 +157,23 @@ def test_backward_builds_with_warp_specialisation_and_vector_reductions(causal, 
 @pytest.mark.parametrize("nq,nk", [(1, 1), (63, 65), (127, 127), (300, 777), (777, 300), (1, 513),
                                    (1500, 1500)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_backward_matches_float64_reference(nq, nk, causal, dtype, monkeypatch):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_matches_float64_reference(nq, nk, causal, dtype, head_dim, monkeypatch):
     monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)  # below the table's minimum length too
     ran = count_calls(monkeypatch, flash_gluon, "gluon_bwd")
-    run_case(2, nq, nk, 3, 64, causal, dtype, deterministic=False)
+    run_case(2, nq, nk, 3, head_dim, causal, dtype, deterministic=False)
     assert ran, "the Gluon backward did not run"
 
 
 @needs_hopper
-@pytest.mark.parametrize("nq,nk", [(1024, 1024), (700, 1500), (1500, 700)])
-def test_backward_waits_for_the_query_block_a_consumer_skips(nq, nk, monkeypatch):
+@pytest.mark.parametrize("nq,nk,head_dim", [(1024, 1024, 64), (700, 1500, 64), (1500, 700, 64),
+                                            (1024, 1024, 128), (700, 1500, 128)])
+def test_backward_waits_for_the_query_block_a_consumer_skips(nq, nk, head_dim, monkeypatch):
     """Causal programs whose second key half starts one query block later skip block 0 but release
     its buffer; they must still wait for it to land, or their parity wait for block 2 passes while
     block 0 is in flight and they read buffer 0 as block 2 (wrong dK/dV in about 1 of 25 large
-    launches). A copy of the kernel module whose loader lands block 0 last makes that order certain."""
+    launches). A copy of the kernel module whose loader lands block 0 last makes that order certain.
+    At head dim 128 the skipping half still forms its dQ columns of block 0."""
     spec = importlib.util.spec_from_file_location("_flash_gluon_late_block0", flash_gluon.__file__)
     late = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(late)
@@ -175,14 +181,15 @@ def test_backward_waits_for_the_query_block_a_consumer_skips(nq, nk, monkeypatch
     monkeypatch.setattr(flash_mod, "_gluon", late)
     monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)
     ran = count_calls(monkeypatch, late, "gluon_bwd")
-    run_case(1, nq, nk, 2, 64, True, torch.bfloat16, deterministic=False)
+    run_case(1, nq, nk, 2, head_dim, True, torch.bfloat16, deterministic=False)
     assert ran, "the Gluon backward did not run"
 
 
 @needs_hopper
-@pytest.mark.parametrize("case", ["local", "bigbird_heads", "rect_64x128", "big_256", "cross",
-                                  "noncausal_empty"])
-def test_block_sparse_backward_matches_float64_reference(case, monkeypatch):
+@pytest.mark.parametrize("case,head_dim", [("local", 64), ("bigbird_heads", 64), ("rect_64x128", 64),
+                                           ("big_256", 64), ("cross", 64), ("noncausal_empty", 64),
+                                           ("bigbird_heads", 128), ("noncausal_empty", 128)])
+def test_block_sparse_backward_matches_float64_reference(case, head_dim, monkeypatch):
     """The Gluon backward over a block mask's column lists (mask blocks of a multiple of 64 query
     rows by a multiple of 128 keys): causal masks on the blocks that cross the diagonal only, per-head layouts, partial last
     blocks, Nq != Nk, and key blocks that no query block keeps (their dK, dV must be 0)."""
@@ -210,7 +217,7 @@ def test_block_sparse_backward_matches_float64_reference(case, monkeypatch):
         layout[:, 2, :] = False  # query block 2 keeps nothing
         layout[:, 0, 0] = True
         mask = kernels.BlockMask(layout, block_m=128, block_n=128, seq_q=nq, seq_k=nk)
-    out, (dq, dk, dv) = run_case(1, nq, nk, heads, 64, causal, torch.bfloat16, block_mask=mask,
+    out, (dq, dk, dv) = run_case(1, nq, nk, heads, head_dim, causal, torch.bfloat16, block_mask=mask,
                                  deterministic=False)
     assert ran, "the Gluon backward did not run"
     if case == "noncausal_empty":
@@ -253,8 +260,16 @@ def test_backward_table_and_fallbacks(monkeypatch):
     ran.clear()
     run_case(1, 1000, 1000, 2, 64, True, torch.bfloat16)
     run_case(1, 4096, 4096, 2, 64, True, torch.bfloat16, deterministic=True)
+    run_case(1, 1000, 1000, 2, 128, True, torch.bfloat16)
+    wide = kernels.local_mask(4096, window_blocks=8, block_m=128, block_n=128, causal=True)
+    run_case(1, 4096, 4096, 2, 128, True, torch.bfloat16, block_mask=wide)
+    assert not ran  # short rows, deterministic=True, and block masks at head dim 128 keep the Triton backward
     run_case(1, 4096, 4096, 2, 128, True, torch.bfloat16)
-    assert not ran  # short rows, deterministic=True and head dim 128 keep the Triton backward
+    assert ran  # head dim 128 from 2048 keys causal
+    ran.clear()
+    run_case(1, 4096, 4096, 2, 128, False, torch.bfloat16)
+    assert ran  # and from 4096 non-causal, where the table's Triton choice is the deterministic backward
+    ran.clear()
     monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", False)
     run_case(1, 4096, 4096, 2, 64, True, torch.bfloat16)
     assert not ran
