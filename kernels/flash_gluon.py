@@ -379,9 +379,10 @@ if HAVE_GLUON:
                   MASK: gl.constexpr, NEXT: gl.constexpr):
         """Query block t, whose S^T and dP^T are in flight (s, dp) and whose LSE / delta rows were
         loaded one step earlier (dense; block-sparse loads them here, DQ_SPLIT after the wait). Returns
-        the next block's (s, dp, lse, delta), dK, dV and `lo` for the next step (dense: the first block's row, unchanged;
-        block-sparse: the next block's first row, looked up here). k_both: K over all 128 keys, all
-        columns (the owner's dQ product), or with DQ_SPLIT this consumer's 64 columns of it."""
+        the next block's (s, dp, lse, delta), dK, dV and `lo` for the next step (dense: the first
+        block's row, unchanged; block-sparse: the next block's first row, looked up here). k_both: K
+        over all 128 keys, all columns (the owner's dQ product), or with DQ_SPLIT this consumer's 64
+        columns of it."""
         buf = t % STAGES
         # dS slot; its owner (consumer `slot`) computes the block's dQ over all 128 keys (DQ_SPLIT:
         # both consumers do, each its own 64 of the head dim's 128 columns)
@@ -435,7 +436,8 @@ if HAVE_GLUON:
         ds_a = gl.convert_layout(ds, a_l)
         dk_acc = warpgroup_mma(ds_a, q_t, dk, is_async=True)
         # (new names in both branches: an asynchronous result may not change type inside an `if`)
-        if DQ_SPLIT:
+        # the block's owner; with DQ_SPLIT both consumers (each forms its 64 of dQ's columns)
+        if (slot == WG) | DQ_SPLIT:
             mbarrier.wait(ds_ready.index(slot), use & 1)  # the other consumer's dS^T half is in
             dq = warpgroup_mma(ds_smem.index(slot).permute((1, 0)), k_both, dq_zero, use_acc=False,
                                is_async=True)
@@ -443,26 +445,15 @@ if HAVE_GLUON:
                                                            deps=(dq, dk_acc, dv_acc, p_a, ds_a))
             mbarrier.arrive(ds_free.index(slot))
             mbarrier.arrive(empty.index(buf))
-            _bwd_red_dq(dqa_base, start_m, dq, offs_mq, offs_dq, Nq, at_l, HEAD_DIM)
-            if NEXT:  # after the reductions: dQ's registers are free again (240 per thread at D=128)
+            if DQ_SPLIT:  # reductions first: dQ's registers are free again for the next products (D=128)
+                _bwd_red_dq(dqa_base, start_m, dq, offs_mq, offs_dq, Nq, at_l, HEAD_DIM)
+            if NEXT:  # (D=64: the next block's products run on the tensor cores during the reductions)
                 s_n, dp_n = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES)
             else:
                 s_n = s
                 dp_n = dp
-        elif slot == WG:
-            mbarrier.wait(ds_ready.index(slot), use & 1)  # the other consumer's dS^T half is in
-            dq = warpgroup_mma(ds_smem.index(slot).permute((1, 0)), k_both, dq_zero, use_acc=False,
-                               is_async=True)
-            dq, dk_o, dv_o, p_a, ds_a = warpgroup_mma_wait(num_outstanding=0,
-                                                           deps=(dq, dk_acc, dv_acc, p_a, ds_a))
-            mbarrier.arrive(ds_free.index(slot))
-            mbarrier.arrive(empty.index(buf))
-            if NEXT:  # the next block's products run on the tensor cores during the reductions below
-                s_n, dp_n = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES)
-            else:
-                s_n = s
-                dp_n = dp
-            _bwd_red_dq(dqa_base, start_m, dq, offs_mq, offs_dq, Nq, at_l, HEAD_DIM)
+            if not DQ_SPLIT:
+                _bwd_red_dq(dqa_base, start_m, dq, offs_mq, offs_dq, Nq, at_l, HEAD_DIM)
         else:
             dk_o, dv_o, p_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=(dk_acc, dv_acc, p_a, ds_a))
             mbarrier.arrive(empty.index(buf))
