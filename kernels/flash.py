@@ -564,10 +564,11 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNS
     still needs 16-byte aligned strides and base addresses; the interpreter emulates the loads.
     fwd_gluon / bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper
     (kernels/flash_gluon.py). None (default) = where the launch table marks them faster (forward: head
-    dim 128; fused backward: head dim 64 with >= 1024 keys causal, >= 512 non-causal); True = for
-    every case they are built for (forward: head dim 64, 128; backward: 64); False = never. Either way
-    only dense fp16/bf16 inputs with TMA-aligned strides on sm_90; the Gluon backward replaces the
-    fused (non-deterministic) one."""
+    dim 128; fused backward: head dim 64 with >= 1024 keys causal, >= 512 non-causal, head dim 128 with
+    >= 2048 causal, >= 4096 non-causal, block masks at head dim 64 whose programs see >= 6 query
+    blocks); True = for every case they are built for (forward: head dim 64, 128; backward: 64, 128,
+    also block masks of a multiple of 64 x 128); False = never. Either way only fp16/bf16 inputs with
+    TMA-aligned strides on sm_90; the Gluon backward replaces the fused (non-deterministic) one."""
     for key, val in (("fwd_tma", tma), ("bwd_tma", tma), ("fwd_tma", fwd_tma), ("bwd_tma", bwd_tma),
                      ("fwd_gluon", gluon), ("bwd_gluon", gluon), ("fwd_gluon", fwd_gluon),
                      ("bwd_gluon", bwd_gluon)):
@@ -855,16 +856,19 @@ def _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D):
     return dq
 
 
-def _deterministic_default(device: torch.device, head_dim: int, causal: bool) -> bool:
-    """deterministic=None: the two-kernel backward when torch asks for deterministic algorithms,
-    else whichever backward the table marks faster for this arch, head dim and causal flag."""
+def _deterministic_default(device: torch.device, head_dim: int, causal: bool, gluon: bool) -> bool:
+    """deterministic=None: the two-kernel backward when torch asks for deterministic algorithms;
+    else the fused one where the Gluon backward runs (`gluon`: it measured faster than both Triton
+    backwards wherever the table enables it, also at head dim 128 non-causal, where the table marks
+    the deterministic Triton one faster than the fused Triton one); else whichever backward the table
+    marks faster for this arch, head dim and causal flag."""
     if torch.are_deterministic_algorithms_enabled():
         return True
     if _OPTIONS["bwd_fused"] is not None:
         return not _OPTIONS["bwd_fused"]
     if device.type != "cuda":
         return False
-    return not _table_fused(_device_index(device), head_dim, bool(causal))
+    return not (gluon or _table_fused(_device_index(device), head_dim, bool(causal)))
 
 
 @functools.cache
@@ -879,17 +883,13 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
     fused one (atomic dQ); None: see _deterministic_default."""
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
-    if deterministic is None:
-        deterministic = _deterministic_default(q.device, D, causal)
-        if (deterministic and _OPTIONS["bwd_fused"] is None
-                and not torch.are_deterministic_algorithms_enabled()
-                and _gluon_bwd_config(q, k, v, do, causal, block_mask) is not None):
-            # where the table prefers the deterministic Triton backward (head dim 128 non-causal), the
-            # Gluon one (atomic dQ) measured 1.08x faster still
-            deterministic = False
-    fused = not deterministic
     if do.stride(-1) != 1:
         do = do.contiguous()
+    # the Gluon backward's config (None: a Triton backward), looked up once per call
+    gluon_cfg = None if deterministic else _gluon_bwd_config(q, k, v, do, causal, block_mask)
+    if deterministic is None:
+        deterministic = _deterministic_default(q.device, D, causal, gluon_cfg is not None)
+    fused = not deterministic
     BLOCK_D = _block_d(D)
     delta = _empty(lse.shape, lse.device)
     # fp32 dQ accumulator (B, H, Nq, D), zeroed by the preprocess kernel (as FlashAttention-2's)
@@ -904,8 +904,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
     qk_scale = sm_scale * LOG2E
     sparse = block_mask is not None
 
-    gluon_cfg = _gluon_bwd_config(q, k, v, do, causal, block_mask) if fused else None
-    if gluon_cfg is not None:
+    if fused and gluon_cfg is not None:
         lists = _mask_args(block_mask, q.device, False, causal) if sparse else None
         _record("bwd", _gluon.gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal, qk_scale, sm_scale,
                                         gluon_cfg, lists))

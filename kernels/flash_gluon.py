@@ -626,11 +626,13 @@ if HAVE_GLUON:
         n0 = pid_n * 128
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         # K and the two dS^T halves as [128, *] tiles: dQ = dS K is one product over all 128 keys
-        k2_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
+        # (DQ_SPLIT: over K's column halves, kc_smem; K itself is a [64, 128] tile per consumer, as a
+        # row slice of a [128, 128] tile would not be contiguous in shared memory)
         ds_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, BLOCK_M], dtype)
-        if DQ_SPLIT:  # (a row slice of a [128, 128] tile would not be contiguous in shared memory)
+        if DQ_SPLIT:
             k_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_sl)
         else:
+            k2_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
             k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], k2_sl)
         v_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_sl)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
