@@ -509,8 +509,11 @@ _TABLES = {
         # (atomic dQ), False = the two deterministic kernels
         "bwd_fused": [(64, True, True), (128, True, False), (256, True, True)],
         # the Gluon forward (kernels/flash_gluon.py) where it measured faster than the Triton one:
-        # (BLOCK_N, STAGES, consumer registers) per exact head dim, None = the Triton forward
-        "fwd_gluon": [(64, None, None), (128, (128, 2, 240), (128, 2, 240))],
+        # (minimum keys, BLOCK_N, STAGES, consumer registers) per exact head dim. Head dim 64: 1.03-1.05x
+        # causal from 2048 keys (0.99x at 1024), 1.04-1.21x non-causal from 1024; head dim 128: 1.1-1.4x
+        # everywhere (docs/benchmarks.md 1j)
+        "fwd_gluon": [(64, (2048, 128, 2, 240), (1024, 128, 2, 240)),
+                      (128, (0, 128, 2, 240), (0, 128, 2, 240))],
         # the Gluon fused backward (kernels/flash_gluon.py, head dims 64 and 128): (minimum keys,
         # STAGES, consumer registers); below the minimum the Triton fused backward measured faster
         # (head dim 128: 0.98x at causal 1k, 1.03-1.09x from 2k; non-causal measured from 4k)
@@ -559,16 +562,17 @@ def clear_launch_config() -> None:
 
 def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNSET, fwd_gluon=_UNSET,
                        bwd_gluon=_UNSET) -> None:
-    """TMA descriptor loads in the Triton forward (fwd_tma), the fused backward (bwd_tma) or both
-    (tma): None = on Hopper when the inputs allow (the default); True / False = always / never. True
-    still needs 16-byte aligned strides and base addresses; the interpreter emulates the loads.
-    fwd_gluon / bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper
-    (kernels/flash_gluon.py). None (default) = where the launch table marks them faster (forward: head
-    dim 128; fused backward: head dim 64 with >= 1024 keys causal, >= 512 non-causal, head dim 128 with
-    >= 2048 causal, >= 4096 non-causal, block masks at head dim 64 whose programs see >= 6 query
-    blocks); True = for every case they are built for (forward: head dim 64, 128; backward: 64, 128,
-    also block masks of a multiple of 64 x 128); False = never. Either way only fp16/bf16 inputs with
-    TMA-aligned strides on sm_90; the Gluon backward replaces the fused (non-deterministic) one."""
+    """TMA descriptor loads in the Triton forward (fwd_tma), the fused backward (bwd_tma) or both (tma):
+    None = on Hopper when the inputs allow (the default); True / False = always / never. True still
+    needs 16-byte aligned strides and base addresses; the interpreter emulates the loads. fwd_gluon /
+    bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper (kernels/flash_gluon.py). None
+    (default) = where the launch table marks them faster (forward: head dim 128, head dim 64 with >=
+    2048 keys causal, >= 1024 non-causal; fused backward: head dim 64 with >= 1024 keys causal, >= 512
+    non-causal, head dim 128 with >= 2048 causal, >= 4096 non-causal, block masks at head dim 64 whose
+    programs see >= 6 query blocks); True = for every case they are built for (forward: head dim 64,
+    128; backward: 64, 128, also block masks of a multiple of 64 x 128); False = never. Either way only
+    fp16/bf16 inputs with TMA-aligned strides on sm_90; the Gluon backward replaces the fused
+    (non-deterministic) one."""
     for key, val in (("fwd_tma", tma), ("bwd_tma", tma), ("fwd_tma", fwd_tma), ("bwd_tma", bwd_tma),
                      ("fwd_gluon", gluon), ("bwd_gluon", gluon), ("fwd_gluon", fwd_gluon),
                      ("bwd_gluon", bwd_gluon)):
@@ -783,14 +787,12 @@ def _gluon_rows_for(q, kind: str, causal, block_mask, head_dims) -> dict | None:
 
 
 def _gluon_fwd_config(q, k, v, causal, block_mask):
-    """The Gluon forward's config for this call, or None for the Triton forward."""
+    """The Gluon forward's (BLOCK_N, STAGES, registers) for this call, or None for the Triton forward."""
     rows = _gluon_rows_for(q, "fwd_gluon", causal, block_mask, _gluon.HEAD_DIMS)
-    if not rows:
+    row = rows.get(q.shape[-1]) if rows else None  # (minimum keys, BLOCK_N, STAGES, registers)
+    if row is None or (k.shape[1] < row[0] and not _OPTIONS["fwd_gluon"]):
         return None
-    cfg = rows.get(q.shape[-1])
-    if cfg is None and _OPTIONS["fwd_gluon"]:  # forced on: a head dim the table leaves to Triton
-        cfg = next(c for c in rows.values() if c is not None)
-    return cfg if cfg is not None and _tma_ok(q, k, v) else None
+    return row[1:] if _tma_ok(q, k, v) else None
 
 
 def _gluon_bwd_config(q, k, v, do, causal, block_mask):
@@ -827,7 +829,6 @@ def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
     lse = _empty((B, H, Nq), q.device)
     gluon_cfg = _gluon_fwd_config(q, k, v, causal, block_mask)
     if gluon_cfg is not None:
-        _ensure_allocator()  # its TMA descriptors are made on the device
         _record("fwd", _gluon.gluon_fwd(q, k, v, o, lse, causal, sm_scale * LOG2E, gluon_cfg))
         return o, lse
     bm, bn, w, s = _launch_config("fwd", q.device, D, block_mask, causal=causal, dtype=q.dtype, seq_k=Nk)

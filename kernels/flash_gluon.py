@@ -4,29 +4,37 @@ warp-specialised, asynchronous wgmma, TMA loads.
 Why a second forward: Triton's `tl.dot` waits for every non-accumulating wgmma right after issuing
 it, so a tile's softmax work (exp2 on the MUFU pipe, max / sum / scale on the FP32 pipes) does not
 overlap the tensor cores inside a program (docs/kernel_notes.md). This kernel follows
-FlashAttention-3's forward: one program per 128 query rows of one (batch, head), split into three
+FlashAttention-3's forward: a tile is 128 query rows of one (batch, head), run by three
 warp-specialised partitions that hand shared-memory buffers to each other through mbarriers only:
 
-    loader (1 warp):          Q once, then K_j and V_j by TMA into a STAGES-deep ring, each as soon
-                              as both consumers have released the buffer
+    loader (1 warp):          per tile Q (double buffered), then K_j and V_j by TMA into a
+                              STAGES-deep ring, each as soon as both consumers released the buffer
     consumer 0, 1 (4 warps):  64 query rows each; per key block j
                                 issue S_j = Q K_j^T, issue O += P_{j-1} V_{j-1} (asynchronous)
                                 wait for S_j only; release K_j
                                 P_j, alpha_j = exp2(...) of S_j      <- overlaps P_{j-1} V_{j-1}
                                 wait for O; release V_{j-1}; O *= alpha_j
-                              then O += P_last V_last, O / l, LSE = m + log2(l)
+                              then O += P_last V_last, O / l, LSE = m + log2(l); O leaves through
+                              the tile's Q buffer and a TMA store, then the buffer is released
 
 No CTA-wide barrier sits in the loop, so the two consumer warpgroups drift apart and one's softmax
 runs under the other's products. P goes to the second product as a register operand. Every wgmma
 result is read after `wait_group` with no branch between issue and wait, the pattern ptxas keeps
-asynchronous (docs/kernel_notes.md Version 5). TMA reads each (batch, head)'s (seq, head_dim) view
-through a device-side descriptor; rows past the end read as 0 and are masked.
+asynchronous (docs/kernel_notes.md Version 5). TMA reads through host descriptors of the whole
+(B, N, H, D) tensors; rows past a head's end read as 0 and are masked, and stores past it are dropped.
+
+Persistent (Version 15): up to PERSISTENT_MAX_KEYS keys one program per SM runs work units in turn,
+so the next tile's Q and first K / V blocks load while the consumers finish the current one (a
+program's start and end cost up to a third of a 1k-key tile). A causal unit is the pair of query
+blocks r and n_m - 1 - r of one head (`_fwd_tile_coords`): every unit has the same work, so the
+programs stay in step on the same few heads, whose K / V stay in L2 (single tiles in heavy-first
+order made the programs drift apart over many heads: 0.84x at causal 16k).
 
 Same contract as `flash._fwd_kernel` (bottom-right causal alignment; rows that see no key give 0
 and LSE = +inf; LSE in base 2 of the scaled scores), so `flash._flash_bwd` runs on its output.
-`flash._flash_fwd` launches it for dense fp16/bf16 attention on sm_90 where the launch table has a
-"fwd_gluon" entry (head dim 128: 1.15-1.3x the Triton forward on an H200, docs/benchmarks.md 1d)
-and the inputs suit TMA; everything else runs the Triton kernel.
+`flash._flash_fwd` launches it for dense fp16/bf16 attention on sm_90 where the launch table's
+"fwd_gluon" row says so (head dim 128 everywhere; head dim 64 from 2048 keys causal, 1024
+non-causal; docs/benchmarks.md 1j) and the inputs suit TMA; everything else runs the Triton kernel.
 
 The backward (`gluon_bwd`, head dims 64 and 128) has the same partition structure, FlashAttention-3's backward
 schedule as far as 240 registers per consumer thread allow:
@@ -74,6 +82,10 @@ added into the zeroed fp32 accumulator that `flash._convert_dq` turns into dQ.
 """
 from __future__ import annotations
 
+import functools
+
+import torch
+
 try:  # Gluon with the Hopper pieces: Triton >= 3.5 (the GPU image has 3.6)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -84,7 +96,8 @@ try:  # Gluon with the Hopper pieces: Triton >= 3.5 (the GPU image has 3.6)
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # 3.9 renamed it
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # 3.9 renamed them
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     if not hasattr(gl.shared_memory_descriptor, "reinterpret"):  # 3.6 has it as _reinterpret
         gl.shared_memory_descriptor.reinterpret = gl.shared_memory_descriptor._reinterpret
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -93,18 +106,15 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 HEAD_DIMS = (64, 128)  # the head dims the forward is built for (one warpgroup's wgmma N = head_dim)
-BWD_HEAD_DIMS = (64, 128)  # the backward's (at 128 each consumer forms half of dQ's columns)
+BWD_HEAD_DIMS = (64, 128)
+# The forward runs on one program per SM (persistent) up to this many keys: 1.03-1.16x one program per
+# work unit at 1k-4k keys (the next tile's Q and first K / V load while the consumers finish a tile);
+# at 16k keys one program per unit (the hardware's dynamic assignment) measured level (head dim 128)
+# to 1.04x faster (64) (docs/benchmarks.md 1j)
+PERSISTENT_MAX_KEYS = 8192  # the backward's (at 128 each consumer forms half of dQ's columns)
 
 
 if HAVE_GLUON:
-    @gluon.jit
-    def _head_desc(base, b, h, stride_b, stride_n, stride_h, n_rows, HEAD_DIM: gl.constexpr,
-                   BLOCK_ROWS: gl.constexpr, layout: gl.constexpr):
-        """TMA descriptor of one (batch, head)'s (n_rows, HEAD_DIM) view, BLOCK_ROWS rows per load."""
-        return tma.make_tensor_descriptor(base + b * stride_b + h * stride_h, shape=[n_rows, HEAD_DIM],
-                                          strides=[stride_n, 1], block_shape=[BLOCK_ROWS, HEAD_DIM],
-                                          layout=layout)
-
     @gluon.jit
     def _softmax_step(s, m_i, l_i, offs_m, offs_n, start_n, Nk, causal_off, qk_scale,
                       MASK: gl.constexpr, CAUSAL: gl.constexpr):
@@ -123,31 +133,82 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_i
 
     @gluon.jit
-    def _fwd_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                    m0, n_blocks, NUM_WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: Q once, then K_j, V_j into the ring as the consumers free the buffers."""
-        mbarrier.expect(q_bar, NUM_WG * q_desc.block_type.nbytes)
-        for w in gl.static_range(NUM_WG):
-            _tma_load(q_desc, [m0 + w * 64, 0], q_bar, q_smem.index(w))
-        for j in range(n_blocks):
-            buf = j % STAGES
-            free_phase = ((j // STAGES) & 1) ^ 1  # a fresh barrier passes the wait for parity 1
-            mbarrier.wait(k_empty.index(buf), free_phase)
-            mbarrier.expect(k_ready.index(buf), k_desc.block_type.nbytes)
-            _tma_load(k_desc, [j * BLOCK_N, 0], k_ready.index(buf), k_smem.index(buf))
-            mbarrier.wait(v_empty.index(buf), free_phase)
-            mbarrier.expect(v_ready.index(buf), v_desc.block_type.nbytes)
-            _tma_load(v_desc, [j * BLOCK_N, 0], v_ready.index(buf), v_smem.index(buf))
+    def _fwd_unit_tiles(u, n_m, CAUSAL: gl.constexpr):
+        """How many query blocks work unit u holds (see _fwd_tile_coords)."""
+        if CAUSAL:
+            return 1 + (2 * (u % ((n_m + 1) // 2)) + 1 != n_m).to(gl.int32)
+        else:
+            return 1
 
     @gluon.jit
-    def _fwd_step(j, o, p_a, m_i, l_i, q_w, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, s_zero,
+    def _fwd_tile_coords(u, i, n_m, H, Nq, Nk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         CAUSAL: gl.constexpr):
+        """Query block i of work unit u: (b, h, bh, m0, key blocks to run, key blocks that need no mask).
+        Units run in order of (batch * head, query block), so the programs running at one time share
+        a few heads' K / V in L2. Non-causal: a unit is one query block. Causal: a unit is the pair of
+        query blocks r and n_m - 1 - r (heaviest first, the middle one alone when n_m is odd), so every
+        unit has the same work and the persistent programs stay in step."""
+        if CAUSAL:
+            half = (n_m + 1) // 2
+            bh = u // half
+            r = u % half
+            pid_m = (n_m - 1 - r) * (1 - i) + r * i
+        else:
+            bh = u // n_m
+            pid_m = u % n_m
+        m0 = pid_m * BLOCK_M
+        if CAUSAL:  # key blocks [0, full_end) need no mask; the rest hold the diagonal
+            causal_off = Nk - Nq
+            hi = gl.minimum(Nk, m0 + BLOCK_M + causal_off)
+            full_end = gl.maximum(gl.minimum(hi, m0 + causal_off + 1), 0) // BLOCK_N
+        else:  # only the last block may need a mask (the Nk tail)
+            hi = Nk
+            full_end = Nk // BLOCK_N
+        # rows that see no key (hi <= 0) still run one block, fully masked: output 0, LSE = +inf
+        n_blocks = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+        full_end = gl.minimum(full_end, n_blocks)
+        return bh // H, bh % H, bh, m0, n_blocks, full_end
+
+    @gluon.jit
+    def _fwd_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                    k_empty, v_empty, n_units, n_m, H, Nq, Nk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        """One warp: per tile of this program, Q (into the tile's half of a double buffer, so the next
+        tile's Q arrives while the consumers finish this one), then K_j, V_j into the ring (one count
+        over all of the program's tiles) as the consumers free the buffers."""
+        c = 0  # K / V blocks loaded so far, over all tiles: ring slot c % STAGES
+        n = 0  # tiles so far: Q slot n % 2
+        for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
+            for i in range(_fwd_unit_tiles(u, n_m, CAUSAL)):
+                b, h, bh, m0, n_blocks, full_end = _fwd_tile_coords(u, i, n_m, H, Nq, Nk, BLOCK_M, BLOCK_N,
+                                                                     CAUSAL)
+                qb = n % 2
+                mbarrier.wait(q_empty.index(qb), ((n // 2) & 1) ^ 1)  # a fresh barrier passes parity 1
+                mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)
+                for w in gl.static_range(2):
+                    _tma_rows(q_desc, b, h, m0 + w * 64, q_ready.index(qb), q_smem.index(2 * qb + w))
+                for j in range(n_blocks):
+                    buf = c % STAGES
+                    free_phase = ((c // STAGES) & 1) ^ 1
+                    mbarrier.wait(k_empty.index(buf), free_phase)
+                    mbarrier.expect(k_ready.index(buf), k_desc.block_type.nbytes)
+                    _tma_rows(k_desc, b, h, j * BLOCK_N, k_ready.index(buf), k_smem.index(buf))
+                    mbarrier.wait(v_empty.index(buf), free_phase)
+                    mbarrier.expect(v_ready.index(buf), v_desc.block_type.nbytes)
+                    _tma_rows(v_desc, b, h, j * BLOCK_N, v_ready.index(buf), v_smem.index(buf))
+                    c += 1
+                n += 1
+
+    @gluon.jit
+    def _fwd_step(j, c, o, p_a, m_i, l_i, q_w, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, s_zero,
                   offs_m, offs_n, Nk, causal_off, qk_scale,
                   o_l: gl.constexpr, p_l: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                   MASK: gl.constexpr, CAUSAL: gl.constexpr):
-        kb = j % STAGES
-        vb = (j - 1) % STAGES
-        mbarrier.wait(k_ready.index(kb), (j // STAGES) & 1)
-        mbarrier.wait(v_ready.index(vb), ((j - 1) // STAGES) & 1)
+        """Key block j of the tile, ring count c (K_j in slot c % STAGES, V_{j-1} in the slot before)."""
+        kb = c % STAGES
+        vb = (c - 1) % STAGES
+        mbarrier.wait(k_ready.index(kb), (c // STAGES) & 1)
+        mbarrier.wait(v_ready.index(vb), ((c - 1) // STAGES) & 1)
         s = warpgroup_mma(q_w, k_smem.index(kb).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         o = warpgroup_mma(p_a, v_smem.index(vb), o, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
@@ -161,11 +222,11 @@ if HAVE_GLUON:
         return o, p_a, m_i, l_i
 
     @gluon.jit
-    def _fwd_consumer(stride_on, o_base, lse_base, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                      k_empty, v_empty, m0, n_blocks, full_end, Nq, Nk, qk_scale,
-                      WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      CAUSAL: gl.constexpr):
-        """Rows [m0 + 64 WG, m0 + 64 WG + 64) of the tile, one warpgroup."""
+    def _fwd_consumer(o_desc, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                      k_empty, v_empty, n_units, n_m, H, Nq, Nk, qk_scale,
+                      WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        """Rows [m0 + 64 WG, m0 + 64 WG + 64) of each of the program's tiles, one warpgroup."""
         dtype: gl.constexpr = q_smem.dtype
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 16])
@@ -173,111 +234,105 @@ if HAVE_GLUON:
                                                       instr_shape=[16, HEAD_DIM, 16])
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
         causal_off = Nk - Nq
-        r0 = m0 + WG * 64
-        q_w = q_smem.index(WG)
-        offs_m = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
-        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
-        m_i = gl.full([64], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_l))
-        l_i = gl.zeros([64], gl.float32, layout=gl.SliceLayout(1, s_l))
-        o = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_l)
         s_zero = gl.zeros([64, BLOCK_N], gl.float32, layout=s_l)
+        c = 0  # K / V blocks consumed so far, over all tiles (the loader's count)
+        n = 0
+        for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
+            for i in range(_fwd_unit_tiles(u, n_m, CAUSAL)):
+                b, h, bh, m0, n_blocks, full_end = _fwd_tile_coords(u, i, n_m, H, Nq, Nk, BLOCK_M, BLOCK_N,
+                                                                     CAUSAL)
+                r0 = m0 + WG * 64
+                q_w = q_smem.index(2 * (n % 2) + WG)
+                offs_m = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
+                offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
+                m_i = gl.full([64], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_l))
+                l_i = gl.zeros([64], gl.float32, layout=gl.SliceLayout(1, s_l))
+                o = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_l)
 
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_ready.index(0), 0)
-        s = warpgroup_mma(q_w, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        mbarrier.arrive(k_empty.index(0))
-        p, _, m_i, l_i = _softmax_step(s, m_i, l_i, offs_m, offs_n, 0, Nk, causal_off, qk_scale, True, CAUSAL)
-        p_a = gl.convert_layout(p.to(dtype), p_l)
-        for j in range(1, full_end):
-            o, p_a, m_i, l_i = _fwd_step(j, o, p_a, m_i, l_i, q_w, k_smem, v_smem, k_ready, v_ready, k_empty,
-                                         v_empty, s_zero, offs_m, offs_n, Nk, causal_off, qk_scale,
-                                         o_l, p_l, BLOCK_N, STAGES, False, CAUSAL)
-        for j in range(gl.maximum(full_end, 1), n_blocks):
-            o, p_a, m_i, l_i = _fwd_step(j, o, p_a, m_i, l_i, q_w, k_smem, v_smem, k_ready, v_ready, k_empty,
-                                         v_empty, s_zero, offs_m, offs_n, Nk, causal_off, qk_scale,
-                                         o_l, p_l, BLOCK_N, STAGES, True, CAUSAL)
-        last = n_blocks - 1
-        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        o = warpgroup_mma(p_a, v_smem.index(last % STAGES), o, is_async=True)
-        o, p_a = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_a))
+                mbarrier.wait(q_ready.index(n % 2), (n // 2) & 1)
+                mbarrier.wait(k_ready.index(c % STAGES), (c // STAGES) & 1)
+                s = warpgroup_mma(q_w, k_smem.index(c % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                mbarrier.arrive(k_empty.index(c % STAGES))
+                p, _, m_i, l_i = _softmax_step(s, m_i, l_i, offs_m, offs_n, 0, Nk, causal_off, qk_scale, True,
+                                               CAUSAL)
+                p_a = gl.convert_layout(p.to(dtype), p_l)
+                for j in range(1, full_end):
+                    o, p_a, m_i, l_i = _fwd_step(j, c + j, o, p_a, m_i, l_i, q_w, k_smem, v_smem, k_ready,
+                                                 v_ready, k_empty, v_empty, s_zero, offs_m, offs_n, Nk,
+                                                 causal_off, qk_scale, o_l, p_l, BLOCK_N, STAGES, False,
+                                                 CAUSAL)
+                for j in range(gl.maximum(full_end, 1), n_blocks):
+                    o, p_a, m_i, l_i = _fwd_step(j, c + j, o, p_a, m_i, l_i, q_w, k_smem, v_smem, k_ready,
+                                                 v_ready, k_empty, v_empty, s_zero, offs_m, offs_n, Nk,
+                                                 causal_off, qk_scale, o_l, p_l, BLOCK_N, STAGES, True,
+                                                 CAUSAL)
+                c += n_blocks
+                last = (c - 1) % STAGES
+                mbarrier.wait(v_ready.index(last), ((c - 1) // STAGES) & 1)
+                o = warpgroup_mma(p_a, v_smem.index(last), o, is_async=True)
+                o, p_a = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_a))
+                mbarrier.arrive(v_empty.index(last))
 
-        has_keys = l_i > 0.0
-        l_safe = gl.where(has_keys, l_i, 1.0)
-        lse = gl.where(has_keys, m_i + gl.log2(l_safe), float("inf"))
-        gl.store(lse_base + offs_m, lse, mask=offs_m < Nq)
-        out = (o / gl.convert_layout(l_safe, gl.SliceLayout(1, o_l))[:, None]).to(o_base.dtype.element_ty)
-        st_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
-        out = gl.convert_layout(out, st_l)
-        rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, st_l))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, st_l))
-        gl.store(o_base + rows[:, None] * stride_on + cols[None, :], out, mask=rows[:, None] < Nq)
+                has_keys = l_i > 0.0
+                l_safe = gl.where(has_keys, l_i, 1.0)
+                lse = gl.where(has_keys, m_i + gl.log2(l_safe), float("inf"))
+                gl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < Nq)
+                # O through this warpgroup's Q buffer (its last product has retired) and a TMA store,
+                # which drops rows past Nq; the buffer goes back to the loader once the store read it
+                q_w.store((o / gl.convert_layout(l_safe, gl.SliceLayout(1, o_l))[:, None]).to(dtype))
+                fence_async_shared()
+                _tma_store(o_desc, [b, r0, h, 0],
+                           q_w.reinterpret(dtype, o_desc.block_type.shape, o_desc.layout))
+                tma.store_wait(0)
+                mbarrier.arrive(q_empty.index(n % 2))
+                n += 1
 
     @gluon.jit
-    def _gl_fwd_kernel(Q, K, V, O, LSE,
-                       stride_qb, stride_qn, stride_qh,
-                       stride_kb, stride_kn, stride_kh,
-                       stride_vb, stride_vn, stride_vh,
-                       stride_ob, stride_on, stride_oh,
-                       H, Nq, Nk, qk_scale,
+    def _gl_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H, Nq, Nk, n_units, qk_scale,
                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                        num_warps: gl.constexpr):
-        """BLOCK_M = 128 query rows: the default partition (4 warps) and a 4-warp worker each own
-        64 rows; a 1-warp worker issues every TMA load. Buffers are handed over by mbarriers only
-        (ready: TMA done; empty: both consumers' products that read the buffer retired), so the two
-        warpgroups never wait for each other at a CTA-wide barrier and drift apart freely."""
+        """Program p runs work units p, p + P, ... of n_units (P programs, `gluon_fwd`; a unit is one or
+        two tiles, `_fwd_tile_coords`); a tile is BLOCK_M = 128 query rows. The default partition (4
+        warps) and a 4-warp worker each own 64 rows; a 1-warp worker issues every TMA load. Buffers
+        are handed over by mbarriers only (ready: TMA done; empty: both consumers' products that read
+        the buffer retired), so the two warpgroups never wait for each other at a CTA-wide barrier and
+        drift apart freely. q_desc, k_desc, v_desc, o_desc: host TMA descriptors of the (B, N, H,
+        HEAD_DIM) tensors, blocks of [1, 64, 1, HEAD_DIM] (Q, O) and [1, BLOCK_N, 1, HEAD_DIM] (K, V)."""
         gl.static_assert(BLOCK_M == 128)
         gl.static_assert(num_warps == 4)
-        dtype: gl.constexpr = Q.dtype.element_ty
-        pid_m = gl.program_id(0)
-        if CAUSAL:
-            pid_m = gl.num_programs(0) - 1 - pid_m
-        bh = gl.program_id(1)
-        b = (bh // H).to(gl.int64)
-        h = (bh % H).to(gl.int64)
-        m0 = pid_m * BLOCK_M
+        dtype: gl.constexpr = o_desc.dtype
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
         kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        q_desc = _head_desc(Q, b, h, stride_qb, stride_qn, stride_qh, Nq, HEAD_DIM, 64, q_sl)
-        k_desc = _head_desc(K, b, h, stride_kb, stride_kn, stride_kh, Nk, HEAD_DIM, BLOCK_N, kv_sl)
-        v_desc = _head_desc(V, b, h, stride_vb, stride_vn, stride_vh, Nk, HEAD_DIM, BLOCK_N, kv_sl)
-        q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_sl)
+        q_smem = gl.allocate_shared_memory(dtype, [4, 64, HEAD_DIM], q_sl)  # [Q slot * 2 + consumer]
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)
         for st in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(st), count=1)
             mbarrier.init(v_ready.index(st), count=1)
             mbarrier.init(k_empty.index(st), count=2)
             mbarrier.init(v_empty.index(st), count=2)
-
-        if CAUSAL:  # key blocks [0, full_end) need no mask; the rest hold the diagonal
-            causal_off = Nk - Nq
-            hi = gl.minimum(Nk, m0 + BLOCK_M + causal_off)
-            full_end = gl.maximum(gl.minimum(hi, m0 + causal_off + 1), 0) // BLOCK_N
-        else:  # only the last block may need a mask (the Nk tail)
-            hi = Nk
-            full_end = Nk // BLOCK_N
-        # rows that see no key (hi <= 0) still run one block, fully masked: output 0, LSE = +inf
-        n_blocks = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
-        full_end = gl.minimum(full_end, n_blocks)
-        o_base = O + b * stride_ob + h * stride_oh
-        lse_base = LSE + bh * Nq
+        n_m = gl.cdiv(Nq, BLOCK_M)
         gl.warp_specialize([
-            (_fwd_consumer, (stride_on, o_base, lse_base, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                             k_empty, v_empty, m0, n_blocks, full_end, Nq, Nk, qk_scale,
-                             0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-            (_fwd_consumer, (stride_on, o_base, lse_base, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                             k_empty, v_empty, m0, n_blocks, full_end, Nq, Nk, qk_scale,
-                             1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-            (_fwd_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
-                           v_empty, m0, n_blocks, 2, BLOCK_N, STAGES)),
+            (_fwd_consumer, (o_desc, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                             k_empty, v_empty, n_units, n_m, H, Nq, Nk, qk_scale,
+                             0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)),
+            (_fwd_consumer, (o_desc, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                             k_empty, v_empty, n_units, n_m, H, Nq, Nk, qk_scale,
+                             1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)),
+            (_fwd_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                           k_empty, v_empty, n_units, n_m, H, Nq, Nk, BLOCK_M, BLOCK_N, STAGES, CAUSAL)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -691,17 +746,25 @@ if HAVE_GLUON:
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
-def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config):
+def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config, programs=None):
     """Launch the Gluon forward into `o` (like q) and `lse` ((B, H, Nq) fp32); returns the kernel
     handle. config = (BLOCK_N, STAGES, consumer registers); the caller has checked the inputs
-    (fp16/bf16, head dim in HEAD_DIMS, TMA-aligned strides, sm_90) and set Triton's allocator."""
+    (fp16/bf16, head dim in HEAD_DIMS, TMA-aligned strides, sm_90). programs: how many programs run
+    the work units (_fwd_tile_coords), each every programs-th one; default: one per SM (persistent) up
+    to PERSISTENT_MAX_KEYS keys, one per unit above. Its descriptors are made here on the host, so it
+    needs no Triton allocator."""
     B, Nq, H, D = q.shape
+    Nk = k.shape[1]
     block_n, stages, regs = config
-    return _gl_fwd_kernel[(-(-Nq // 128), B * H)](
-        q, k, v, o, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, Nq, k.shape[1], qk_scale,
+    n_m = -(-Nq // 128)
+    n_units = B * H * ((n_m + 1) // 2 if causal else n_m)
+    if programs is None:
+        programs = n_units
+        if Nk <= PERSISTENT_MAX_KEYS:
+            programs = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return _gl_fwd_kernel[(min(n_units, programs),)](
+        _bshd_desc(q), _bshd_desc(k, rows=block_n), _bshd_desc(v, rows=block_n), _bshd_desc(o), lse,
+        H, Nq, Nk, n_units, qk_scale,
         HEAD_DIM=D, BLOCK_M=128, BLOCK_N=block_n, CAUSAL=bool(causal), STAGES=stages, CONSUMER_REGS=regs,
         num_warps=4)
 
@@ -729,8 +792,13 @@ def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: floa
         STAGES=stages, CONSUMER_REGS=regs, num_warps=4)
 
 
-def _bshd_desc(t, cols=None):
-    """Host TMA descriptor of a (B, N, H, D) tensor, 64 rows of one (batch, head) per load, `cols`
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _bshd_desc(t, cols=None, rows=64):
+    """Host TMA descriptor of a (B, N, H, D) tensor, `rows` rows of one (batch, head) per load, `cols`
     columns wide (default: all D)."""
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=t.element_size() * 8, rank=4)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 64, 1, cols or t.shape[-1]], layout)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, cols or t.shape[-1]], layout)

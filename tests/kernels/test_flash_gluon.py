@@ -67,29 +67,24 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from longctx.kernels import flash_gluon
 head_dim, causal, kernel = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
 backward, sparse = kernel != "fwd", kernel == "sparse"
-if backward:  # host TMA descriptors of the (B, N, H, D) inputs, then the outputs
-    layout = flash_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
-    desc = f"tensordesc<bf16[1,64,1,{head_dim}],{layout!r}>"
+# host TMA descriptors of the (B, N, H, D) tensors: 64 rows per load, 128 for the forward's K / V
+layout = flash_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+desc = f"tensordesc<bf16[1,64,1,{head_dim}],{layout!r}>"
+if backward:  # the inputs, then the outputs
     sig = {name: desc for name in ("q_desc", "k_desc", "v_desc", "do_desc")}
     sig["kc_desc"] = f"tensordesc<bf16[1,64,1,64],{layout!r}>"
-    tensors = ("DK", "DV")
-else:
-    tensors = ("Q", "K", "V", "O")
-    sig = {}
-sig.update({name: "*bf16" for name in tensors})
-sig.update({name: "*fp32" for name in (("LSE", "DELTA", "DQA") if backward else ("LSE",))})
-if backward:  # the block mask's column lists
-    sig.update({name: "*i32" for name in ("COL_COUNT", "COL_IDX", "COL_MASKED")})
-for t in tensors:
-    sig.update({f"stride_{t.lower()}{s}": "i32" for s in "bnh"})
-if backward:
+    sig.update({name: "*bf16" for name in ("DK", "DV")})
+    sig.update({name: "*fp32" for name in ("LSE", "DELTA", "DQA")})
+    sig.update({name: "*i32" for name in ("COL_COUNT", "COL_IDX", "COL_MASKED")})  # the block mask's lists
+    sig.update({f"stride_{t}{s}": "i32" for t in ("dk", "dv") for s in "bnh"})
     sig.update({"stride_mh": "i32", "stride_mcol": "i32"})
-sig.update({"H": "i32", "Nq": "i32", "Nk": "i32", "qk_scale": "fp32"})
-if backward:
-    sig["sm_scale"] = "fp32"
+    sig.update({"H": "i32", "Nq": "i32", "Nk": "i32", "qk_scale": "fp32", "sm_scale": "fp32"})
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "CAUSAL": causal, "SPARSE": sparse, "MASK_BM": 128,
               "MASK_BN": 128, "STAGES": 2, "CONSUMER_REGS": 240, "num_warps": 4}
 else:
+    kv_desc = desc.replace("[1,64,1,", "[1,128,1,")
+    sig = {"q_desc": desc, "k_desc": kv_desc, "v_desc": kv_desc, "o_desc": desc, "LSE": "*fp32"}
+    sig.update({"H": "i32", "Nq": "i32", "Nk": "i32", "n_units": "i32", "qk_scale": "fp32"})
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": 128, "BLOCK_N": 128, "CAUSAL": causal, "STAGES": 2,
               "CONSUMER_REGS": 240, "num_warps": 4}
 sig.update({name: "constexpr" for name in consts})
@@ -132,6 +127,7 @@ def test_builds_for_hopper_with_async_wgmma_and_no_cta_wide_barrier_in_the_loop(
     assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1" in ptx  # S waited for alone
     assert "setmaxnreg" in ptx  # warp specialisation: registers move from the loader to the consumers
     assert "cp.async.bulk.tensor" in ptx  # TMA loads
+    assert "cp.async.bulk.tensor.4d.global.shared" in ptx  # O leaves through a TMA store
     # the consumers synchronise only within their own warpgroup (named barriers of 128 threads) or
     # through mbarriers; a CTA-wide `bar.sync 0;` would put the two warpgroups back in lockstep
     assert not re.search(r"\bbar\.sync\s+\d+;", ptx)
@@ -281,9 +277,29 @@ def test_backward_table_and_fallbacks(monkeypatch):
 @pytest.mark.parametrize("nq,nk", [(1, 1), (127, 127), (300, 777), (777, 300), (1500, 1500)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_float64_reference(nq, nk, causal, head_dim, dtype, monkeypatch):
-    monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", True)  # D=64 too (the table keeps it on Triton)
+    monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", True)  # D=64 short rows too (Triton's in the table)
     ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
     run_case(2, nq, nk, 3, head_dim, causal, dtype)
+    assert ran, "the Gluon forward did not run"
+
+
+@needs_hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk,programs", [(300, 777, 2), (777, 300, 3), (1500, 1500, 5), (1000, 1300, 7),
+                                            (1500, 1500, None), (777, 777, None)])
+def test_persistent_programs_run_many_tiles(nq, nk, programs, causal, head_dim, monkeypatch):
+    """Few persistent programs, so each runs many tiles of different lengths in turn: the Q double
+    buffer and the K / V ring's phases carry over from tile to tile (odd block counts included).
+    programs=None: the grid for long rows, one program per work unit (a causal unit is two tiles, one
+    alone when the query blocks are odd in number)."""
+    monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", True)
+    if programs is None:
+        monkeypatch.setattr(flash_gluon, "PERSISTENT_MAX_KEYS", 0)
+    else:
+        monkeypatch.setattr(flash_gluon, "_num_sms", lambda device_index: programs)
+    ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
+    run_case(2, nq, nk, 3, head_dim, causal, torch.bfloat16)
     assert ran, "the Gluon forward did not run"
 
 
@@ -298,6 +314,11 @@ def test_strided_views_and_fallbacks(monkeypatch):
     run_case(1, 300, 300, 2, 128, True, torch.bfloat16)
     assert not ran  # switched off: the Triton forward
     monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", None)
-    run_case(1, 300, 300, 2, 64, True, torch.bfloat16)
+    run_case(1, 1024, 1024, 2, 64, True, torch.bfloat16)
     run_case(1, 300, 300, 2, 128, True, torch.float32)
-    assert not ran  # the table keeps D=64 on Triton; fp32 has no Gluon path
+    assert not ran  # the table keeps D=64 causal below 2048 keys on Triton; fp32 has no Gluon path
+    run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16)
+    assert ran  # D=64 causal from 2048 keys
+    ran.clear()
+    run_case(1, 1024, 1024, 2, 64, False, torch.bfloat16)
+    assert ran  # D=64 non-causal from 1024
