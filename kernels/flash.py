@@ -567,10 +567,12 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNS
     needs 16-byte aligned strides and base addresses; the interpreter emulates the loads. fwd_gluon /
     bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper (kernels/flash_gluon.py). None
     (default) = where the launch table marks them faster (forward: head dim 128, head dim 64 with >=
-    2048 keys causal, >= 1024 non-causal; fused backward: head dim 64 with >= 1024 keys causal, >= 512
+    2048 keys causal, >= 1024 non-causal, block masks at head dim 64 whose rows keep >= 4 blocks of 128
+    keys; fused backward: head dim 64 with >= 1024 keys causal, >= 512
     non-causal, head dim 128 with >= 2048 causal, >= 4096 non-causal, block masks at head dim 64 whose
     programs see >= 6 query blocks); True = for every case they are built for (forward: head dim 64,
-    128; backward: 64, 128, also block masks of a multiple of 64 x 128); False = never. Either way only
+    128, also block masks of a multiple of 128 x 128; backward: 64, 128, also block masks of a multiple
+    of 64 x 128); False = never. Either way only
     fp16/bf16 inputs with TMA-aligned strides on sm_90; the Gluon backward replaces the fused
     (non-deterministic) one."""
     for key, val in (("fwd_tma", tma), ("bwd_tma", tma), ("fwd_tma", fwd_tma), ("bwd_tma", bwd_tma),
@@ -773,12 +775,12 @@ def _gluon_rows(device_index: int, kind: str, causal: bool) -> dict:
 
 def _gluon_rows_for(q, kind: str, causal, block_mask, head_dims) -> dict | None:
     """The Gluon rows that apply to this call, or None where no Gluon kernel may run: switched off,
-    no Gluon, a block mask the kernel does not take (the forward takes none; the backward, blocks of
-    a multiple of 64 query rows by a multiple of 128 keys), a set_launch_config override, not CUDA,
+    no Gluon, a block mask the kernel does not take (blocks of other than a multiple of 128 (forward) /
+    64 (backward) query rows by a multiple of 128 keys), a set_launch_config override, not CUDA,
     not fp16/bf16, or a head dim the kernel is not built for. kind "fwd_gluon" / "bwd_gluon" is the
     option's name; its first three letters are the set_launch_config kind that overrides it."""
-    mask_ok = block_mask is None or (kind == "bwd_gluon" and block_mask.block_m % 64 == 0
-                                     and block_mask.block_n % 128 == 0)
+    tile_m = 64 if kind == "bwd_gluon" else 128  # the kernels' query and key tiles
+    mask_ok = block_mask is None or (block_mask.block_m % tile_m == 0 and block_mask.block_n % 128 == 0)
     if (_OPTIONS[kind] is False or not _gluon.HAVE_GLUON or not mask_ok
             or kind[:3] in _OVERRIDE or q.device.type != "cuda"
             or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in head_dims):
@@ -790,8 +792,14 @@ def _gluon_fwd_config(q, k, v, causal, block_mask):
     """The Gluon forward's (BLOCK_N, STAGES, registers) for this call, or None for the Triton forward."""
     rows = _gluon_rows_for(q, "fwd_gluon", causal, block_mask, _gluon.HEAD_DIMS)
     row = rows.get(q.shape[-1]) if rows else None  # (minimum keys, BLOCK_N, STAGES, registers)
-    if row is None or (k.shape[1] < row[0] and not _OPTIONS["fwd_gluon"]):
+    if row is None:
         return None
+    if not _OPTIONS["fwd_gluon"]:
+        if k.shape[1] < row[0]:
+            return None
+        if (block_mask is not None and q.shape[-1] == 64
+                and _sparse_key_blocks_per_row(block_mask) < _GLUON_SPARSE_FWD_MIN_BLOCKS):
+            return None
     return row[1:] if _tma_ok(q, k, v) else None
 
 
@@ -817,6 +825,18 @@ def _gluon_bwd_config(q, k, v, do, causal, block_mask):
 _GLUON_SPARSE_MIN_TILES = 6
 
 
+# Block-sparse forward: the Gluon one (persistent, 128-row tiles, 128-key blocks) measured 1.17-1.20x the
+# Triton one at head dim 64 where rows keep about 8 or more key blocks of 128 (local / BigBird at 16k and
+# 64k), 0.81x at about 2 (16k, density 1/32): a tile's own start and end (first product, O store) are not
+# hidden when it has so few blocks. Head dim 128: 1.19-1.45x, 2 blocks included (docs/benchmarks.md 2c).
+_GLUON_SPARSE_FWD_MIN_BLOCKS = 4
+
+
+def _sparse_key_blocks_per_row(block_mask) -> float:
+    """Mean number of 128-key blocks a mask row keeps (the Gluon forward's steps per tile)."""
+    return block_mask.nnz / (block_mask.n_heads * block_mask.n_blocks_m) * block_mask.block_n / 128
+
+
 def _sparse_tiles_per_program(block_mask) -> float:
     """Mean number of 64-row query blocks a 128-key program of the Gluon backward runs for this mask."""
     return block_mask.nnz / (block_mask.n_heads * block_mask.n_blocks_n) * block_mask.block_m / 64
@@ -829,7 +849,8 @@ def _flash_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
     lse = _empty((B, H, Nq), q.device)
     gluon_cfg = _gluon_fwd_config(q, k, v, causal, block_mask)
     if gluon_cfg is not None:
-        _record("fwd", _gluon.gluon_fwd(q, k, v, o, lse, causal, sm_scale * LOG2E, gluon_cfg))
+        sparse = _mask_args(block_mask, q.device, True, causal) if block_mask is not None else None
+        _record("fwd", _gluon.gluon_fwd(q, k, v, o, lse, causal, sm_scale * LOG2E, gluon_cfg, sparse=sparse))
         return o, lse
     bm, bn, w, s = _launch_config("fwd", q.device, D, block_mask, causal=causal, dtype=q.dtype, seq_k=Nk)
     _check_tiles(bm, bn, block_mask)

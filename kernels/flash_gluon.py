@@ -32,9 +32,14 @@ order made the programs drift apart over many heads: 0.84x at causal 16k).
 
 Same contract as `flash._fwd_kernel` (bottom-right causal alignment; rows that see no key give 0
 and LSE = +inf; LSE in base 2 of the scaled scores), so `flash._flash_bwd` runs on its output.
-`flash._flash_fwd` launches it for dense fp16/bf16 attention on sm_90 where the launch table's
+`flash._flash_fwd` launches it for fp16/bf16 attention on sm_90 where the launch table's
 "fwd_gluon" row says so (head dim 128 everywhere; head dim 64 from 2048 keys causal, 1024
 non-causal; docs/benchmarks.md 1j) and the inputs suit TMA; everything else runs the Triton kernel.
+Block-sparse (SPARSE): a tile runs its mask row's list of kept key blocks (mask blocks of a multiple
+of 128 query rows by a multiple of 128 keys), the element mask only past the list's `full` prefix;
+units are single tiles, always on the persistent grid (rows of a few blocks gain most from it). At
+head dim 64 it is taken where rows keep >= 4 blocks on average (1.17-1.20x the Triton forward there,
+0.81x at 2; docs/benchmarks.md 2c).
 
 The backward (`gluon_bwd`, head dims 64 and 128) has the same partition structure, FlashAttention-3's backward
 schedule as far as 240 registers per consumer thread allow:
@@ -133,22 +138,24 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_i
 
     @gluon.jit
-    def _fwd_unit_tiles(u, n_m, CAUSAL: gl.constexpr):
+    def _fwd_unit_tiles(u, n_m, CAUSAL: gl.constexpr, SPARSE: gl.constexpr):
         """How many query blocks work unit u holds (see _fwd_tile_coords)."""
-        if CAUSAL:
+        if CAUSAL and not SPARSE:
             return 1 + (2 * (u % ((n_m + 1) // 2)) + 1 != n_m).to(gl.int32)
         else:
             return 1
 
     @gluon.jit
-    def _fwd_tile_coords(u, i, n_m, H, Nq, Nk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                         CAUSAL: gl.constexpr):
-        """Query block i of work unit u: (b, h, bh, m0, key blocks to run, key blocks that need no mask).
+    def _fwd_tile_coords(u, i, n_m, H, Nq, Nk, ROW_COUNT, ROW_FULL, ROW_IDX, stride_mh, stride_mrow,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                         SPARSE: gl.constexpr, MASK_BM: gl.constexpr, MASK_BN: gl.constexpr):
+        """Query block i of work unit u: (b, h, bh, m0, key blocks to run, key blocks that need no mask,
+        the block-mask row's list of key blocks (SPARSE), the key count the element mask keeps).
         Units run in order of (batch * head, query block), so the programs running at one time share
-        a few heads' K / V in L2. Non-causal: a unit is one query block. Causal: a unit is the pair of
-        query blocks r and n_m - 1 - r (heaviest first, the middle one alone when n_m is odd), so every
-        unit has the same work and the persistent programs stay in step."""
-        if CAUSAL:
+        a few heads' K / V in L2. Non-causal and block-sparse: a unit is one query block. Causal: a
+        unit is the pair of query blocks r and n_m - 1 - r (heaviest first, the middle one alone when
+        n_m is odd), so every unit has the same work and the persistent programs stay in step."""
+        if CAUSAL and not SPARSE:
             half = (n_m + 1) // 2
             bh = u // half
             r = u % half
@@ -157,31 +164,52 @@ if HAVE_GLUON:
             bh = u // n_m
             pid_m = u % n_m
         m0 = pid_m * BLOCK_M
-        if CAUSAL:  # key blocks [0, full_end) need no mask; the rest hold the diagonal
-            causal_off = Nk - Nq
-            hi = gl.minimum(Nk, m0 + BLOCK_M + causal_off)
-            full_end = gl.maximum(gl.minimum(hi, m0 + causal_off + 1), 0) // BLOCK_N
-        else:  # only the last block may need a mask (the Nk tail)
-            hi = Nk
-            full_end = Nk // BLOCK_N
-        # rows that see no key (hi <= 0) still run one block, fully masked: output 0, LSE = +inf
-        n_blocks = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
-        full_end = gl.minimum(full_end, n_blocks)
-        return bh // H, bh % H, bh, m0, n_blocks, full_end
+        h = bh % H
+        if SPARSE:  # the mask row's kept blocks, each MASK_BN // BLOCK_N key blocks; its first
+            # `full` need no element mask. A row that keeps nothing runs one block with no key kept.
+            sub: gl.constexpr = MASK_BN // BLOCK_N
+            row = h * stride_mh + m0 // MASK_BM
+            count = gl.load(ROW_COUNT + row) * sub
+            full = gl.load(ROW_FULL + row) * sub
+            n_blocks = gl.maximum(count, 1)
+            return bh // H, h, bh, m0, n_blocks, gl.minimum(full, n_blocks), ROW_IDX + row * stride_mrow, \
+                gl.where(count > 0, Nk, 0)
+        else:
+            if CAUSAL:  # key blocks [0, full_end) need no mask; the rest hold the diagonal
+                causal_off = Nk - Nq
+                hi = gl.minimum(Nk, m0 + BLOCK_M + causal_off)
+                full_end = gl.maximum(gl.minimum(hi, m0 + causal_off + 1), 0) // BLOCK_N
+            else:  # only the last block may need a mask (the Nk tail)
+                hi = Nk
+                full_end = Nk // BLOCK_N
+            # rows that see no key (hi <= 0) still run one block, fully masked: output 0, LSE = +inf
+            n_blocks = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+            return bh // H, h, bh, m0, n_blocks, gl.minimum(full_end, n_blocks), ROW_IDX, Nk
+
+    @gluon.jit
+    def _fwd_key_start(j, idx_ptr, BLOCK_N: gl.constexpr, SPARSE: gl.constexpr, MASK_BN: gl.constexpr):
+        """First key of the tile's j-th key block."""
+        if SPARSE:
+            sub: gl.constexpr = MASK_BN // BLOCK_N
+            return gl.load(idx_ptr + j // sub) * MASK_BN + (j % sub) * BLOCK_N
+        else:
+            return j * BLOCK_N
 
     @gluon.jit
     def _fwd_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                    k_empty, v_empty, n_units, n_m, H, Nq, Nk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                    k_empty, v_empty, n_units, n_m, H, Nq, Nk, ROW_COUNT, ROW_FULL, ROW_IDX, stride_mh,
+                    stride_mrow, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    CAUSAL: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr, MASK_BN: gl.constexpr):
         """One warp: per tile of this program, Q (into the tile's half of a double buffer, so the next
         tile's Q arrives while the consumers finish this one), then K_j, V_j into the ring (one count
         over all of the program's tiles) as the consumers free the buffers."""
         c = 0  # K / V blocks loaded so far, over all tiles: ring slot c % STAGES
         n = 0  # tiles so far: Q slot n % 2
         for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
-            for i in range(_fwd_unit_tiles(u, n_m, CAUSAL)):
-                b, h, bh, m0, n_blocks, full_end = _fwd_tile_coords(u, i, n_m, H, Nq, Nk, BLOCK_M, BLOCK_N,
-                                                                     CAUSAL)
+            for i in range(_fwd_unit_tiles(u, n_m, CAUSAL, SPARSE)):
+                b, h, bh, m0, n_blocks, full_end, idx_ptr, nk_lim = _fwd_tile_coords(
+                    u, i, n_m, H, Nq, Nk, ROW_COUNT, ROW_FULL, ROW_IDX, stride_mh, stride_mrow,
+                    BLOCK_M, BLOCK_N, CAUSAL, SPARSE, MASK_BM, MASK_BN)
                 qb = n % 2
                 mbarrier.wait(q_empty.index(qb), ((n // 2) & 1) ^ 1)  # a fresh barrier passes parity 1
                 mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)
@@ -190,20 +218,21 @@ if HAVE_GLUON:
                 for j in range(n_blocks):
                     buf = c % STAGES
                     free_phase = ((c // STAGES) & 1) ^ 1
+                    start_n = _fwd_key_start(j, idx_ptr, BLOCK_N, SPARSE, MASK_BN)
                     mbarrier.wait(k_empty.index(buf), free_phase)
                     mbarrier.expect(k_ready.index(buf), k_desc.block_type.nbytes)
-                    _tma_rows(k_desc, b, h, j * BLOCK_N, k_ready.index(buf), k_smem.index(buf))
+                    _tma_rows(k_desc, b, h, start_n, k_ready.index(buf), k_smem.index(buf))
                     mbarrier.wait(v_empty.index(buf), free_phase)
                     mbarrier.expect(v_ready.index(buf), v_desc.block_type.nbytes)
-                    _tma_rows(v_desc, b, h, j * BLOCK_N, v_ready.index(buf), v_smem.index(buf))
+                    _tma_rows(v_desc, b, h, start_n, v_ready.index(buf), v_smem.index(buf))
                     c += 1
                 n += 1
 
     @gluon.jit
     def _fwd_step(j, c, o, p_a, m_i, l_i, q_w, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, s_zero,
-                  offs_m, offs_n, Nk, causal_off, qk_scale,
+                  offs_m, offs_n, idx_ptr, nk_lim, causal_off, qk_scale,
                   o_l: gl.constexpr, p_l: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  MASK: gl.constexpr, CAUSAL: gl.constexpr):
+                  MASK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr, MASK_BN: gl.constexpr):
         """Key block j of the tile, ring count c (K_j in slot c % STAGES, V_{j-1} in the slot before)."""
         kb = c % STAGES
         vb = (c - 1) % STAGES
@@ -213,7 +242,10 @@ if HAVE_GLUON:
         o = warpgroup_mma(p_a, v_smem.index(vb), o, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         mbarrier.arrive(k_empty.index(kb))
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, offs_m, offs_n, j * BLOCK_N, Nk, causal_off, qk_scale,
+        start_n = 0  # (only a masked block needs its first key)
+        if MASK:
+            start_n = _fwd_key_start(j, idx_ptr, BLOCK_N, SPARSE, MASK_BN)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, offs_m, offs_n, start_n, nk_lim, causal_off, qk_scale,
                                            MASK, CAUSAL)
         o, p_a = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_a))
         mbarrier.arrive(v_empty.index(vb))
@@ -223,9 +255,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fwd_consumer(o_desc, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                      k_empty, v_empty, n_units, n_m, H, Nq, Nk, qk_scale,
+                      k_empty, v_empty, n_units, n_m, H, Nq, Nk, qk_scale, ROW_COUNT, ROW_FULL, ROW_IDX,
+                      stride_mh, stride_mrow,
                       WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr,
+                      MASK_BN: gl.constexpr):
         """Rows [m0 + 64 WG, m0 + 64 WG + 64) of each of the program's tiles, one warpgroup."""
         dtype: gl.constexpr = q_smem.dtype
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -238,9 +272,10 @@ if HAVE_GLUON:
         c = 0  # K / V blocks consumed so far, over all tiles (the loader's count)
         n = 0
         for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
-            for i in range(_fwd_unit_tiles(u, n_m, CAUSAL)):
-                b, h, bh, m0, n_blocks, full_end = _fwd_tile_coords(u, i, n_m, H, Nq, Nk, BLOCK_M, BLOCK_N,
-                                                                     CAUSAL)
+            for i in range(_fwd_unit_tiles(u, n_m, CAUSAL, SPARSE)):
+                b, h, bh, m0, n_blocks, full_end, idx_ptr, nk_lim = _fwd_tile_coords(
+                    u, i, n_m, H, Nq, Nk, ROW_COUNT, ROW_FULL, ROW_IDX, stride_mh, stride_mrow,
+                    BLOCK_M, BLOCK_N, CAUSAL, SPARSE, MASK_BM, MASK_BN)
                 r0 = m0 + WG * 64
                 q_w = q_smem.index(2 * (n % 2) + WG)
                 offs_m = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
@@ -255,19 +290,20 @@ if HAVE_GLUON:
                                   is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
                 mbarrier.arrive(k_empty.index(c % STAGES))
-                p, _, m_i, l_i = _softmax_step(s, m_i, l_i, offs_m, offs_n, 0, Nk, causal_off, qk_scale, True,
-                                               CAUSAL)
+                p, _, m_i, l_i = _softmax_step(s, m_i, l_i, offs_m, offs_n,
+                                               _fwd_key_start(0, idx_ptr, BLOCK_N, SPARSE, MASK_BN), nk_lim,
+                                               causal_off, qk_scale, True, CAUSAL)
                 p_a = gl.convert_layout(p.to(dtype), p_l)
                 for j in range(1, full_end):
                     o, p_a, m_i, l_i = _fwd_step(j, c + j, o, p_a, m_i, l_i, q_w, k_smem, v_smem, k_ready,
-                                                 v_ready, k_empty, v_empty, s_zero, offs_m, offs_n, Nk,
-                                                 causal_off, qk_scale, o_l, p_l, BLOCK_N, STAGES, False,
-                                                 CAUSAL)
+                                                 v_ready, k_empty, v_empty, s_zero, offs_m, offs_n, idx_ptr,
+                                                 nk_lim, causal_off, qk_scale, o_l, p_l, BLOCK_N, STAGES,
+                                                 False, CAUSAL, SPARSE, MASK_BN)
                 for j in range(gl.maximum(full_end, 1), n_blocks):
                     o, p_a, m_i, l_i = _fwd_step(j, c + j, o, p_a, m_i, l_i, q_w, k_smem, v_smem, k_ready,
-                                                 v_ready, k_empty, v_empty, s_zero, offs_m, offs_n, Nk,
-                                                 causal_off, qk_scale, o_l, p_l, BLOCK_N, STAGES, True,
-                                                 CAUSAL)
+                                                 v_ready, k_empty, v_empty, s_zero, offs_m, offs_n, idx_ptr,
+                                                 nk_lim, causal_off, qk_scale, o_l, p_l, BLOCK_N, STAGES,
+                                                 True, CAUSAL, SPARSE, MASK_BN)
                 c += n_blocks
                 last = (c - 1) % STAGES
                 mbarrier.wait(v_ready.index(last), ((c - 1) // STAGES) & 1)
@@ -290,9 +326,11 @@ if HAVE_GLUON:
                 n += 1
 
     @gluon.jit
-    def _gl_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H, Nq, Nk, n_units, qk_scale,
+    def _gl_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, ROW_COUNT, ROW_IDX, ROW_FULL, stride_mh,
+                       stride_mrow, H, Nq, Nk, n_units, qk_scale,
                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       CAUSAL: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr,
+                       MASK_BN: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                        num_warps: gl.constexpr):
         """Program p runs work units p, p + P, ... of n_units (P programs, `gluon_fwd`; a unit is one or
         two tiles, `_fwd_tile_coords`); a tile is BLOCK_M = 128 query rows. The default partition (4
@@ -303,6 +341,7 @@ if HAVE_GLUON:
         HEAD_DIM) tensors, blocks of [1, 64, 1, HEAD_DIM] (Q, O) and [1, BLOCK_N, 1, HEAD_DIM] (K, V)."""
         gl.static_assert(BLOCK_M == 128)
         gl.static_assert(num_warps == 4)
+        gl.static_assert((not SPARSE) or ((MASK_BM % BLOCK_M == 0) and (MASK_BN % BLOCK_N == 0)))
         dtype: gl.constexpr = o_desc.dtype
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
         kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
@@ -326,13 +365,16 @@ if HAVE_GLUON:
         n_m = gl.cdiv(Nq, BLOCK_M)
         gl.warp_specialize([
             (_fwd_consumer, (o_desc, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, n_units, n_m, H, Nq, Nk, qk_scale,
-                             0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)),
+                             k_empty, v_empty, n_units, n_m, H, Nq, Nk, qk_scale, ROW_COUNT, ROW_FULL,
+                             ROW_IDX, stride_mh, stride_mrow, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
+                             SPARSE, MASK_BM, MASK_BN)),
             (_fwd_consumer, (o_desc, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, n_units, n_m, H, Nq, Nk, qk_scale,
-                             1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)),
+                             k_empty, v_empty, n_units, n_m, H, Nq, Nk, qk_scale, ROW_COUNT, ROW_FULL,
+                             ROW_IDX, stride_mh, stride_mrow, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
+                             SPARSE, MASK_BM, MASK_BN)),
             (_fwd_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                           k_empty, v_empty, n_units, n_m, H, Nq, Nk, BLOCK_M, BLOCK_N, STAGES, CAUSAL)),
+                           k_empty, v_empty, n_units, n_m, H, Nq, Nk, ROW_COUNT, ROW_FULL, ROW_IDX, stride_mh,
+                           stride_mrow, BLOCK_M, BLOCK_N, STAGES, CAUSAL, SPARSE, MASK_BM, MASK_BN)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -746,27 +788,31 @@ if HAVE_GLUON:
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
-def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config, programs=None):
+def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config, programs=None, sparse=None):
     """Launch the Gluon forward into `o` (like q) and `lse` ((B, H, Nq) fp32); returns the kernel
     handle. config = (BLOCK_N, STAGES, consumer registers); the caller has checked the inputs
     (fp16/bf16, head dim in HEAD_DIMS, TMA-aligned strides, sm_90). programs: how many programs run
     the work units (_fwd_tile_coords), each every programs-th one; default: one per SM (persistent) up
-    to PERSISTENT_MAX_KEYS keys, one per unit above. Its descriptors are made here on the host, so it
-    needs no Triton allocator."""
+    to PERSISTENT_MAX_KEYS keys (always for block masks), one per unit above. sparse: None (dense) or
+    the block mask's row lists as flash._mask_args(rows=True) gives them, (row_count, row_idx,
+    row_full, stride_head, stride_row, MASK_BM, MASK_BN), MASK_BM a multiple of 128 (one tile's rows)
+    and MASK_BN of BLOCK_N. Its descriptors are made here on the host, so it needs no Triton
+    allocator."""
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
     block_n, stages, regs = config
+    count, idx, full, smh, smr, mbm, mbn = sparse if sparse is not None else (lse, lse, lse, 0, 0, 128, 128)
     n_m = -(-Nq // 128)
-    n_units = B * H * ((n_m + 1) // 2 if causal else n_m)
+    n_units = B * H * ((n_m + 1) // 2 if causal and sparse is None else n_m)
     if programs is None:
         programs = n_units
-        if Nk <= PERSISTENT_MAX_KEYS:
+        if Nk <= PERSISTENT_MAX_KEYS or sparse is not None:
             programs = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
     return _gl_fwd_kernel[(min(n_units, programs),)](
         _bshd_desc(q), _bshd_desc(k, rows=block_n), _bshd_desc(v, rows=block_n), _bshd_desc(o), lse,
-        H, Nq, Nk, n_units, qk_scale,
-        HEAD_DIM=D, BLOCK_M=128, BLOCK_N=block_n, CAUSAL=bool(causal), STAGES=stages, CONSUMER_REGS=regs,
-        num_warps=4)
+        count, idx, full, smh, smr, H, Nq, Nk, n_units, qk_scale,
+        HEAD_DIM=D, BLOCK_M=128, BLOCK_N=block_n, CAUSAL=bool(causal), SPARSE=sparse is not None,
+        MASK_BM=mbm, MASK_BN=mbn, STAGES=stages, CONSUMER_REGS=regs, num_warps=4)
 
 
 def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: float, sm_scale: float, config,

@@ -66,7 +66,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from longctx.kernels import flash_gluon
 head_dim, causal, kernel = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
-backward, sparse = kernel != "fwd", kernel == "sparse"
+backward, sparse = not kernel.startswith("fwd"), kernel in ("sparse", "fwd_sparse")
 # host TMA descriptors of the (B, N, H, D) tensors: 64 rows per load, 128 for the forward's K / V
 layout = flash_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
 desc = f"tensordesc<bf16[1,64,1,{head_dim}],{layout!r}>"
@@ -84,9 +84,11 @@ if backward:  # the inputs, then the outputs
 else:
     kv_desc = desc.replace("[1,64,1,", "[1,128,1,")
     sig = {"q_desc": desc, "k_desc": kv_desc, "v_desc": kv_desc, "o_desc": desc, "LSE": "*fp32"}
+    sig.update({name: "*i32" for name in ("ROW_COUNT", "ROW_IDX", "ROW_FULL")})  # the block mask's lists
+    sig.update({"stride_mh": "i32", "stride_mrow": "i32"})
     sig.update({"H": "i32", "Nq": "i32", "Nk": "i32", "n_units": "i32", "qk_scale": "fp32"})
-    consts = {"HEAD_DIM": head_dim, "BLOCK_M": 128, "BLOCK_N": 128, "CAUSAL": causal, "STAGES": 2,
-              "CONSUMER_REGS": 240, "num_warps": 4}
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": 128, "BLOCK_N": 128, "CAUSAL": causal, "SPARSE": sparse,
+              "MASK_BM": 256, "MASK_BN": 256, "STAGES": 2, "CONSUMER_REGS": 240, "num_warps": 4}
 sig.update({name: "constexpr" for name in consts})
 kernel = flash_gluon._gl_bwd_kernel if backward else flash_gluon._gl_fwd_kernel
 src = GluonASTSource(fn=kernel, signature=sig, constexprs=consts)
@@ -95,9 +97,9 @@ sys.stdout.write(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={
 
 
 def build_ptx(head_dim: int, causal: bool, kernel: str = "fwd") -> str:
-    """PTX of a kernel ("fwd", "bwd" or "sparse": the block-sparse backward) for sm_90, built in a
-    subprocess: the test session runs Triton's interpreter
-    (TRITON_INTERPRET=1), under which gluon.jit functions cannot be compiled."""
+    """PTX of a kernel ("fwd", "fwd_sparse", "bwd" or "sparse": the block-sparse backward) for sm_90,
+    built in a subprocess: the test session runs Triton's interpreter (TRITON_INTERPRET=1), under which
+    gluon.jit functions cannot be compiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [sys.executable, "-c", _BUILD, str(head_dim), "1" if causal else "0", kernel]
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
@@ -121,9 +123,10 @@ def count_calls(monkeypatch, module, name: str) -> list:
 
 
 @needs_gluon
-@pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False)])
-def test_builds_for_hopper_with_async_wgmma_and_no_cta_wide_barrier_in_the_loop(head_dim, causal):
-    ptx = build_ptx(head_dim, causal)
+@pytest.mark.parametrize("head_dim,causal,kernel",
+                         [(128, True, "fwd"), (64, False, "fwd"), (64, True, "fwd_sparse")])
+def test_builds_for_hopper_with_async_wgmma_and_no_cta_wide_barrier_in_the_loop(head_dim, causal, kernel):
+    ptx = build_ptx(head_dim, causal, kernel)
     assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1" in ptx  # S waited for alone
     assert "setmaxnreg" in ptx  # warp specialisation: registers move from the loader to the consumers
     assert "cp.async.bulk.tensor" in ptx  # TMA loads
@@ -301,6 +304,71 @@ def test_persistent_programs_run_many_tiles(nq, nk, programs, causal, head_dim, 
     ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
     run_case(2, nq, nk, 3, head_dim, causal, torch.bfloat16)
     assert ran, "the Gluon forward did not run"
+
+
+@needs_hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("programs", [None, 3])
+@pytest.mark.parametrize("case", ["local", "bigbird_heads", "big_256", "cross", "noncausal_empty"])
+def test_block_sparse_forward_matches_float64_reference(case, programs, head_dim, monkeypatch):
+    """The Gluon forward over a block mask's row lists (mask blocks of a multiple of 128 query rows by a
+    multiple of 128 keys): the element mask on the blocks past the row's `full` prefix only, per-head
+    layouts, 256-key mask blocks (two key blocks per entry), partial last blocks, Nq != Nk, and a query
+    block that keeps nothing (output 0); programs=3: each persistent program runs many rows in turn."""
+    monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", True)
+    if programs is not None:
+        monkeypatch.setattr(flash_gluon, "_num_sms", lambda device_index: programs)
+    ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
+    causal, nq, nk, heads = True, 1000, 1000, 2
+    if case == "local":
+        mask = kernels.local_mask(nq, window_blocks=1, block_m=128, block_n=128, causal=True)
+    elif case == "bigbird_heads":
+        mask = kernels.bigbird_mask(nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=5,
+                                    n_heads=heads, block_m=128, block_n=128, causal=True)
+    elif case == "big_256":
+        nq = nk = 1300
+        mask = kernels.bigbird_mask(nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=2,
+                                    block_m=256, block_n=256, causal=True)
+    elif case == "cross":
+        nq, nk = 700, 1500
+        mask = kernels.local_mask(nq, nk, window_blocks=2, block_m=128, block_n=128, causal=True)
+    else:
+        causal, nk = False, 1100
+        layout = torch.rand(1, 8, 9, generator=torch.Generator().manual_seed(0)) < 0.4
+        layout[:, 2, :] = False  # query block 2 keeps nothing
+        layout[:, 0, 0] = True
+        mask = kernels.BlockMask(layout, block_m=128, block_n=128, seq_q=nq, seq_k=nk)
+    out, _ = run_case(1, nq, nk, heads, head_dim, causal, torch.bfloat16, block_mask=mask)
+    assert ran, "the Gluon forward did not run"
+    if case == "noncausal_empty":
+        assert torch.equal(out[:, 256:384], torch.zeros_like(out[:, 256:384]))
+
+
+@needs_hopper
+def test_block_sparse_forward_falls_back_for_64_row_blocks(monkeypatch):
+    monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", True)
+    ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
+    mask = kernels.local_mask(600, window_blocks=2, block_m=64, block_n=128, causal=True)
+    run_case(1, 600, 600, 2, 128, True, torch.bfloat16, block_mask=mask)
+    assert not ran  # a tile is 128 query rows: 64-row mask blocks keep the Triton forward
+
+
+@needs_hopper
+def test_block_sparse_forward_choice(monkeypatch):
+    """Automatic: at head dim 64 the Gluon forward for masks whose rows keep >= 4 key blocks of 128 on
+    average (local window of 8 blocks), the Triton one below (window of 1); head dim 128 always."""
+    ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
+    wide = kernels.local_mask(2048, window_blocks=8, block_m=128, block_n=128, causal=True)
+    narrow = kernels.local_mask(2048, window_blocks=1, block_m=128, block_n=128, causal=True)
+    assert flash_mod._sparse_key_blocks_per_row(wide) >= flash_mod._GLUON_SPARSE_FWD_MIN_BLOCKS > \
+        flash_mod._sparse_key_blocks_per_row(narrow)
+    run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide)
+    assert ran
+    ran.clear()
+    run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=narrow)
+    assert not ran
+    run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=narrow)
+    assert ran
 
 
 @needs_hopper
