@@ -115,6 +115,35 @@ def qkv_views(B: int, N: int, H: int, D: int):
     return make
 
 
+def sparse_case(case: str):
+    """(causal, nq, nk, heads, mask) of the block-sparse kernel tests: a causal local window, per-head
+    BigBird, 64 x 128 and 256 x 256 mask blocks, Nq != Nk, and a non-causal random layout in which query
+    block 2 keeps nothing and key block 3 is kept by no query block."""
+    causal, nq, nk, heads = True, 1000, 1000, 2
+    if case == "local":
+        mask = kernels.local_mask(nq, window_blocks=1, block_m=128, block_n=128, causal=True)
+    elif case == "bigbird_heads":
+        mask = kernels.bigbird_mask(nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=5,
+                                    n_heads=heads, block_m=128, block_n=128, causal=True)
+    elif case == "rect_64x128":
+        mask = kernels.local_mask(nq, window_blocks=2, block_m=64, block_n=128, causal=True)
+    elif case == "big_256":
+        nq = nk = 1300
+        mask = kernels.bigbird_mask(nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=2,
+                                    block_m=256, block_n=256, causal=True)
+    elif case == "cross":
+        nq, nk = 700, 1500
+        mask = kernels.local_mask(nq, nk, window_blocks=2, block_m=128, block_n=128, causal=True)
+    else:
+        causal, nk = False, 1100
+        layout = torch.rand(1, 8, 9, generator=torch.Generator().manual_seed(0)) < 0.4
+        layout[:, :, 3] = False  # key block 3 kept by no query block
+        layout[:, 2, :] = False  # query block 2 keeps nothing
+        layout[:, 0, 0] = True
+        mask = kernels.BlockMask(layout, block_m=128, block_n=128, seq_q=nq, seq_k=nk)
+    return causal, nq, nk, heads, mask
+
+
 def count_calls(monkeypatch, module, name: str) -> list:
     """Wrap module.name so that each call appends to the returned list (did that kernel run?)."""
     ran, real = [], getattr(module, name)
@@ -194,28 +223,7 @@ def test_block_sparse_backward_matches_float64_reference(case, head_dim, monkeyp
     blocks, Nq != Nk, and key blocks that no query block keeps (their dK, dV must be 0)."""
     monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)
     ran = count_calls(monkeypatch, flash_gluon, "gluon_bwd")
-    causal, nq, nk, heads = True, 1000, 1000, 2
-    if case == "local":
-        mask = kernels.local_mask(nq, window_blocks=1, block_m=128, block_n=128, causal=True)
-    elif case == "bigbird_heads":
-        mask = kernels.bigbird_mask(nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=5,
-                                    n_heads=heads, block_m=128, block_n=128, causal=True)
-    elif case == "rect_64x128":
-        mask = kernels.local_mask(nq, window_blocks=2, block_m=64, block_n=128, causal=True)
-    elif case == "big_256":
-        nq = nk = 1300
-        mask = kernels.bigbird_mask(nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=2,
-                                    block_m=256, block_n=256, causal=True)
-    elif case == "cross":
-        nq, nk = 700, 1500
-        mask = kernels.local_mask(nq, nk, window_blocks=2, block_m=128, block_n=128, causal=True)
-    else:
-        causal, nk = False, 1100
-        layout = torch.rand(1, 8, 9, generator=torch.Generator().manual_seed(0)) < 0.4
-        layout[:, :, 3] = False  # key block 3 kept by no query block
-        layout[:, 2, :] = False  # query block 2 keeps nothing
-        layout[:, 0, 0] = True
-        mask = kernels.BlockMask(layout, block_m=128, block_n=128, seq_q=nq, seq_k=nk)
+    causal, nq, nk, heads, mask = sparse_case(case)
     out, (dq, dk, dv) = run_case(1, nq, nk, heads, head_dim, causal, torch.bfloat16, block_mask=mask,
                                  deterministic=False)
     assert ran, "the Gluon backward did not run"
@@ -225,28 +233,14 @@ def test_block_sparse_backward_matches_float64_reference(case, head_dim, monkeyp
 
 
 @needs_hopper
-def test_block_sparse_backward_falls_back_for_64_key_blocks(monkeypatch):
-    monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)
-    ran = count_calls(monkeypatch, flash_gluon, "gluon_bwd")
-    mask = kernels.local_mask(600, window_blocks=2, block_m=64, block_n=64, causal=True)
+@pytest.mark.parametrize("kind,block_m,block_n", [("bwd", 64, 64), ("fwd", 64, 128)])
+def test_block_sparse_falls_back_for_small_mask_blocks(kind, block_m, block_n, monkeypatch):
+    """Forced on, the Gluon kernels still leave masks whose blocks do not cover their tiles to Triton:
+    a backward program owns 128 keys, a forward tile 128 query rows."""
+    monkeypatch.setitem(flash_mod._OPTIONS, f"{kind}_gluon", True)
+    ran = count_calls(monkeypatch, flash_gluon, f"gluon_{kind}")
+    mask = kernels.local_mask(600, window_blocks=2, block_m=block_m, block_n=block_n, causal=True)
     run_case(1, 600, 600, 2, 64, True, torch.bfloat16, block_mask=mask, deterministic=False)
-    assert not ran  # a program owns 128 keys: 64-key mask columns keep the Triton backward
-
-
-@needs_hopper
-def test_block_sparse_backward_choice(monkeypatch):
-    """Automatic: the Gluon backward for masks whose 128-key programs see >= 6 query blocks on average
-    (local window of 8 blocks of 128), the Triton one below (window of 1)."""
-    ran = count_calls(monkeypatch, flash_gluon, "gluon_bwd")
-    wide = kernels.local_mask(2048, window_blocks=8, block_m=128, block_n=128, causal=True)
-    narrow = kernels.local_mask(2048, window_blocks=1, block_m=128, block_n=128, causal=True)
-    assert flash_mod._sparse_tiles_per_program(wide) >= flash_mod._GLUON_SPARSE_MIN_TILES > \
-        flash_mod._sparse_tiles_per_program(narrow)
-    run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide)
-    assert ran
-    ran.clear()
-    run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=narrow)
-    run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide, deterministic=True)
     assert not ran
 
 
@@ -319,25 +313,7 @@ def test_block_sparse_forward_matches_float64_reference(case, programs, head_dim
     if programs is not None:
         monkeypatch.setattr(flash_gluon, "_num_sms", lambda device_index: programs)
     ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
-    causal, nq, nk, heads = True, 1000, 1000, 2
-    if case == "local":
-        mask = kernels.local_mask(nq, window_blocks=1, block_m=128, block_n=128, causal=True)
-    elif case == "bigbird_heads":
-        mask = kernels.bigbird_mask(nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=5,
-                                    n_heads=heads, block_m=128, block_n=128, causal=True)
-    elif case == "big_256":
-        nq = nk = 1300
-        mask = kernels.bigbird_mask(nq, window_blocks=1, global_blocks=1, random_blocks=1, seed=2,
-                                    block_m=256, block_n=256, causal=True)
-    elif case == "cross":
-        nq, nk = 700, 1500
-        mask = kernels.local_mask(nq, nk, window_blocks=2, block_m=128, block_n=128, causal=True)
-    else:
-        causal, nk = False, 1100
-        layout = torch.rand(1, 8, 9, generator=torch.Generator().manual_seed(0)) < 0.4
-        layout[:, 2, :] = False  # query block 2 keeps nothing
-        layout[:, 0, 0] = True
-        mask = kernels.BlockMask(layout, block_m=128, block_n=128, seq_q=nq, seq_k=nk)
+    causal, nq, nk, heads, mask = sparse_case(case)
     out, _ = run_case(1, nq, nk, heads, head_dim, causal, torch.bfloat16, block_mask=mask)
     assert ran, "the Gluon forward did not run"
     if case == "noncausal_empty":
@@ -345,30 +321,29 @@ def test_block_sparse_forward_matches_float64_reference(case, programs, head_dim
 
 
 @needs_hopper
-def test_block_sparse_forward_falls_back_for_64_row_blocks(monkeypatch):
-    monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", True)
-    ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
-    mask = kernels.local_mask(600, window_blocks=2, block_m=64, block_n=128, causal=True)
-    run_case(1, 600, 600, 2, 128, True, torch.bfloat16, block_mask=mask)
-    assert not ran  # a tile is 128 query rows: 64-row mask blocks keep the Triton forward
-
-
-@needs_hopper
-def test_block_sparse_forward_choice(monkeypatch):
-    """Automatic: at head dim 64 the Gluon forward for masks whose rows keep >= 4 key blocks of 128 on
-    average (local window of 8 blocks), the Triton one below (window of 1); head dim 128 always."""
-    ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
+@pytest.mark.parametrize("kernel", ["gluon_fwd", "gluon_bwd"])
+def test_block_sparse_choice(kernel, monkeypatch):
+    """Automatic choice on block masks at head dim 64 (local window of 8 blocks of 128 against 1): the
+    Gluon backward where its 128-key programs see >= 6 query blocks on average, the Gluon forward where
+    rows keep >= 4 key blocks of 128; the Triton kernels below (and for deterministic=True). Head dim
+    128: the Gluon forward always."""
+    ran = count_calls(monkeypatch, flash_gluon, kernel)
     wide = kernels.local_mask(2048, window_blocks=8, block_m=128, block_n=128, causal=True)
     narrow = kernels.local_mask(2048, window_blocks=1, block_m=128, block_n=128, causal=True)
-    assert flash_mod._sparse_key_blocks_per_row(wide) >= flash_mod._GLUON_SPARSE_FWD_MIN_BLOCKS > \
-        flash_mod._sparse_key_blocks_per_row(narrow)
+    per, least = ((flash_mod._sparse_key_blocks_per_row, flash_mod._GLUON_SPARSE_FWD_MIN_BLOCKS)
+                  if kernel == "gluon_fwd" else
+                  (flash_mod._sparse_tiles_per_program, flash_mod._GLUON_SPARSE_MIN_TILES))
+    assert per(wide) >= least > per(narrow)
     run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide)
     assert ran
     ran.clear()
     run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=narrow)
+    if kernel == "gluon_bwd":
+        run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide, deterministic=True)
     assert not ran
-    run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=narrow)
-    assert ran
+    if kernel == "gluon_fwd":
+        run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=narrow)
+        assert ran
 
 
 @needs_hopper
