@@ -510,8 +510,8 @@ _TABLES = {
         "bwd_fused": [(64, True, True), (128, True, False), (256, True, True)],
         # the Gluon forward (kernels/flash_gluon.py) where it measured faster than the Triton one:
         # (minimum keys, BLOCK_N, STAGES, consumer registers) per exact head dim. Head dim 64: 1.03-1.05x
-        # causal from 2048 keys (0.99x at 1024), 1.04-1.21x non-causal from 1024; head dim 128: 1.1-1.4x
-        # everywhere (docs/benchmarks.md 1j)
+        # causal from 2048 keys (0.99-1.03x at 1024), 1.04-1.21x non-causal from 1024; head dim 128:
+        # 1.17-1.30x everywhere (docs/benchmarks.md 1j)
         "fwd_gluon": [(64, (2048, 128, 2, 240), (1024, 128, 2, 240)),
                       (128, (0, 128, 2, 240), (0, 128, 2, 240))],
         # the Gluon fused backward (kernels/flash_gluon.py, head dims 64 and 128): (minimum keys,
@@ -568,12 +568,11 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNS
     bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper (kernels/flash_gluon.py). None
     (default) = where the launch table marks them faster (forward: head dim 128, head dim 64 with >=
     2048 keys causal, >= 1024 non-causal, block masks at head dim 64 whose rows keep >= 4 blocks of 128
-    keys; fused backward: head dim 64 with >= 1024 keys causal, >= 512
-    non-causal, head dim 128 with >= 2048 causal, >= 4096 non-causal, block masks at head dim 64 whose
-    programs see >= 6 query blocks); True = for every case they are built for (forward: head dim 64,
-    128, also block masks of a multiple of 128 x 128; backward: 64, 128, also block masks of a multiple
-    of 64 x 128); False = never. Either way only
-    fp16/bf16 inputs with TMA-aligned strides on sm_90; the Gluon backward replaces the fused
+    keys; fused backward: head dim 64 with >= 1024 keys causal, >= 512 non-causal, head dim 128 with >=
+    2048 causal, >= 4096 non-causal, block masks at head dim 64 whose programs see >= 6 query blocks);
+    True = for every case they are built for (forward: head dim 64, 128, also block masks of a multiple
+    of 128 x 128; backward: 64, 128, also block masks of a multiple of 64 x 128); False = never. Either
+    way only fp16/bf16 inputs with TMA-aligned strides on sm_90; the Gluon backward replaces the fused
     (non-deterministic) one."""
     for key, val in (("fwd_tma", tma), ("bwd_tma", tma), ("fwd_tma", fwd_tma), ("bwd_tma", bwd_tma),
                      ("fwd_gluon", gluon), ("bwd_gluon", gluon), ("fwd_gluon", fwd_gluon),
