@@ -111,12 +111,12 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 HEAD_DIMS = (64, 128)  # the head dims the forward is built for (one warpgroup's wgmma N = head_dim)
-BWD_HEAD_DIMS = (64, 128)
+BWD_HEAD_DIMS = (64, 128)  # the backward's (at 128 each consumer forms half of dQ's columns)
 # The forward runs on one program per SM (persistent) up to this many keys: 1.03-1.16x one program per
 # work unit at 1k-4k keys (the next tile's Q and first K / V load while the consumers finish a tile);
 # at 16k keys one program per unit (the hardware's dynamic assignment) measured level (head dim 128)
 # to 1.04x faster (64) (docs/benchmarks.md 1j)
-PERSISTENT_MAX_KEYS = 8192  # the backward's (at 128 each consumer forms half of dQ's columns)
+PERSISTENT_MAX_KEYS = 8192
 
 
 if HAVE_GLUON:
@@ -807,7 +807,7 @@ def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config, programs=N
     if programs is None:
         programs = n_units
         if Nk <= PERSISTENT_MAX_KEYS or sparse is not None:
-            programs = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            programs = _num_sms(q.device)
     return _gl_fwd_kernel[(min(n_units, programs),)](
         _bshd_desc(q), _bshd_desc(k, rows=block_n), _bshd_desc(v, rows=block_n), _bshd_desc(o), lse,
         count, idx, full, smh, smr, H, Nq, Nk, n_units, qk_scale,
@@ -839,8 +839,9 @@ def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: floa
 
 
 @functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _num_sms(device) -> int:
+    """Streaming multiprocessors of a CUDA device ("cuda" alone: the current one)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _bshd_desc(t, cols=None, rows=64):

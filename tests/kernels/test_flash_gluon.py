@@ -294,7 +294,7 @@ def test_persistent_programs_run_many_tiles(nq, nk, programs, causal, head_dim, 
     if programs is None:
         monkeypatch.setattr(flash_gluon, "PERSISTENT_MAX_KEYS", 0)
     else:
-        monkeypatch.setattr(flash_gluon, "_num_sms", lambda device_index: programs)
+        monkeypatch.setattr(flash_gluon, "_num_sms", lambda device: programs)
     ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
     run_case(2, nq, nk, 3, head_dim, causal, torch.bfloat16)
     assert ran, "the Gluon forward did not run"
@@ -311,7 +311,7 @@ def test_block_sparse_forward_matches_float64_reference(case, programs, head_dim
     block that keeps nothing (output 0); programs=3: each persistent program runs many rows in turn."""
     monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", True)
     if programs is not None:
-        monkeypatch.setattr(flash_gluon, "_num_sms", lambda device_index: programs)
+        monkeypatch.setattr(flash_gluon, "_num_sms", lambda device: programs)
     ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
     causal, nq, nk, heads, mask = sparse_case(case)
     out, _ = run_case(1, nq, nk, heads, head_dim, causal, torch.bfloat16, block_mask=mask)
