@@ -515,9 +515,10 @@ _TABLES = {
         "fwd_gluon": [(64, (2048, 128, 2, 240), (1024, 128, 2, 240)),
                       (128, (0, 128, 2, 240), (0, 128, 2, 240))],
         # the Gluon fused backward (kernels/flash_gluon.py, head dims 64 and 128): (minimum keys,
-        # STAGES, consumer registers); below the minimum the Triton fused backward measured faster
-        # (head dim 128: 0.98x at causal 1k, 1.03-1.09x from 2k; non-causal measured from 4k)
-        "bwd_gluon": [(64, (1024, 2, 240), (512, 2, 240)), (128, (2048, 2, 240), (4096, 2, 240))],
+        # STAGES, consumer registers); below the minimum the Triton backward measured faster. With dQ
+        # by TMA reductions: head dim 64 1.04x causal at 512 keys, 1.16x at 1k; head dim 128 0.99x
+        # causal at 512, 1.06x at 1k, 1.06-1.24x non-causal from 512 (docs/benchmarks.md 1k)
+        "bwd_gluon": [(64, (512, 2, 240), (512, 2, 240)), (128, (1024, 2, 240), (512, 2, 240))],
         "dkdv": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 128, 8, 3), (64, 128, 8, 3)),
                  (256, (32, 64, 4, 2), (32, 64, 4, 2))],
         "dq": [(64, (128, 64, 8, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),

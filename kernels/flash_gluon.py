@@ -55,16 +55,15 @@ schedule as far as 240 registers per consumer thread allow:
                                 block owner only (consumer i % 2): wait for the other half's dS^T,
                                   issue dQ_i = dS K over all 128 keys (one K = 128 product)
                                 wait; release the buffer; issue S_{i+1}^T, dP_{i+1}^T
-                                owner: dQ_i -> fp32 `red.v4` reductions           <- those two running
+                                owner: dQ_i -> shared memory -> TMA reduce-add    <- those two running
                               then dK (times the softmax scale) and dV stored once
 
 Head dim 128 (DQ_SPLIT): a consumer's dK and dV accumulators ([64, 128] fp32 each) take 128 of its
 240 registers, so no consumer can also hold a [64, 128] dQ. There is no owner: both consumers, every
 block, form 64 of dQ's 128 columns over all 128 keys (K loaded once more as two [128, 64] column
 halves, `kc_smem`), reduce them, and only then issue the next block's S^T and dP^T; LSE and delta are
-loaded after the S^T / dP^T wait. 1.03-1.09x the Triton fused backward from 2048 keys (0.98x at causal
-1k); an owner forming both halves in turn spilled more and measured 0.83-0.94x (docs/kernel_notes.md
-Version 14).
+loaded after the S^T / dP^T wait. An owner forming both halves in turn spilled more and measured
+0.83-0.94x (docs/kernel_notes.md Version 14).
 
 The owner alternates with the block's parity, so each consumer reduces every other block's dQ and
 the program sends one reduction per 128 keys, not one per 64 (half the L2 reduction traffic; 1.11-1.19x
@@ -81,9 +80,12 @@ cross the causal diagonal get the element mask (Version 13).
 Issuing the next block's products before this block's dQ reductions is what made it faster than the
 Triton fused backward (docs/kernel_notes.md Version 7); every wait is `wait_group 0`, so the loop's
 back edge between an issue and its wait does not make ptxas serialise the wgmma. dQ goes out as
-`red.global.add.v4.f32` through inline PTX: `gl.atomic_add` emits `atom`, which returns the old value
-through L2. Same contract as `flash._bwd_dkdv_kernel` with the fused dQ: dK, dV written, dQ / scale
-added into the zeroed fp32 accumulator that `flash._convert_dq` turns into dQ.
+cuDNN's does (Version 17): the wgmma result is stored to one fp32 shared buffer per consumer and one
+thread issues a TMA reduce-add of the whole tile into the accumulator (`_tma_add`), in place of
+per-thread `red.global.add.v4.f32` after a layout conversion through shared memory: 1.06-1.10x at head
+dim 64, 1.11-1.17x at 128, and fewer spilled registers at 128. Same contract as
+`flash._bwd_dkdv_kernel` with the fused dQ: dK, dV written, dQ / scale added into the zeroed fp32
+accumulator that `flash._convert_dq` turns into dQ.
 """
 from __future__ import annotations
 
@@ -105,6 +107,17 @@ try:  # Gluon with the Hopper pieces: Triton >= 3.5 (the GPU image has 3.6)
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     if not hasattr(gl.shared_memory_descriptor, "reinterpret"):  # 3.6 has it as _reinterpret
         gl.shared_memory_descriptor.reinterpret = gl.shared_memory_descriptor._reinterpret
+    _tma_add = getattr(tma, "async_atomic_add", None)
+    if _tma_add is None:  # Triton 3.6: its Gluon builder has the TMA reduction, without a wrapper
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _builtin
+
+        @_builtin
+        def _tma_add(tensor_desc, coord, src, _semantic=None):
+            """global[tile at coord] += src (shared memory) through a TMA reduction (sm_90)."""
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle,
+                                                      coord, src.handle)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
@@ -380,19 +393,6 @@ if HAVE_GLUON:
 
 if HAVE_GLUON:
     @gluon.jit
-    def _red_add_v4(base, offs, vals, mask):
-        """base[offs] += vals where mask, as fire-and-forget reductions of 4 consecutive fp32
-        (`red.global.add.v4.f32`, sm_90); vals, offs, mask in a layout of 4 contiguous columns per
-        thread. Returns a dummy tensor (inline asm must produce one)."""
-        ptrs = (base + offs).to(gl.int64)  # as integers: inline-asm arguments are broadcast together
-        return gl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $12, 0;\n"
-            "@p red.relaxed.gpu.global.add.v4.f32 [$4], {$8, $9, $10, $11};\n"
-            "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }",
-            "=r,=r,=r,=r,l,l,l,l,f,f,f,f,r,r,r,r", [ptrs, vals, mask.to(gl.int32)],
-            dtype=gl.int32, is_pure=False, pack=4)
-
-    @gluon.jit
     def _tma_rows(desc, b, h, row, bar, dst, col=0):
         """Rows [row, row + BLOCK_ROWS) of (batch b, head h) of a (B, N, H, D) descriptor (its columns
         [col, col + block width)) into the 2-D tile dst, onto bar (rows past N read as 0)."""
@@ -451,12 +451,15 @@ if HAVE_GLUON:
             return lo + t * BLOCK_M
 
     @gluon.jit
-    def _bwd_red_dq(dqa_base, start_m, dq, offs_mq, offs_dq, Nq, at_l: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """dq (this consumer's columns offs_dq of query rows [start_m, start_m + BLOCK_M)) into the fp32
-        accumulator."""
-        rows_q = start_m + offs_mq
-        _red_add_v4(dqa_base, rows_q[:, None] * HEAD_DIM + offs_dq[None, :], gl.convert_layout(dq, at_l),
-                    rows_q[:, None] < Nq)
+    def _bwd_red_dq(dq_desc, dq_buf, bh, start_m, dq, col0):
+        """dq (this consumer's dQ columns [col0, col0 + width) of query rows [start_m, start_m + 64))
+        into the fp32 accumulator: through this consumer's shared buffer and one TMA reduce-add (rows
+        past Nq are dropped). The wait is for this buffer's previous reduction, long done by now."""
+        tma.store_wait(0)
+        dq_buf.store(dq)
+        fence_async_shared()
+        _tma_add(dq_desc, [bh, start_m, col0], dq_buf.reinterpret(gl.float32, dq_desc.block_type.shape,
+                                                                   dq_desc.layout))
 
     @gluon.jit
     def _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t, s_zero, STAGES: gl.constexpr):
@@ -469,9 +472,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_step(t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
-                  ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full, idx_ptr, n_idx, Nq, causal_off,
-                  qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l: gl.constexpr,
-                  at_l: gl.constexpr, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                  ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, lo, full, idx_ptr, n_idx, Nq,
+                  causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l: gl.constexpr,
+                  WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                   STAGES: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr, DQ_SPLIT: gl.constexpr,
                   MASK: gl.constexpr, NEXT: gl.constexpr):
         """Query block t, whose S^T and dP^T are in flight (s, dp) and whose LSE / delta rows were
@@ -543,14 +546,14 @@ if HAVE_GLUON:
             mbarrier.arrive(ds_free.index(slot))
             mbarrier.arrive(empty.index(buf))
             if DQ_SPLIT:  # reductions first: dQ's registers are free again for the next products (D=128)
-                _bwd_red_dq(dqa_base, start_m, dq, offs_mq, offs_dq, Nq, at_l, HEAD_DIM)
+                _bwd_red_dq(dq_desc, dq_buf, bh, start_m, dq, dq_col0)
             if NEXT:  # (D=64: the next block's products run on the tensor cores during the reductions)
                 s_n, dp_n = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES)
             else:
                 s_n = s
                 dp_n = dp
             if not DQ_SPLIT:
-                _bwd_red_dq(dqa_base, start_m, dq, offs_mq, offs_dq, Nq, at_l, HEAD_DIM)
+                _bwd_red_dq(dq_desc, dq_buf, bh, start_m, dq, dq_col0)
         else:
             dk_o, dv_o, p_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=(dk_acc, dv_acc, p_a, ds_a))
             mbarrier.arrive(empty.index(buf))
@@ -562,9 +565,10 @@ if HAVE_GLUON:
         return s_n, dp_n, lse_n, delta_n, dk_o, dv_o, lo_n
 
     @gluon.jit
-    def _bwd_consumer(dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
-                      q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, ready, empty, ds_ready,
-                      ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale, sm_scale,
+    def _bwd_consumer(dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dq_desc, bh,
+                      q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, dq_buf, kv_bar, ready, empty,
+                      ds_ready, ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale,
+                      sm_scale,
                       WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                       CAUSAL: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr,
                       DQ_SPLIT: gl.constexpr):
@@ -577,15 +581,12 @@ if HAVE_GLUON:
         dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, DQC, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_l, k_width=2)
-        at_l: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // DQC, DQC // 4], [4, 1], [1, 0])
         if DQ_SPLIT:
             k_both = kc_smem.index(WG)
             dq_col0 = DQC * WG
         else:
             k_both = k_smem
             dq_col0 = 0
-        offs_mq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, at_l))
-        offs_dq = dq_col0 + gl.arange(0, DQC, layout=gl.SliceLayout(0, at_l))
         dq_zero = gl.zeros([BLOCK_M, DQC], gl.float32, layout=dq_l)
         causal_off = Nk - Nq
         nw = n0 + 64 * WG
@@ -623,7 +624,7 @@ if HAVE_GLUON:
                                         is_async=True)
                     dq0 = warpgroup_mma_wait(num_outstanding=0, deps=(dq0,))
                     mbarrier.arrive(ds_free.index(0))
-                    _bwd_red_dq(dqa_base, lo, dq0, offs_mq, offs_dq, Nq, at_l, HEAD_DIM)
+                    _bwd_red_dq(dq_desc, dq_buf, bh, lo, dq0, dq_col0)
 
         if DQ_SPLIT:
             k_w = k_smem.index(WG)
@@ -643,8 +644,8 @@ if HAVE_GLUON:
         if any_block:
             dk, dv = _bwd_blocks(
                 dk, dv, t0, t_full, full, n_tiles, k_w, v_w, k_both, ds_smem, q_smem, do_smem, kv_bar, ready,
-                empty, ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, idx_ptr, n_idx, Nq, causal_off,
-                qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM,
+                empty, ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, lo, idx_ptr, n_idx, Nq, causal_off,
+                qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l, WG, HEAD_DIM,
                 BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM, DQ_SPLIT)
         else:
             mbarrier.wait(kv_bar, 0)
@@ -656,12 +657,13 @@ if HAVE_GLUON:
                  (dk * sm_scale).to(dk_base.dtype.element_ty), mask=kv_mask)
         gl.store(dv_base + offs_nk[:, None] * stride_dvn + offs_d[None, :],
                  dv.to(dv_base.dtype.element_ty), mask=kv_mask)
+        tma.store_wait(0)  # the last dQ reduction has read this consumer's buffer
 
     @gluon.jit
     def _bwd_blocks(dk, dv, t0, t_full, full, n_tiles, k_w, v_w, k_both, ds_smem, q_smem, do_smem, kv_bar,
-                    ready, empty, ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, idx_ptr, n_idx, Nq,
-                    causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq,
-                    a_l: gl.constexpr, at_l: gl.constexpr, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    ready, empty, ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, lo, idx_ptr, n_idx, Nq,
+                    causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0,
+                    a_l: gl.constexpr, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
                     MASK_BM: gl.constexpr, DQ_SPLIT: gl.constexpr):
         """One consumer's query blocks t0 .. n_tiles - 1, those below t_full masked (`full`: see
@@ -679,24 +681,24 @@ if HAVE_GLUON:
         for t in range(t0, gl.minimum(t_full, n_tiles - 1)):
             s, dp, lse, delta, dk, dv, lo = _bwd_step(
                 t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
-                ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full, idx_ptr, n_idx, Nq, causal_off,
-                qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM,
+                ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, lo, full, idx_ptr, n_idx, Nq, causal_off,
+                qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l, WG, HEAD_DIM,
                 BLOCK_M, STAGES, SPARSE, MASK_BM, DQ_SPLIT, True, True)
         for t in range(t_full, n_tiles - 1):
             s, dp, lse, delta, dk, dv, lo = _bwd_step(
                 t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
-                ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full, idx_ptr, n_idx, Nq, causal_off,
-                qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM,
+                ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, lo, full, idx_ptr, n_idx, Nq, causal_off,
+                qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l, WG, HEAD_DIM,
                 BLOCK_M, STAGES, SPARSE, MASK_BM, DQ_SPLIT, False, True)
         s, dp, lse, delta, dk, dv, lo = _bwd_step(
             n_tiles - 1, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
-            ds_ready, ds_free, lse_ptr, delta_ptr, dqa_base, lo, full, idx_ptr, n_idx, Nq, causal_off,
-            qk_scale, s_zero, dq_zero, offs_n, offs_ms, offs_mq, offs_dq, a_l, at_l, WG, HEAD_DIM, BLOCK_M,
+            ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, lo, full, idx_ptr, n_idx, Nq, causal_off,
+            qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l, WG, HEAD_DIM, BLOCK_M,
             STAGES, SPARSE, MASK_BM, DQ_SPLIT, CAUSAL, False)
         return dk, dv
 
     @gluon.jit
-    def _gl_bwd_kernel(q_desc, k_desc, v_desc, do_desc, kc_desc, DK, DV, LSE, DELTA, DQA,
+    def _gl_bwd_kernel(q_desc, k_desc, v_desc, do_desc, kc_desc, dq_desc, DK, DV, LSE, DELTA,
                        COL_COUNT, COL_IDX, COL_MASKED,
                        stride_dkb, stride_dkn, stride_dkh,
                        stride_dvb, stride_dvn, stride_dvh,
@@ -708,7 +710,9 @@ if HAVE_GLUON:
         """128 keys per program: two consumer warpgroups of 64 keys, one loader warp (see the module
         docstring). Query blocks of BLOCK_M = 64 rows. q_desc ... do_desc: host TMA descriptors of the
         whole (B, N, H, HEAD_DIM) tensors, blocks of [1, 64, 1, HEAD_DIM] (gluon_bwd); kc_desc: K in
-        blocks of [1, 64, 1, 64] (HEAD_DIM = 128: K's column halves for the split dQ; else unused)."""
+        blocks of [1, 64, 1, 64] (HEAD_DIM = 128: K's column halves for the split dQ; else unused);
+        dq_desc: the fp32 dQ accumulator as (B * H, Nq, HEAD_DIM), blocks of [1, 64, the columns one
+        consumer forms]."""
         gl.static_assert(BLOCK_M == 64)
         gl.static_assert((HEAD_DIM == 64) | (HEAD_DIM == 128))
         # HEAD_DIM = 128: a consumer's dK, dV accumulators take 128 of its 240 registers, too many to
@@ -735,6 +739,10 @@ if HAVE_GLUON:
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
         ds_smem = gl.allocate_shared_memory(dtype, [2, 128, BLOCK_M], ds_sl)
+        # dQ leaves through one fp32 buffer per consumer and a TMA reduce-add (dq_desc's blocks)
+        DQC: gl.constexpr = HEAD_DIM // 2 if DQ_SPLIT else HEAD_DIM  # the dQ columns one consumer forms
+        dq_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, DQC], gl.float32)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, DQC], dq_sl)
         if DQ_SPLIT:
             kc_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, 64], dtype)
             kc_smem = gl.allocate_shared_memory(dtype, [2, 128, 64], kc_sl)
@@ -772,16 +780,17 @@ if HAVE_GLUON:
         dv_base = DV + b.to(gl.int64) * stride_dvb + h.to(gl.int64) * stride_dvh
         lse_ptr = LSE + bh * Nq
         delta_ptr = DELTA + bh * Nq
-        dqa_base = DQA + bh.to(gl.int64) * Nq * HEAD_DIM
         gl.warp_specialize([
-            (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
-                             q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, ready, empty,
-                             ds_ready, ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale,
-                             sm_scale, 0, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM, DQ_SPLIT)),
-            (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dqa_base,
-                             q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, ready, empty,
-                             ds_ready, ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq, Nk, qk_scale,
-                             sm_scale, 1, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM, DQ_SPLIT)),
+            (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dq_desc, bh,
+                             q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, dq_smem.index(0), kv_bar,
+                             ready, empty, ds_ready, ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq,
+                             Nk, qk_scale, sm_scale, 0, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM,
+                             DQ_SPLIT)),
+            (_bwd_consumer, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dq_desc, bh,
+                             q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, dq_smem.index(1), kv_bar,
+                             ready, empty, ds_ready, ds_free, n0, lo, n_tiles, idx_ptr, n_idx, n_masked, Nq,
+                             Nk, qk_scale, sm_scale, 1, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, SPARSE, MASK_BM,
+                             DQ_SPLIT)),
             (_bwd_loader, (q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
                            kv_bar, ready, empty, b, h, n0, lo, n_tiles, idx_ptr, n_idx, BLOCK_M, STAGES,
                            SPARSE, MASK_BM, DQ_SPLIT)),
@@ -829,9 +838,10 @@ def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: floa
     stages, regs = config
     q_desc, k_desc, v_desc, do_desc = (_bshd_desc(t) for t in (q, k, v, do))
     kc_desc = _bshd_desc(k, 64) if D > 64 else k_desc  # K's 64-column halves (the split dQ at D = 128)
+    dq_desc = _dq_desc(dqa, 64)
     count, idx, masked, smh, smc, mbm, mbn = sparse if sparse is not None else (lse, lse, lse, 0, 0, 64, 128)
     return _gl_bwd_kernel[(-(-Nk // 128), B * H)](
-        q_desc, k_desc, v_desc, do_desc, kc_desc, dk, dv, lse, delta, dqa, count, idx, masked,
+        q_desc, k_desc, v_desc, do_desc, kc_desc, dq_desc, dk, dv, lse, delta, count, idx, masked,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), smh, smc,
         H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_M=64, CAUSAL=bool(causal), SPARSE=sparse is not None, MASK_BM=mbm, MASK_BN=mbn,
@@ -849,3 +859,12 @@ def _bshd_desc(t, cols=None, rows=64):
     columns wide (default: all D)."""
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=t.element_size() * 8, rank=4)
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, cols or t.shape[-1]], layout)
+
+
+def _dq_desc(dqa, cols):
+    """Host TMA descriptor of the fp32 dQ accumulator (B, H, Nq, D) as (B * H, Nq, D), 64 rows by `cols`
+    columns per reduction (rows past Nq are dropped)."""
+    B, H, Nq, D = dqa.shape
+    flat = dqa.view(B * H, Nq, D)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [1, 64, cols], layout)
