@@ -514,6 +514,10 @@ _TABLES = {
         # 1.17-1.30x everywhere (docs/benchmarks.md 1j)
         "fwd_gluon": [(64, (2048, 128, 2, 240), (1024, 128, 2, 240)),
                       (128, (0, 128, 2, 240), (0, 128, 2, 240))],
+        # short rows: (maximum keys, BLOCK_N) for dense calls of at most that many keys. Head dim 128 causal:
+        # 64-key blocks halve the masked diagonal block's wasted work, 1.07x at 1024 keys (0.92x at 2048);
+        # head dim 64 and non-causal measured level or slower (docs/benchmarks.md 1k)
+        "fwd_gluon_short": [(128, (1024, 64), None)],
         # the Gluon fused backward (kernels/flash_gluon.py, head dims 64 and 128): (minimum keys,
         # STAGES, consumer registers); below the minimum the Triton backward measured faster. With dQ
         # by TMA reductions: head dim 64 1.04x causal at 512 keys, 1.16x at 1k; head dim 128 0.99x
@@ -800,6 +804,9 @@ def _gluon_fwd_config(q, k, v, causal, block_mask):
         if (block_mask is not None and q.shape[-1] == 64
                 and _sparse_key_blocks_per_row(block_mask) < _GLUON_SPARSE_FWD_MIN_BLOCKS):
             return None
+    short = _gluon_rows(_device_index(q.device), "fwd_gluon_short", bool(causal)).get(q.shape[-1])
+    if block_mask is None and short is not None and k.shape[1] <= short[0]:
+        row = (row[0], short[1]) + row[2:]
     return row[1:] if _tma_ok(q, k, v) else None
 
 

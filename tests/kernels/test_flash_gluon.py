@@ -370,3 +370,23 @@ def test_strided_views_and_fallbacks(monkeypatch):
     ran.clear()
     run_case(1, 1024, 1024, 2, 64, False, torch.bfloat16)
     assert ran  # D=64 non-causal from 1024
+
+
+@needs_hopper
+def test_short_causal_rows_at_head_dim_128_take_64_key_blocks(monkeypatch):
+    """The table's short-row entry: dense causal calls at head dim 128 of at most 1024 keys run the Gluon
+    forward with BLOCK_N = 64 (against float64, odd lengths included); longer, non-causal and
+    block-sparse calls keep 128."""
+    configs = []
+    real = flash_gluon.gluon_fwd
+    monkeypatch.setattr(flash_gluon, "gluon_fwd",
+                        lambda *a, **k: configs.append(a[7][0]) or real(*a, **k))
+    run_case(2, 1000, 1000, 3, 128, True, torch.bfloat16)
+    run_case(1, 777, 1024, 2, 128, True, torch.bfloat16)
+    assert configs == [64, 64]
+    configs.clear()
+    run_case(1, 1100, 1100, 2, 128, True, torch.bfloat16)
+    run_case(1, 1000, 1000, 2, 128, False, torch.bfloat16)
+    mask = kernels.local_mask(1024, window_blocks=2, block_m=128, block_n=128, causal=True)
+    run_case(1, 1024, 1024, 2, 128, True, torch.bfloat16, block_mask=mask)
+    assert configs == [128, 128, 128]
