@@ -1068,8 +1068,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if deterministic is not None and not isinstance(deterministic, bool):
         raise TypeError(f"flash_attention: deterministic must be True, False or None, got {deterministic!r}")
-    # Through the torch.library op (kernels/ops.py): autograd as _FlashAttnFn's, and torch.compile
-    # traces it into the surrounding graph (fake shapes, no graph break).
+    # Eager: an autograd.Function over the launch code; under torch.compile the torch.library ops
+    # (kernels/ops.py), which dynamo traces into the surrounding graph (fake shapes, no graph break).
     return _ops.flash_attn(q, k, v, bool(causal), sm_scale, block_mask, dot_prec, deterministic)
 
 
