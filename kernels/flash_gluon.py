@@ -854,11 +854,18 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def _swizzled(bits: int, rank: int):
+    """The 128-byte-swizzled shared layout of a TMA tile (made once: building a layout object costs host
+    time on every launch)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=rank)
+
+
 def _bshd_desc(t, cols=None, rows=64):
     """Host TMA descriptor of a (B, N, H, D) tensor, `rows` rows of one (batch, head) per load, `cols`
     columns wide (default: all D)."""
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=t.element_size() * 8, rank=4)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, cols or t.shape[-1]], layout)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, cols or t.shape[-1]],
+                            _swizzled(t.element_size() * 8, 4))
 
 
 def _dq_desc(dqa, cols):
@@ -866,5 +873,4 @@ def _dq_desc(dqa, cols):
     columns per reduction (rows past Nq are dropped)."""
     B, H, Nq, D = dqa.shape
     flat = dqa.view(B * H, Nq, D)
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [1, 64, cols], layout)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [1, 64, cols], _swizzled(32, 3))
