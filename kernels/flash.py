@@ -573,8 +573,8 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNS
     bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper (kernels/flash_gluon.py). None
     (default) = where the launch table marks them faster (forward: head dim 128, head dim 64 with >=
     2048 keys causal, >= 1024 non-causal, block masks at head dim 64 whose rows keep >= 4 blocks of 128
-    keys; fused backward: head dim 64 with >= 1024 keys causal, >= 512 non-causal, head dim 128 with >=
-    2048 causal, >= 4096 non-causal, block masks at head dim 64 whose programs see >= 6 query blocks);
+    keys; fused backward: head dim 64 with >= 512 keys, head dim 128 with >= 1024 causal, >= 512
+    non-causal, block masks at head dim 64 whose programs see >= 6 query blocks);
     True = for every case they are built for (forward: head dim 64, 128, also block masks of a multiple
     of 128 x 128; backward: 64, 128, also block masks of a multiple of 64 x 128); False = never. Either
     way only fp16/bf16 inputs with TMA-aligned strides on sm_90; the Gluon backward replaces the fused
@@ -770,8 +770,8 @@ def _record(kind: str, handle) -> None:
 
 @functools.cache
 def _gluon_rows(device_index: int, kind: str, causal: bool) -> dict:
-    """{head dim: config or None} of the Hopper table's Gluon rows for kind ("fwd_gluon" /
-    "bwd_gluon"); {} off Hopper."""
+    """{head dim: config or None} of the Hopper table's Gluon rows for kind ("fwd_gluon",
+    "fwd_gluon_short" or "bwd_gluon"); {} off Hopper."""
     if torch.cuda.get_device_capability(device_index)[0] != 9:
         return {}
     return {d: (c if causal else nc) for d, c, nc in _TABLES["hopper"][kind]}

@@ -77,12 +77,24 @@ def _dense(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _run_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec):
+    """(o, lse) by the launch code: what the forward op and the eager Function both run."""
+    o, lse = _flash._flash_fwd(q, k, v, causal, sm_scale, block_mask, _prec(dot_prec, q))
+    return _dense(o), _dense(lse)
+
+
+def _run_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, deterministic):
+    """(dq, dk, dv) by the launch code: what the backward op and the eager Function both run."""
+    grads = _flash._flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, _prec(dot_prec, q),
+                              deterministic=_det(deterministic))
+    return tuple(_dense(g) for g in grads)
+
+
 # ------------------------------------------------------------------------------------- forward
 @torch.library.custom_op("longctx::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_scale: float, dot_prec: str,
                    mask_id: int, deterministic: int) -> tuple[Tensor, Tensor]:
-    o, lse = _flash._flash_fwd(q, k, v, causal, sm_scale, _mask(mask_id), _prec(dot_prec, q))
-    return _dense(o), _dense(lse)
+    return _run_fwd(q, k, v, causal, sm_scale, _mask(mask_id), dot_prec)
 
 
 @flash_attn_fwd.register_fake
@@ -96,9 +108,7 @@ def _(q, k, v, causal, sm_scale, dot_prec, mask_id, deterministic):
 def flash_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
                    sm_scale: float, dot_prec: str, mask_id: int,
                    deterministic: int) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _flash._flash_bwd(do, q, k, v, o, lse, causal, sm_scale, _mask(mask_id), _prec(dot_prec, q),
-                                   deterministic=_det(deterministic))
-    return _dense(dq), _dense(dk), _dense(dv)
+    return _run_bwd(do, q, k, v, o, lse, causal, sm_scale, _mask(mask_id), dot_prec, deterministic)
 
 
 @flash_attn_bwd.register_fake
@@ -130,8 +140,7 @@ class _FlashAttnFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale, block_mask, dot_prec, deterministic):
-        o, lse = _flash._flash_fwd(q, k, v, causal, sm_scale, block_mask, _prec(dot_prec, q))
-        o, lse = _dense(o), _dense(lse)
+        o, lse = _run_fwd(q, k, v, causal, sm_scale, block_mask, dot_prec)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (causal, sm_scale, block_mask, dot_prec, deterministic)
         return o
@@ -139,10 +148,7 @@ class _FlashAttnFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        causal, sm_scale, block_mask, dot_prec, deterministic = ctx.args
-        dq, dk, dv = _flash._flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, _prec(dot_prec, q),
-                                       deterministic=_det(deterministic))
-        return _dense(dq), _dense(dk), _dense(dv), None, None, None, None, None
+        return _run_bwd(do, q, k, v, o, lse, *ctx.args) + (None,) * len(ctx.args)
 
 
 # ------------------------------------------------------------------------------------ entry
