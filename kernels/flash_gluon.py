@@ -58,12 +58,18 @@ schedule as far as 240 registers per consumer thread allow:
                                 owner: dQ_i -> shared memory -> TMA reduce-add    <- those two running
                               then dK (times the softmax scale) and dV stored once
 
-Head dim 128 (DQ_SPLIT): a consumer's dK and dV accumulators ([64, 128] fp32 each) take 128 of its
-240 registers, so no consumer can also hold a [64, 128] dQ. There is no owner: both consumers, every
-block, form 64 of dQ's 128 columns over all 128 keys (K loaded once more as two [128, 64] column
-halves, `kc_smem`), reduce them, and only then issue the next block's S^T and dP^T; LSE and delta are
-loaded after the S^T / dP^T wait. An owner forming both halves in turn spilled more and measured
-0.83-0.94x (docs/kernel_notes.md Version 14).
+Head dim 128 (DQ_SPLIT) runs query-major, FlashAttention-3's orientation: per consumer S = Q K^T and
+dP = dO V^T are [64 queries, 64 keys], so LSE and delta are one value per accumulator row (2 registers
+per thread; 32 in the key-major S^T). A consumer's dK and dV accumulators ([64, 128] fp32 each) take
+128 of its 240 registers, so no consumer can also hold a [64, 128] dQ. There is no owner: both
+consumers, every block, form 64 of dQ's 128 columns over all 128 keys (dS from both consumers' [64, 64]
+halves in shared memory, K loaded once more as two [128, 64] column halves, `kc_smem`), reduce them,
+and only then issue the next block's S and dP. P and dS go through shared memory (P^T and dS^T are the
+A operands of dV += P^T dO and dK += dS^T Q); P shares the consumer's dQ buffer. Both consumers run
+every query block: the one whose keys block 0 does not see runs it fully masked, since forming its
+dQ columns apart before the loop made ptxas serialise every wgmma of the kernel (its warning C7514,
+which the build test checks for). 1.05-1.09x the key-major kernel at causal 1k-16k
+(docs/kernel_notes.md Version 18).
 
 The owner alternates with the block's parity, so each consumer reduces every other block's dQ and
 the program sends one reduction per 128 keys, not one per 64 (half the L2 reduction traffic; 1.11-1.19x
@@ -462,13 +468,81 @@ if HAVE_GLUON:
                                                                    dq_desc.layout))
 
     @gluon.jit
-    def _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t, s_zero, STAGES: gl.constexpr):
-        """Wait for query block t's Q and dO; issue S^T = K Q^T and dP^T = V dO^T (asynchronous)."""
+    def _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t, s_zero, STAGES: gl.constexpr,
+                        QM: gl.constexpr):
+        """Wait for query block t's Q and dO; issue S^T = K Q^T and dP^T = V dO^T (asynchronous), or
+        with QM (query-major, head dim 128) S = Q K^T and dP = dO V^T."""
         buf = t % STAGES
         mbarrier.wait(ready.index(buf), (t // STAGES) & 1)
-        s = warpgroup_mma(k_w, q_smem.index(buf).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        dp = warpgroup_mma(v_w, do_smem.index(buf).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if QM:
+            s = warpgroup_mma(q_smem.index(buf), k_w.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            dp = warpgroup_mma(do_smem.index(buf), v_w.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        else:
+            s = warpgroup_mma(k_w, q_smem.index(buf).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            dp = warpgroup_mma(v_w, do_smem.index(buf).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         return s, dp
+
+    @gluon.jit
+    def _bwd_dq_qm(ds_smem, slot, kc_w, dq_zero):
+        """Issue this consumer's 64 dQ columns of a query block (query-major, head dim 128): dS [64
+        queries, 128 keys] (its two consumers' [64, 64] halves in slot `slot`) times K's matching rows
+        of this consumer's column half (kc_w, [128 keys, 64]); asynchronous."""
+        dq = warpgroup_mma(ds_smem.index(2 * slot), kc_w.slice(0, 64), dq_zero, use_acc=False, is_async=True)
+        return warpgroup_mma(ds_smem.index(2 * slot + 1), kc_w.slice(64, 64), dq, is_async=True)
+
+    @gluon.jit
+    def _bwd_step_qm(t, s, dp, dk, dv, k_w, v_w, kc_w, ds_smem, pdq_buf, q_smem, do_smem, ready, empty,
+                     ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, start_m, full, Nq, causal_off,
+                     qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_col0, WG: gl.constexpr,
+                     STAGES: gl.constexpr, SPARSE: gl.constexpr, MASK: gl.constexpr, NEXT: gl.constexpr):
+        """Head dim 128, query-major (FlashAttention-3's orientation): query block t (rows start_m ...),
+        whose S = Q K_w^T and dP = dO V_w^T ([64 queries, 64 keys]) are in flight. LSE and delta are
+        one value per accumulator row (2 registers per thread, where the key-major S^T needs 32); P
+        and dS go through shared memory: P^T and dS^T are the A operands of dV += P^T dO and dK +=
+        dS^T Q, dS that of dQ. P shares this consumer's buffer with its dQ reduction (P is read by the
+        time dQ is stored; the reduction has read it before the next P is stored)."""
+        buf = t % STAGES
+        slot = t % 2
+        use = t // 2
+        dtype: gl.constexpr = q_smem.dtype
+        rows = start_m + offs_ms
+        lse = gl.load(lse_ptr + rows, mask=rows < Nq, other=0.0)
+        delta = gl.load(delta_ptr + rows, mask=rows < Nq, other=0.0)
+        q_t = q_smem.index(buf)
+        do_t = do_smem.index(buf)
+        s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
+        if MASK:
+            if SPARSE:  # full: the first block past the list's n_masked mask blocks
+                unmasked = t >= full
+            else:  # full: the first query row of this half's first block past the diagonal
+                unmasked = start_m >= full
+            keep = (offs_n[None, :] <= rows[:, None] + causal_off) | unmasked
+            s = gl.where(keep, s, float("-inf"))
+        p = gl.exp2(s * qk_scale - lse[:, None])
+        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], dtype)
+        p_buf = pdq_buf.reinterpret(dtype, [64, 64], p_sl)
+        tma.store_wait(0)  # the previous block's dQ reduction has read the buffer
+        p_buf.store(p.to(dtype))
+        ds = (p * (dp - delta[:, None])).to(dtype)
+        ds_w = ds_smem.index(2 * slot + WG)
+        mbarrier.wait(ds_free.index(slot), (use & 1) ^ 1)  # block t - 2's dQ products have read the slot
+        ds_w.store(ds)
+        fence_async_shared()
+        mbarrier.arrive(ds_ready.index(slot))
+        dv_acc = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
+        dk_acc = warpgroup_mma(ds_w.permute((1, 0)), q_t, dk, is_async=True)
+        mbarrier.wait(ds_ready.index(slot), use & 1)  # the other consumer's dS half is in
+        dq = _bwd_dq_qm(ds_smem, slot, kc_w, dq_zero)
+        dq, dk_o, dv_o = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dk_acc, dv_acc))
+        mbarrier.arrive(ds_free.index(slot))
+        mbarrier.arrive(empty.index(buf))
+        _bwd_red_dq(dq_desc, pdq_buf, bh, start_m, dq, dq_col0)
+        if NEXT:
+            s_n, dp_n = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES, True)
+        else:
+            s_n = s
+            dp_n = dp
+        return s_n, dp_n, dk_o, dv_o
 
     @gluon.jit
     def _bwd_step(t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
@@ -478,28 +552,45 @@ if HAVE_GLUON:
                   STAGES: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr, DQ_SPLIT: gl.constexpr,
                   MASK: gl.constexpr, NEXT: gl.constexpr):
         """Query block t, whose S^T and dP^T are in flight (s, dp) and whose LSE / delta rows were
-        loaded one step earlier (dense; block-sparse loads them here, DQ_SPLIT after the wait). Returns
-        the next block's (s, dp, lse, delta), dK, dV and `lo` for the next step (dense: the first
-        block's row, unchanged; block-sparse: the next block's first row, looked up here). k_both: K
-        over all 128 keys, all columns (the owner's dQ product), or with DQ_SPLIT this consumer's 64
-        columns of it."""
-        buf = t % STAGES
-        # dS slot; its owner (consumer `slot`) computes the block's dQ over all 128 keys (DQ_SPLIT:
-        # both consumers do, each its own 64 of the head dim's 128 columns)
-        slot = t % 2
-        use = t // 2
+        loaded one step earlier (dense; block-sparse loads them here). Returns the next block's (s,
+        dp, lse, delta), dK, dV and `lo` for the next step (dense: the first block's row, unchanged;
+        block-sparse: the next block's first row, looked up here). k_both: K over all 128 keys, all
+        columns (the owner's dQ product), or with DQ_SPLIT this consumer's 64 columns of it (the
+        query-major step, _bwd_step_qm)."""
         if SPARSE:  # lo: this block's first row, looked up one step earlier
             start_m = lo
             lo_n = _bwd_tile_row(t + 1, lo, idx_ptr, n_idx, BLOCK_M, SPARSE, MASK_BM)
         else:
             start_m = lo + t * BLOCK_M
             lo_n = lo
-        if DQ_SPLIT:  # loaded after the wait below: 32 registers held for less of the step
-            rows = start_m + offs_ms
+        if DQ_SPLIT:
+            s_n, dp_n, dk_o, dv_o = _bwd_step_qm(
+                t, s, dp, dk, dv, k_w, v_w, k_both, ds_smem, dq_buf, q_smem, do_smem, ready, empty, ds_ready,
+                ds_free, lse_ptr, delta_ptr, dq_desc, bh, start_m, full, Nq, causal_off, qk_scale, s_zero,
+                dq_zero, offs_n, offs_ms, dq_col0, WG, STAGES, SPARSE, MASK, NEXT)
             lse_n = lse
             delta_n = delta
-        elif SPARSE:
-            rows = start_m + offs_ms
+        else:
+            s_n, dp_n, lse_n, delta_n, dk_o, dv_o = _bwd_step_owner(
+                t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
+                ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, start_m, full, Nq, causal_off, qk_scale,
+                s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l, WG, BLOCK_M, STAGES, SPARSE, MASK, NEXT)
+        return s_n, dp_n, lse_n, delta_n, dk_o, dv_o, lo_n
+
+    @gluon.jit
+    def _bwd_step_owner(t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
+                        ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, start_m, full, Nq, causal_off,
+                        qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l: gl.constexpr,
+                        WG: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPARSE: gl.constexpr,
+                        MASK: gl.constexpr, NEXT: gl.constexpr):
+        """Head dim 64, key-major (S^T = K Q^T): query block t of _bwd_step; the block's owner (consumer
+        t % 2) forms its whole dQ. Returns the next block's (s, dp, lse, delta), dK and dV."""
+        buf = t % STAGES
+        # dS slot; its owner (consumer `slot`) computes the block's dQ over all 128 keys
+        slot = t % 2
+        use = t // 2
+        rows = start_m + offs_ms
+        if SPARSE:
             # this block's LSE and delta, loaded now (a prefetch one step ahead held 32 more registers
             # across the step, and the kernel spilled)
             lse = gl.load(lse_ptr + rows, mask=rows < Nq, other=0.0)
@@ -507,15 +598,12 @@ if HAVE_GLUON:
             lse_n = lse
             delta_n = delta
         else:
-            rows = start_m + offs_ms
             rows_n = rows + BLOCK_M  # the next block's LSE and delta: loaded now, used one step later
             lse_n = gl.load(lse_ptr + rows_n, mask=rows_n < Nq, other=0.0)
             delta_n = gl.load(delta_ptr + rows_n, mask=rows_n < Nq, other=0.0)
         q_t = q_smem.index(buf)
         do_t = do_smem.index(buf)
         s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
-        if DQ_SPLIT:
-            lse = gl.load(lse_ptr + rows, mask=rows < Nq, other=0.0)
         if MASK:  # the diagonal blocks (below `full`); the one peeled last block may need none
             if SPARSE:  # full: the first block past the list's n_masked mask blocks
                 unmasked = t >= full
@@ -526,8 +614,6 @@ if HAVE_GLUON:
         p = gl.exp2(s * qk_scale - lse[None, :])
         p_a = gl.convert_layout(p.to(q_smem.dtype), a_l)
         dv_acc = warpgroup_mma(p_a, do_t, dv, is_async=True)
-        if DQ_SPLIT:
-            delta = gl.load(delta_ptr + rows, mask=rows < Nq, other=0.0)
         ds = (p * (dp - delta[None, :])).to(q_smem.dtype)
         mbarrier.wait(ds_free.index(slot), (use & 1) ^ 1)  # block t - 2's dQ product has read the slot
         ds_smem.index(slot).slice(64 * WG, 64).store(ds)
@@ -536,8 +622,7 @@ if HAVE_GLUON:
         ds_a = gl.convert_layout(ds, a_l)
         dk_acc = warpgroup_mma(ds_a, q_t, dk, is_async=True)
         # (new names in both branches: an asynchronous result may not change type inside an `if`)
-        # the block's owner; with DQ_SPLIT both consumers (each forms its 64 of dQ's columns)
-        if (slot == WG) | DQ_SPLIT:
+        if slot == WG:  # the block's owner
             mbarrier.wait(ds_ready.index(slot), use & 1)  # the other consumer's dS^T half is in
             dq = warpgroup_mma(ds_smem.index(slot).permute((1, 0)), k_both, dq_zero, use_acc=False,
                                is_async=True)
@@ -545,24 +630,21 @@ if HAVE_GLUON:
                                                            deps=(dq, dk_acc, dv_acc, p_a, ds_a))
             mbarrier.arrive(ds_free.index(slot))
             mbarrier.arrive(empty.index(buf))
-            if DQ_SPLIT:  # reductions first: dQ's registers are free again for the next products (D=128)
-                _bwd_red_dq(dq_desc, dq_buf, bh, start_m, dq, dq_col0)
-            if NEXT:  # (D=64: the next block's products run on the tensor cores during the reductions)
-                s_n, dp_n = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES)
+            if NEXT:  # the next block's products run on the tensor cores during the reductions
+                s_n, dp_n = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES, False)
             else:
                 s_n = s
                 dp_n = dp
-            if not DQ_SPLIT:
-                _bwd_red_dq(dq_desc, dq_buf, bh, start_m, dq, dq_col0)
+            _bwd_red_dq(dq_desc, dq_buf, bh, start_m, dq, dq_col0)
         else:
             dk_o, dv_o, p_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=(dk_acc, dv_acc, p_a, ds_a))
             mbarrier.arrive(empty.index(buf))
             if NEXT:
-                s_n, dp_n = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES)
+                s_n, dp_n = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t + 1, s_zero, STAGES, False)
             else:
                 s_n = s
                 dp_n = dp
-        return s_n, dp_n, lse_n, delta_n, dk_o, dv_o, lo_n
+        return s_n, dp_n, lse_n, delta_n, dk_o, dv_o
 
     @gluon.jit
     def _bwd_consumer(dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dq_desc, bh,
@@ -605,34 +687,36 @@ if HAVE_GLUON:
                 full_w = lo
             # the second half starts at most one block later (0 <= t0 <= 1); it still releases the
             # block it skips. A half with no block at all runs the last one fully masked (adds zeros).
-            t0 = gl.minimum((lo_w - lo) // BLOCK_M, n_tiles - 1)
+            # DQ_SPLIT: both consumers form dQ columns of every block, so none skips one: the half whose
+            # keys block 0 does not see runs it fully masked (P = dS = 0). (Forming those columns
+            # apart, before the loop, made ptxas serialise every wgmma of the kernel: C7514.)
             t_full = (full_w - lo) // BLOCK_M
             full = full_w
-            # The skipped block must still be waited for: a parity wait only tells a phase from the
-            # one before it, so block 2's wait (parity 1) would pass at once while block 0's TMA is
-            # still in flight (ready[0] in phase 0) and this half would read block 0's buffer as 2.
-            mbarrier.wait(ready.index(0), 0, pred=t0 > 0)
-            mbarrier.arrive(empty.index(0), pred=t0 > 0)
-            if t0 > 0:  # its half of block 0's dS^T is zero (block 0's dQ product sums both halves)
-                ds_smem.index(0).slice(64 * WG, 64).store(gl.zeros([64, BLOCK_M], q_smem.dtype, layout=s_l))
-                fence_async_shared()
-                mbarrier.arrive(ds_ready.index(0))
-                if DQ_SPLIT:  # and block 0's dQ columns of this consumer are still its job
-                    mbarrier.wait(kv_bar, 0)
-                    mbarrier.wait(ds_ready.index(0), 0)
-                    dq0 = warpgroup_mma(ds_smem.index(0).permute((1, 0)), k_both, dq_zero, use_acc=False,
-                                        is_async=True)
-                    dq0 = warpgroup_mma_wait(num_outstanding=0, deps=(dq0,))
-                    mbarrier.arrive(ds_free.index(0))
-                    _bwd_red_dq(dq_desc, dq_buf, bh, lo, dq0, dq_col0)
+            if DQ_SPLIT:
+                t0 = 0
+            else:
+                t0 = gl.minimum((lo_w - lo) // BLOCK_M, n_tiles - 1)
+                # The skipped block must still be waited for: a parity wait only tells a phase from the
+                # one before it, so block 2's wait (parity 1) would pass at once while block 0's TMA is
+                # still in flight (ready[0] in phase 0) and this half would read block 0's buffer as 2.
+                mbarrier.wait(ready.index(0), 0, pred=t0 > 0)
+                mbarrier.arrive(empty.index(0), pred=t0 > 0)
+                if t0 > 0:  # its half of block 0's dS^T is zero (block 0's dQ product sums both halves)
+                    ds_smem.index(0).slice(64 * WG, 64).store(gl.zeros([64, BLOCK_M], q_smem.dtype, layout=s_l))
+                    fence_async_shared()
+                    mbarrier.arrive(ds_ready.index(0))
 
         if DQ_SPLIT:
             k_w = k_smem.index(WG)
         else:
             k_w = k_smem.slice(64 * WG, 64)
         v_w = v_smem.index(WG)
-        offs_n = nw + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
-        offs_ms = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_l))
+        if DQ_SPLIT:  # query-major: S, dP are [queries, keys]
+            offs_n = nw + gl.arange(0, 64, layout=gl.SliceLayout(0, s_l))
+            offs_ms = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_l))
+        else:  # key-major: S^T, dP^T are [keys, queries]
+            offs_n = nw + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
+            offs_ms = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_l))
         s_zero = gl.zeros([64, BLOCK_M], gl.float32, layout=s_l)
         dk = gl.zeros([64, HEAD_DIM], gl.float32, layout=kv_l)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, layout=kv_l)
@@ -677,7 +761,7 @@ if HAVE_GLUON:
         lse = gl.load(lse_ptr + rows0, mask=rows0 < Nq, other=0.0)
         delta = gl.load(delta_ptr + rows0, mask=rows0 < Nq, other=0.0)
         mbarrier.wait(kv_bar, 0)
-        s, dp = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t0, s_zero, STAGES)
+        s, dp = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t0, s_zero, STAGES, DQ_SPLIT)
         for t in range(t0, gl.minimum(t_full, n_tiles - 1)):
             s, dp, lse, delta, dk, dv, lo = _bwd_step(
                 t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
@@ -727,18 +811,21 @@ if HAVE_GLUON:
         n0 = pid_n * 128
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         # K and the two dS^T halves as [128, *] tiles: dQ = dS K is one product over all 128 keys
-        # (DQ_SPLIT: over K's column halves, kc_smem; K itself is a [64, 128] tile per consumer, as a
-        # row slice of a [128, 128] tile would not be contiguous in shared memory)
-        ds_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, BLOCK_M], dtype)
-        if DQ_SPLIT:
+        # (DQ_SPLIT: two products over K's column halves, kc_smem, and dS's two [64, 64] halves; K
+        # itself is a [64, 128] tile per consumer, as a row slice of a [128, 128] tile would not be
+        # contiguous in shared memory)
+        if DQ_SPLIT:  # query-major dS: [slot * 2 + consumer] = the consumer's [64 queries, 64 keys]
             k_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_sl)
-        else:
+            ds_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 64], dtype)
+            ds_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_M, 64], ds_sl)
+        else:  # key-major dS^T: [slot] = [128 keys, 64 queries], consumer c's keys in rows 64 c ...
             k2_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
             k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], k2_sl)
+            ds2_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, BLOCK_M], dtype)
+            ds_smem = gl.allocate_shared_memory(dtype, [2, 128, BLOCK_M], ds2_sl)
         v_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_sl)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
-        ds_smem = gl.allocate_shared_memory(dtype, [2, 128, BLOCK_M], ds_sl)
         # dQ leaves through one fp32 buffer per consumer and a TMA reduce-add (dq_desc's blocks)
         DQC: gl.constexpr = HEAD_DIM // 2 if DQ_SPLIT else HEAD_DIM  # the dQ columns one consumer forms
         dq_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, DQC], gl.float32)
