@@ -520,9 +520,10 @@ _TABLES = {
         "fwd_gluon_short": [(128, (1024, 64), None)],
         # the Gluon fused backward (kernels/flash_gluon.py, head dims 64 and 128): (minimum keys,
         # STAGES, consumer registers); below the minimum the Triton backward measured faster. With dQ
-        # by TMA reductions: head dim 64 1.04x causal at 512 keys, 1.16x at 1k; head dim 128 0.99x
-        # causal at 512, 1.06x at 1k, 1.06-1.24x non-causal from 512 (docs/benchmarks.md 1k)
-        "bwd_gluon": [(64, (512, 2, 240), (512, 2, 240)), (128, (1024, 2, 240), (512, 2, 240))],
+        # by TMA reductions: head dim 64 1.04x causal at 512 keys, 1.16x at 1k, 1.06-1.24x non-causal
+        # from 512 (docs/benchmarks.md 1k); head dim 128 (query-major, docs/benchmarks.md 1l) 1.07x
+        # causal at 512 keys, 1.17x at 1k, 1.24x at 2k, 1.07-1.14x non-causal at 512-1k
+        "bwd_gluon": [(64, (512, 2, 240), (512, 2, 240)), (128, (512, 2, 240), (512, 2, 240))],
         "dkdv": [(64, (64, 64, 4, 3), (64, 64, 4, 3)), (128, (64, 128, 8, 3), (64, 128, 8, 3)),
                  (256, (32, 64, 4, 2), (32, 64, 4, 2))],
         "dq": [(64, (128, 64, 8, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
@@ -573,8 +574,8 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNS
     bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper (kernels/flash_gluon.py). None
     (default) = where the launch table marks them faster (forward: head dim 128, head dim 64 with >=
     2048 keys causal, >= 1024 non-causal, block masks at head dim 64 whose rows keep >= 4 blocks of 128
-    keys; fused backward: head dim 64 with >= 512 keys, head dim 128 with >= 1024 causal, >= 512
-    non-causal, block masks at head dim 64 whose programs see >= 6 query blocks);
+    keys; fused backward: head dims 64 and 128 with >= 512 keys, block masks at head dim 64 whose
+    programs see >= 6 query blocks);
     True = for every case they are built for (forward: head dim 64, 128, also block masks of a multiple
     of 128 x 128; backward: 64, 128, also block masks of a multiple of 64 x 128); False = never. Either
     way only fp16/bf16 inputs with TMA-aligned strides on sm_90; the Gluon backward replaces the fused
