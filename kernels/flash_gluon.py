@@ -574,11 +574,13 @@ if HAVE_GLUON:
             s_n, dp_n, lse_n, delta_n, dk_o, dv_o = _bwd_step_owner(
                 t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
                 ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, start_m, full, Nq, causal_off, qk_scale,
-                s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l, WG, BLOCK_M, STAGES, SPARSE, MASK, NEXT)
+                s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l, WG, BLOCK_M, STAGES, SPARSE, MASK,
+                NEXT)
         return s_n, dp_n, lse_n, delta_n, dk_o, dv_o, lo_n
 
     @gluon.jit
-    def _bwd_step_owner(t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
+    def _bwd_step_owner(t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready,
+                        empty,
                         ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, start_m, full, Nq, causal_off,
                         qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l: gl.constexpr,
                         WG: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPARSE: gl.constexpr,
@@ -702,7 +704,8 @@ if HAVE_GLUON:
                 mbarrier.wait(ready.index(0), 0, pred=t0 > 0)
                 mbarrier.arrive(empty.index(0), pred=t0 > 0)
                 if t0 > 0:  # its half of block 0's dS^T is zero (block 0's dQ product sums both halves)
-                    ds_smem.index(0).slice(64 * WG, 64).store(gl.zeros([64, BLOCK_M], q_smem.dtype, layout=s_l))
+                    zero = gl.zeros([64, BLOCK_M], q_smem.dtype, layout=s_l)
+                    ds_smem.index(0).slice(64 * WG, 64).store(zero)
                     fence_async_shared()
                     mbarrier.arrive(ds_ready.index(0))
 
