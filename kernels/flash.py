@@ -574,8 +574,8 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNS
     bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper (kernels/flash_gluon.py). None
     (default) = where the launch table marks them faster (forward: head dim 128, head dim 64 with >=
     2048 keys causal, >= 1024 non-causal, block masks at head dim 64 whose rows keep >= 4 blocks of 128
-    keys; fused backward: head dims 64 and 128 with >= 512 keys, block masks at head dim 64 whose
-    programs see >= 6 query blocks);
+    keys; fused backward: head dims 64 and 128 with >= 512 keys, block masks whose programs see >= 6
+    query blocks);
     True = for every case they are built for (forward: head dim 64, 128, also block masks of a multiple
     of 128 x 128; backward: 64, 128, also block masks of a multiple of 64 x 128); False = never. Either
     way only fp16/bf16 inputs with TMA-aligned strides on sm_90; the Gluon backward replaces the fused
@@ -820,8 +820,7 @@ def _gluon_bwd_config(q, k, v, do, causal, block_mask):
     if not _OPTIONS["bwd_gluon"]:
         if block_mask is None and k.shape[1] < row[0]:
             return None
-        if block_mask is not None and (q.shape[-1] != 64  # (block-sparse measured at head dim 64 only)
-                                       or _sparse_tiles_per_program(block_mask) < _GLUON_SPARSE_MIN_TILES):
+        if block_mask is not None and _sparse_tiles_per_program(block_mask) < _GLUON_SPARSE_MIN_TILES:
             return None
     return row[1:] if _tma_ok(q, k, v, do) else None
 
@@ -830,6 +829,8 @@ def _gluon_bwd_config(q, k, v, do, causal, block_mask):
 # programs see enough query blocks of 64 rows to amortise their start (K/V loads, barrier set-up) - on
 # an H200: 1.17-1.37x the Triton one at 16 blocks per program (local / BigBird, 16k and 64k keys),
 # 1.05x at 7.6-8, 0.92-0.93x at 4 (docs/benchmarks.md 2b). The threshold lies between the last two.
+# Head dim 128 (query-major): forward+backward 1.02-1.04x at 7.9 blocks per program, 1.01-1.07x from 15.6,
+# level at 4 (docs/benchmarks.md 1l).
 _GLUON_SPARSE_MIN_TILES = 6
 
 

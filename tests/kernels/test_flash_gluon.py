@@ -293,9 +293,13 @@ def test_backward_table_and_fallbacks(monkeypatch):
     run_case(1, 4096, 4096, 2, 64, True, torch.bfloat16, deterministic=True)
     run_case(1, 500, 500, 2, 128, True, torch.bfloat16)
     run_case(1, 500, 500, 2, 128, False, torch.bfloat16)
+    narrow = kernels.local_mask(4096, window_blocks=1, block_m=128, block_n=128, causal=True)
+    run_case(1, 4096, 4096, 2, 128, True, torch.bfloat16, block_mask=narrow)
+    assert not ran  # short rows, deterministic=True, and block masks of few query blocks per program
     wide = kernels.local_mask(4096, window_blocks=8, block_m=128, block_n=128, causal=True)
     run_case(1, 4096, 4096, 2, 128, True, torch.bfloat16, block_mask=wide)
-    assert not ran  # short rows, deterministic=True, and block masks at head dim 128 keep the Triton backward
+    assert ran  # block masks whose programs see >= 6 query blocks, head dim 128 too
+    ran.clear()
     run_case(1, 512, 512, 2, 128, True, torch.bfloat16)
     assert ran  # head dim 128 from 512 keys causal
     ran.clear()
@@ -365,7 +369,7 @@ def test_block_sparse_choice(kernel, monkeypatch):
     """Automatic choice on block masks at head dim 64 (local window of 8 blocks of 128 against 1): the
     Gluon backward where its 128-key programs see >= 6 query blocks on average, the Gluon forward where
     rows keep >= 4 key blocks of 128; the Triton kernels below (and for deterministic=True). Head dim
-    128: the Gluon forward always."""
+    128: the Gluon forward always, the Gluon backward by the same rule as at 64."""
     ran = count_calls(monkeypatch, flash_gluon, kernel)
     wide = kernels.local_mask(2048, window_blocks=8, block_m=128, block_n=128, causal=True)
     narrow = kernels.local_mask(2048, window_blocks=1, block_m=128, block_n=128, causal=True)
@@ -382,6 +386,11 @@ def test_block_sparse_choice(kernel, monkeypatch):
     assert not ran
     if kernel == "gluon_fwd":
         run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=narrow)
+        assert ran
+    else:
+        run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=narrow)
+        assert not ran
+        run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=wide)
         assert ran
 
 
