@@ -136,6 +136,11 @@ BWD_HEAD_DIMS = (64, 128)  # the backward's (at 128 each consumer forms half of 
 # at 16k keys one program per unit (the hardware's dynamic assignment) measured level (head dim 128)
 # to 1.04x faster (64) (docs/benchmarks.md 1j)
 PERSISTENT_MAX_KEYS = 8192
+# The swizzle (bytes) of the backward's fp32 dQ buffers and of the TMA reduce-add that reads them, per (head
+# dim, causal): 64-byte rows (four TMA boxes per [64, 64] tile) measured 1.034x the 128-byte ones (two boxes)
+# at head dim 128 non-causal (16k, 64k; level at 4k), 0.99-1.00x at 128 causal, 0.97-0.98x at 64 non-causal,
+# 1.01x at 64 causal dense but 0.99-1.00x on block masks (docs/benchmarks.md 1l)
+DQ_SWIZZLE_BYTES = {(64, True): 128, (64, False): 128, (128, True): 128, (128, False): 64}
 
 
 if HAVE_GLUON:
@@ -793,7 +798,8 @@ if HAVE_GLUON:
                        H, Nq, Nk, qk_scale, sm_scale,
                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr,
                        SPARSE: gl.constexpr, MASK_BM: gl.constexpr, MASK_BN: gl.constexpr,
-                       STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                       STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, DQ_SWIZZLE: gl.constexpr,
+                       num_warps: gl.constexpr):
         """128 keys per program: two consumer warpgroups of 64 keys, one loader warp (see the module
         docstring). Query blocks of BLOCK_M = 64 rows. q_desc ... do_desc: host TMA descriptors of the
         whole (B, N, H, HEAD_DIM) tensors, blocks of [1, 64, 1, HEAD_DIM] (gluon_bwd); kc_desc: K in
@@ -831,7 +837,7 @@ if HAVE_GLUON:
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
         # dQ leaves through one fp32 buffer per consumer and a TMA reduce-add (dq_desc's blocks)
         DQC: gl.constexpr = HEAD_DIM // 2 if DQ_SPLIT else HEAD_DIM  # the dQ columns one consumer forms
-        dq_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, DQC], gl.float32)
+        dq_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=DQ_SWIZZLE, element_bitwidth=32, rank=2)
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, DQC], dq_sl)
         if DQ_SPLIT:
             kc_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, 64], dtype)
@@ -928,14 +934,15 @@ def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: floa
     stages, regs = config
     q_desc, k_desc, v_desc, do_desc = (_bshd_desc(t) for t in (q, k, v, do))
     kc_desc = _bshd_desc(k, 64) if D > 64 else k_desc  # K's 64-column halves (the split dQ at D = 128)
-    dq_desc = _dq_desc(dqa, 64)
+    dq_swizzle = DQ_SWIZZLE_BYTES[(D, bool(causal))]
+    dq_desc = _dq_desc(dqa, 64, dq_swizzle)
     count, idx, masked, smh, smc, mbm, mbn = sparse if sparse is not None else (lse, lse, lse, 0, 0, 64, 128)
     return _gl_bwd_kernel[(-(-Nk // 128), B * H)](
         q_desc, k_desc, v_desc, do_desc, kc_desc, dq_desc, dk, dv, lse, delta, count, idx, masked,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), smh, smc,
         H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_M=64, CAUSAL=bool(causal), SPARSE=sparse is not None, MASK_BM=mbm, MASK_BN=mbn,
-        STAGES=stages, CONSUMER_REGS=regs, num_warps=4)
+        STAGES=stages, CONSUMER_REGS=regs, DQ_SWIZZLE=dq_swizzle, num_warps=4)
 
 
 @functools.cache
@@ -945,10 +952,10 @@ def _num_sms(device) -> int:
 
 
 @functools.cache
-def _swizzled(bits: int, rank: int):
-    """The 128-byte-swizzled shared layout of a TMA tile (made once: building a layout object costs host
-    time on every launch)."""
-    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=rank)
+def _swizzled(bits: int, rank: int, width: int = 128):
+    """The `width`-byte-swizzled shared layout of a TMA tile (made once: building a layout object costs
+    host time on every launch)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=width, element_bitwidth=bits, rank=rank)
 
 
 def _bshd_desc(t, cols=None, rows=64):
@@ -958,9 +965,10 @@ def _bshd_desc(t, cols=None, rows=64):
                             _swizzled(t.element_size() * 8, 4))
 
 
-def _dq_desc(dqa, cols):
+def _dq_desc(dqa, cols, swizzle=128):
     """Host TMA descriptor of the fp32 dQ accumulator (B, H, Nq, D) as (B * H, Nq, D), 64 rows by `cols`
-    columns per reduction (rows past Nq are dropped)."""
+    columns per reduction (rows past Nq are dropped), its shared side `swizzle`-byte swizzled."""
     B, H, Nq, D = dqa.shape
     flat = dqa.view(B * H, Nq, D)
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [1, 64, cols], _swizzled(32, 3))
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [1, 64, cols],
+                            _swizzled(32, 3, swizzle))

@@ -74,7 +74,8 @@ desc = f"tensordesc<bf16[1,64,1,{head_dim}],{layout!r}>"
 if backward:  # the inputs, then the outputs
     sig = {name: desc for name in ("q_desc", "k_desc", "v_desc", "do_desc")}
     sig["kc_desc"] = f"tensordesc<bf16[1,64,1,64],{layout!r}>"
-    dq_layout = flash_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)
+    dq_swizzle = flash_gluon.DQ_SWIZZLE_BYTES[(head_dim, causal)]  # as gluon_bwd chooses it
+    dq_layout = flash_gluon.gl.NVMMASharedLayout(swizzle_byte_width=dq_swizzle, element_bitwidth=32, rank=3)
     sig["dq_desc"] = f"tensordesc<fp32[1,64,64],{dq_layout!r}>"  # the fp32 dQ accumulator's reductions
     sig.update({name: "*bf16" for name in ("DK", "DV")})
     sig.update({name: "*fp32" for name in ("LSE", "DELTA")})
@@ -83,7 +84,7 @@ if backward:  # the inputs, then the outputs
     sig.update({"stride_mh": "i32", "stride_mcol": "i32"})
     sig.update({"H": "i32", "Nq": "i32", "Nk": "i32", "qk_scale": "fp32", "sm_scale": "fp32"})
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "CAUSAL": causal, "SPARSE": sparse, "MASK_BM": 128,
-              "MASK_BN": 128, "STAGES": 2, "CONSUMER_REGS": 240, "num_warps": 4}
+              "MASK_BN": 128, "STAGES": 2, "CONSUMER_REGS": 240, "DQ_SWIZZLE": dq_swizzle, "num_warps": 4}
 else:
     kv_desc = desc.replace("[1,64,1,", "[1,128,1,")
     sig = {"q_desc": desc, "k_desc": kv_desc, "v_desc": kv_desc, "o_desc": desc, "LSE": "*fp32"}
