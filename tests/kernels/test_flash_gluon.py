@@ -240,7 +240,8 @@ def test_backward_waits_for_the_query_block_a_consumer_skips(nq, nk, head_dim, m
     its buffer; they must still wait for it to land, or their parity wait for block 2 passes while
     block 0 is in flight and they read buffer 0 as block 2 (wrong dK/dV in about 1 of 25 large
     launches). A copy of the kernel module whose loader lands block 0 last makes that order certain.
-    At head dim 128 the skipping half still forms its dQ columns of block 0."""
+    At head dim 128 no half skips a block (the one whose keys block 0 does not see runs it fully
+    masked): there the late block 0 checks that a fully masked block adds nothing and waits like any."""
     spec = importlib.util.spec_from_file_location("_flash_gluon_late_block0", flash_gluon.__file__)
     late = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(late)
