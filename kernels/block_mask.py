@@ -286,6 +286,40 @@ class BlockMask:
             self._lists[key] = cached
         return cached
 
+    @_on_cpu
+    def column_order(self, device, batch_heads: int, n_heads: int, n_programs: int,
+                     split: int = 1) -> torch.Tensor | None:
+        """Launch order of a backward whose programs each take `split`-th of a key block: int32
+        (batch_heads * n_programs,) on `device`, entry p = bh * n_programs + c for the p-th program
+        to start (program column c takes key block c // split; head bh % n_heads); None when that
+        is the natural order (no heavy column).
+
+        Heavy columns first, heaviest first, the rest in the natural order (bh, then c ascending).
+        A column is heavy when it keeps more than twice the mean number of query blocks (BigBird's
+        global key block: every query block keeps it). Started last, one such program ran alone
+        after every other had finished: at 64k keys the BigBird backward took 1.32x as long
+        (docs/benchmarks.md 2e). The natural order keeps the programs running side by side on
+        neighbouring key blocks of one head, whose query blocks stay in L2. Built once per (device,
+        sizes), cached.
+        """
+        key = ("column_order", _device_key(device), int(batch_heads), int(n_heads), int(n_programs),
+               int(split))
+        cached = self._lists.get(key, False)
+        if cached is False:
+            count = self.lists("cpu")[2].to(torch.int64)  # (Hm, nNb)
+            heads = torch.arange(batch_heads) % n_heads
+            per_head = count[heads if self.n_heads > 1 else torch.zeros_like(heads)]
+            weight = per_head[:, torch.arange(n_programs) // split].reshape(-1)  # natural order
+            heavy = weight > 2 * weight.double().mean()
+            first = torch.nonzero(heavy).flatten()
+            first = first[torch.sort(weight[first], descending=True, stable=True).indices]
+            order = torch.cat([first, torch.nonzero(~heavy).flatten()])
+            cached = None
+            if len(first):
+                cached = order.to(torch.int32).to(_device_key(device)).contiguous()
+            self._lists[key] = cached
+        return cached
+
     @property
     def max_row(self) -> int:
         return int(self.lists("cpu")[0].max())

@@ -275,7 +275,7 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dqa_ptrs, start_
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, COL_COUNT, COL_IDX, COL_MASKED,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, COL_COUNT, COL_IDX, COL_MASKED, ORDER,
                      stride_qb, stride_qn, stride_qh,
                      stride_kb, stride_kn, stride_kh,
                      stride_vb, stride_vn, stride_vh,
@@ -288,9 +288,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQA, COL_COUNT, COL_IDX, C
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                      MASK_BM: tl.constexpr, MASK_BN: tl.constexpr, DOT_PREC: tl.constexpr,
-                     FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr):
-    pid_n = tl.program_id(0)  # K block 0 sees the most query blocks when causal: heaviest first
-    bh = tl.program_id(1)
+                     FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr, ORDERED: tl.constexpr):
+    if ORDERED:  # block masks: the p-th program to start takes ORDER[p] (BlockMask.column_order)
+        entry = tl.load(ORDER + tl.program_id(0) + tl.program_id(1) * tl.num_programs(0))
+        pid_n = entry % tl.num_programs(0)
+        bh = entry // tl.num_programs(0)
+    else:
+        pid_n = tl.program_id(0)  # K block 0 sees the most query blocks when causal: heaviest first
+        bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     n0 = pid_n * BLOCK_N
@@ -547,7 +552,8 @@ _INTERP = (64, 64, 4, 1)
 
 _OVERRIDE: dict = {}  # filled by set_launch_config() (benchmarks / tuning sweeps)
 # TMA descriptor loads per pass: None: automatic (Hopper + aligned inputs); True / False: forced
-_OPTIONS = {"fwd_tma": None, "bwd_tma": None, "bwd_fused": None, "fwd_gluon": None, "bwd_gluon": None}
+_OPTIONS = {"fwd_tma": None, "bwd_tma": None, "bwd_fused": None, "fwd_gluon": None, "bwd_gluon": None,
+            "sparse_order": True}
 # Automatic choices (measured on an H200, docs/kernel_notes.md): TMA descriptor loads were slower
 # than cp.async pipelining with Triton 3.6, so "automatic" leaves them off.
 _TMA_AUTO = False
@@ -567,7 +573,7 @@ def clear_launch_config() -> None:
 
 
 def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNSET, fwd_gluon=_UNSET,
-                       bwd_gluon=_UNSET) -> None:
+                       bwd_gluon=_UNSET, sparse_order=_UNSET) -> None:
     """TMA descriptor loads in the Triton forward (fwd_tma), the fused backward (bwd_tma) or both (tma):
     None = on Hopper when the inputs allow (the default); True / False = always / never. True still
     needs 16-byte aligned strides and base addresses; the interpreter emulates the loads. fwd_gluon /
@@ -579,7 +585,12 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNS
     True = for every case they are built for (forward: head dim 64, 128, also block masks of a multiple
     of 128 x 128; backward: 64, 128, also block masks of a multiple of 64 x 128); False = never. Either
     way only fp16/bf16 inputs with TMA-aligned strides on sm_90; the Gluon backward replaces the fused
-    (non-deterministic) one."""
+    (non-deterministic) one. sparse_order (True by default): a block mask's backward starts its heavy key
+    blocks first (BlockMask.column_order); False: key blocks in order."""
+    if sparse_order is not _UNSET:
+        if sparse_order not in (True, False):
+            raise ValueError(f"sparse_order must be True or False, got {sparse_order!r}")
+        _OPTIONS["sparse_order"] = sparse_order
     for key, val in (("fwd_tma", tma), ("bwd_tma", tma), ("fwd_tma", fwd_tma), ("bwd_tma", bwd_tma),
                      ("fwd_gluon", gluon), ("bwd_gluon", gluon), ("fwd_gluon", fwd_gluon),
                      ("bwd_gluon", bwd_gluon)):
@@ -841,6 +852,17 @@ _GLUON_SPARSE_MIN_TILES = 6
 _GLUON_SPARSE_FWD_MIN_BLOCKS = 4
 
 
+def _column_order(block_mask, q, k, block_n):
+    """The launch order of a backward's programs of block_n keys (BlockMask.column_order), or None:
+    dense, or a mask without heavy key blocks (the natural order is the same), or switched off
+    (set_kernel_options(sparse_order=False))."""
+    if block_mask is None or not _OPTIONS["sparse_order"]:
+        return None
+    B, _, H, _ = q.shape
+    n_programs = triton.cdiv(k.shape[1], block_n)
+    return block_mask.column_order(q.device, B * H, H, n_programs, block_mask.block_n // block_n)
+
+
 def _sparse_key_blocks_per_row(block_mask) -> float:
     """Mean number of 128-key blocks a mask row keeps (the Gluon forward's steps per tile)."""
     return block_mask.nnz / (block_mask.n_heads * block_mask.n_blocks_m) * block_mask.block_n / 128
@@ -937,23 +959,25 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
 
     if fused and gluon_cfg is not None:
         lists = _mask_args(block_mask, q.device, False, causal) if sparse else None
+        order = _column_order(block_mask, q, k, 128)
         _record("bwd", _gluon.gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal, qk_scale, sm_scale,
-                                        gluon_cfg, lists))
+                                        gluon_cfg, lists, order))
         return _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D), dk, dv
 
     kind = "bwd" if fused else "dkdv"
     bm, bn, w, s = _launch_config(kind, q.device, D, block_mask, causal=causal, dtype=q.dtype)
     _check_tiles(bm, bn, block_mask)
     count, idx, split, smh, smc, mbm, mbn = _mask_args(block_mask, q.device, False, causal)
+    order = _column_order(block_mask, q, k, bn)
     h = _bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * H)](
-        q, k, v, do, dk, dv, lse, delta, dqa, count, idx, split,
+        q, k, v, do, dk, dv, lse, delta, dqa, count, idx, split, count if order is None else order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         smh, smc, H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, SPARSE=sparse,
         MASK_BM=mbm, MASK_BN=mbn, DOT_PREC=dot_prec, FUSED_DQ=_PROFILE_DQ_MODE if fused else 0,
-        USE_TMA=fused and _use_tma("bwd", q, do), num_warps=w, num_stages=s)
+        USE_TMA=fused and _use_tma("bwd", q, do), ORDERED=order is not None, num_warps=w, num_stages=s)
     _record(kind, h)
 
     if fused:

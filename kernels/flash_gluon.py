@@ -791,7 +791,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _gl_bwd_kernel(q_desc, k_desc, v_desc, do_desc, kc_desc, dq_desc, DK, DV, LSE, DELTA,
-                       COL_COUNT, COL_IDX, COL_MASKED,
+                       COL_COUNT, COL_IDX, COL_MASKED, ORDER,
                        stride_dkb, stride_dkn, stride_dkh,
                        stride_dvb, stride_dvn, stride_dvh,
                        stride_mh, stride_mcol,
@@ -799,13 +799,15 @@ if HAVE_GLUON:
                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr,
                        SPARSE: gl.constexpr, MASK_BM: gl.constexpr, MASK_BN: gl.constexpr,
                        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, DQ_SWIZZLE: gl.constexpr,
-                       num_warps: gl.constexpr):
+                       ORDERED: gl.constexpr, num_warps: gl.constexpr):
         """128 keys per program: two consumer warpgroups of 64 keys, one loader warp (see the module
         docstring). Query blocks of BLOCK_M = 64 rows. q_desc ... do_desc: host TMA descriptors of the
         whole (B, N, H, HEAD_DIM) tensors, blocks of [1, 64, 1, HEAD_DIM] (gluon_bwd); kc_desc: K in
         blocks of [1, 64, 1, 64] (HEAD_DIM = 128: K's column halves for the split dQ; else unused);
         dq_desc: the fp32 dQ accumulator as (B * H, Nq, HEAD_DIM), blocks of [1, 64, the columns one
-        consumer forms]."""
+        consumer forms]. ORDERED: the p-th program to start (p = program_id(0) + program_id(1) *
+        num_programs(0)) takes key block ORDER[p] % num_programs(0) of (batch, head) ORDER[p] //
+        num_programs(0) (BlockMask.column_order: heavy key blocks first)."""
         gl.static_assert(BLOCK_M == 64)
         gl.static_assert((HEAD_DIM == 64) | (HEAD_DIM == 128))
         # HEAD_DIM = 128: a consumer's dK, dV accumulators take 128 of its 240 registers, too many to
@@ -813,8 +815,13 @@ if HAVE_GLUON:
         DQ_SPLIT: gl.constexpr = HEAD_DIM > 64
         gl.static_assert(num_warps == 4)
         dtype: gl.constexpr = DK.dtype.element_ty
-        pid_n = gl.program_id(0)  # key block 0 sees the most query blocks when causal: heaviest first
-        bh = gl.program_id(1)
+        if ORDERED:
+            entry = gl.load(ORDER + gl.program_id(0) + gl.program_id(1) * gl.num_programs(0))
+            pid_n = entry % gl.num_programs(0)
+            bh = entry // gl.num_programs(0)
+        else:
+            pid_n = gl.program_id(0)  # key block 0 sees the most query blocks when causal: heaviest first
+            bh = gl.program_id(1)
         b = bh // H
         h = bh % H
         n0 = pid_n * 128
@@ -921,13 +928,14 @@ def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config, programs=N
 
 
 def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: float, sm_scale: float, config,
-              sparse=None):
+              sparse=None, order=None):
     """Launch the Gluon backward: writes dk, dv (like k, v) and adds dQ / sm_scale into the zeroed
     fp32 `dqa` (B, H, Nq, D); returns the kernel handle. config = (STAGES, consumer registers); the
     caller has checked the inputs (fp16/bf16, head dim in BWD_HEAD_DIMS, TMA-aligned strides, sm_90).
     sparse: None (dense) or the block mask's column lists as flash._mask_args(rows=False) gives them,
     (col_count, col_idx, col_masked, stride_head, stride_col, MASK_BM, MASK_BN), with MASK_BN a
-    multiple of 128 (one program's keys) and MASK_BM of 64 (one query block).
+    multiple of 128 (one program's keys) and MASK_BM of 64 (one query block). order: None (key blocks
+    in order, per batch and head) or the launch order BlockMask.column_order gives for 128-key programs.
     Its descriptors are made here on the host, so it needs no Triton allocator (no device scratch)."""
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
@@ -939,10 +947,11 @@ def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: floa
     count, idx, masked, smh, smc, mbm, mbn = sparse if sparse is not None else (lse, lse, lse, 0, 0, 64, 128)
     return _gl_bwd_kernel[(-(-Nk // 128), B * H)](
         q_desc, k_desc, v_desc, do_desc, kc_desc, dq_desc, dk, dv, lse, delta, count, idx, masked,
+        lse if order is None else order,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), smh, smc,
         H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_M=64, CAUSAL=bool(causal), SPARSE=sparse is not None, MASK_BM=mbm, MASK_BN=mbn,
-        STAGES=stages, CONSUMER_REGS=regs, DQ_SWIZZLE=dq_swizzle, num_warps=4)
+        STAGES=stages, CONSUMER_REGS=regs, DQ_SWIZZLE=dq_swizzle, ORDERED=order is not None, num_warps=4)
 
 
 @functools.cache

@@ -314,6 +314,30 @@ def test_empty_rows_allowed():
     assert c.lists()[0][0].tolist() == [0, 0, 0, 1]
 
 
+def test_column_order_starts_heavy_key_blocks_first():
+    """The backward's launch order: a permutation of every (batch * head, program column) that starts
+    the key blocks keeping more than twice the mean number of query blocks, heaviest first, then the
+    rest in order; None where no key block is heavy."""
+    lay = torch.zeros(2, 8, 8, dtype=torch.bool)
+    lay[:, :, 0] = True  # head 0 and 1: key block 0 global (8 query blocks)
+    lay[:, range(8), range(8)] = True  # the diagonal (1 each)
+    lay[1, 4:, 3] = True  # head 1: key block 3 keeps 5 (0 -> 4 after the diagonal's own)
+    m = BlockMask(lay, block_m=16, block_n=32, seq_q=128, seq_k=256)
+    bh, heads, split = 4, 2, 2  # batch 2 of 2 heads; two programs per key block
+    order = m.column_order("cpu", bh, heads, 16, split)
+    assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(bh * 16))
+    weight = {e: int(lay[(e // 16) % heads].sum(0)[(e % 16) // split]) for e in range(bh * 16)}
+    mean = sum(weight.values()) / len(weight)
+    heavy = [e for e in range(bh * 16) if weight[e] > 2 * mean]
+    assert set(order[:len(heavy)].tolist()) == set(heavy)
+    first = [weight[e] for e in order[:len(heavy)].tolist()]
+    assert first == sorted((weight[e] for e in heavy), reverse=True)
+    assert order[len(heavy):].tolist() == sorted(set(range(bh * 16)) - set(heavy))
+    assert {e % 16 for e in heavy} == {0, 1, 6, 7}  # key blocks 0 and 3 (head 1), both programs each
+    assert m.column_order("cpu", bh, heads, 16, split) is order  # cached
+    assert local_mask(512, window_blocks=2, block_m=64, block_n=64).column_order("cpu", 4, 2, 8) is None
+
+
 # ------------------------------------------------------------------ checks and errors
 def test_check_errors():
     m = local_mask(4096, window_blocks=2, causal=True)

@@ -44,6 +44,25 @@ def test_backward_variants_block_sparse(variant, monkeypatch):
              deterministic=variant == "deterministic")
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_heavy_key_blocks_first(deterministic, monkeypatch):
+    """A global key block (kept by every query block) is heavy: the backward starts its programs first
+    (BlockMask.column_order). Same gradients as the float64 reference, and the same dK, dV bitwise as
+    key blocks in order (each program forms its key block's dK, dV alone)."""
+    n, heads = 256, 2
+    mask = kernels.bigbird_mask(n, window_blocks=0, global_blocks=1, random_blocks=1, seed=5, n_heads=heads,
+                                block_m=BLOCK, block_n=BLOCK, causal=True)
+    assert mask.column_order("cpu", 2 * heads, heads, n // BLOCK) is not None
+    _, ordered = run_case(2, n, n, heads, 16, True, torch.float32, block_mask=mask,
+                          deterministic=deterministic)
+    monkeypatch.setattr(flash_mod, "_OPTIONS", {**flash_mod._OPTIONS, "sparse_order": False})
+    _, natural = run_case(2, n, n, heads, 16, True, torch.float32, block_mask=mask,
+                          deterministic=deterministic)
+    assert torch.equal(ordered[1], natural[1]) and torch.equal(ordered[2], natural[2])
+    if deterministic:
+        assert torch.equal(ordered[0], natural[0])
+
+
 def test_per_head_layouts():
     n, heads = 140, 3
     mask = kernels.bigbird_mask(n, window_blocks=0, global_blocks=1, random_blocks=1, seed=1, n_heads=heads,

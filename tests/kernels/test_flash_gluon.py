@@ -79,12 +79,13 @@ if backward:  # the inputs, then the outputs
     sig["dq_desc"] = f"tensordesc<fp32[1,64,64],{dq_layout!r}>"  # the fp32 dQ accumulator's reductions
     sig.update({name: "*bf16" for name in ("DK", "DV")})
     sig.update({name: "*fp32" for name in ("LSE", "DELTA")})
-    sig.update({name: "*i32" for name in ("COL_COUNT", "COL_IDX", "COL_MASKED")})  # the block mask's lists
+    sig.update({name: "*i32" for name in ("COL_COUNT", "COL_IDX", "COL_MASKED", "ORDER")})  # the mask's lists
     sig.update({f"stride_{t}{s}": "i32" for t in ("dk", "dv") for s in "bnh"})
     sig.update({"stride_mh": "i32", "stride_mcol": "i32"})
     sig.update({"H": "i32", "Nq": "i32", "Nk": "i32", "qk_scale": "fp32", "sm_scale": "fp32"})
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "CAUSAL": causal, "SPARSE": sparse, "MASK_BM": 128,
-              "MASK_BN": 128, "STAGES": 2, "CONSUMER_REGS": 240, "DQ_SWIZZLE": dq_swizzle, "num_warps": 4}
+              "MASK_BN": 128, "STAGES": 2, "CONSUMER_REGS": 240, "DQ_SWIZZLE": dq_swizzle,
+              "ORDERED": sparse, "num_warps": 4}  # block masks: also the launch order (heavy first)
 else:
     kv_desc = desc.replace("[1,64,1,", "[1,128,1,")
     sig = {"q_desc": desc, "k_desc": kv_desc, "v_desc": kv_desc, "o_desc": desc, "LSE": "*fp32"}
