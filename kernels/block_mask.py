@@ -287,29 +287,33 @@ class BlockMask:
         return cached
 
     @_on_cpu
-    def column_order(self, device, batch_heads: int, n_heads: int, n_programs: int,
-                     split: int = 1) -> torch.Tensor | None:
-        """Launch order of a backward whose programs each take `split`-th of a key block: int32
-        (batch_heads * n_programs,) on `device`, entry p = bh * n_programs + c for the p-th program
-        to start (program column c takes key block c // split; head bh % n_heads); None when that
-        is the natural order (no heavy column).
+    def column_order(self, device, batch_heads: int, n_heads: int, n_columns: int, split: int = 1,
+                     group: int = 1) -> torch.Tensor | None:
+        """Launch order of a backward over key columns of block_n / split keys (n_columns of them),
+        each program taking `group` consecutive columns: int32 (batch_heads * P,) on `device`, P =
+        ceil(n_columns / group) programs per head; entry p = bh * P + c for the p-th program to start
+        (program c takes columns c * group ...; head bh % n_heads). None when that is the natural
+        order (no heavy program).
 
-        Heavy columns first, heaviest first, the rest in the natural order (bh, then c ascending).
-        A column is heavy when it keeps more than twice the mean number of query blocks (BigBird's
-        global key block: every query block keeps it). Started last, one such program ran alone
-        after every other had finished: at 64k keys the BigBird backward took 1.32x as long
-        (docs/benchmarks.md 2e). The natural order keeps the programs running side by side on
+        Heavy programs first, the rest in the natural order (bh, then c ascending). A program is
+        heavy when its columns keep more than twice the mean number of query blocks (BigBird's global
+        key block: every query block keeps it). Started last, one such program ran alone after every
+        other had finished: at 64k keys its 1024 query blocks took as long as the rest of the layout's
+        backward (docs/benchmarks.md 2e). Natural order keeps the programs running side by side on
         neighbouring key blocks of one head, whose query blocks stay in L2. Built once per (device,
         sizes), cached.
         """
-        key = ("column_order", _device_key(device), int(batch_heads), int(n_heads), int(n_programs),
-               int(split))
+        key = ("column_order", _device_key(device), int(batch_heads), int(n_heads), int(n_columns),
+               int(split), int(group))
         cached = self._lists.get(key, False)
         if cached is False:
             count = self.lists("cpu")[2].to(torch.int64)  # (Hm, nNb)
             heads = torch.arange(batch_heads) % n_heads
-            per_head = count[heads if self.n_heads > 1 else torch.zeros_like(heads)]
-            weight = per_head[:, torch.arange(n_programs) // split].reshape(-1)  # natural order
+            per_column = count[heads if self.n_heads > 1 else torch.zeros_like(heads)]
+            per_column = per_column[:, torch.arange(n_columns) // split]
+            n_programs = -(-n_columns // group)
+            padded = torch.nn.functional.pad(per_column, (0, n_programs * group - n_columns))
+            weight = padded.view(batch_heads, n_programs, group).sum(-1).reshape(-1)  # natural order
             heavy = weight > 2 * weight.double().mean()
             first = torch.nonzero(heavy).flatten()
             first = first[torch.sort(weight[first], descending=True, stable=True).indices]

@@ -553,7 +553,7 @@ _INTERP = (64, 64, 4, 1)
 _OVERRIDE: dict = {}  # filled by set_launch_config() (benchmarks / tuning sweeps)
 # TMA descriptor loads per pass: None: automatic (Hopper + aligned inputs); True / False: forced
 _OPTIONS = {"fwd_tma": None, "bwd_tma": None, "bwd_fused": None, "fwd_gluon": None, "bwd_gluon": None,
-            "sparse_order": True}
+            "sparse_order": True, "sparse_group": None}
 # Automatic choices (measured on an H200, docs/kernel_notes.md): TMA descriptor loads were slower
 # than cp.async pipelining with Triton 3.6, so "automatic" leaves them off.
 _TMA_AUTO = False
@@ -573,7 +573,7 @@ def clear_launch_config() -> None:
 
 
 def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNSET, fwd_gluon=_UNSET,
-                       bwd_gluon=_UNSET, sparse_order=_UNSET) -> None:
+                       bwd_gluon=_UNSET, sparse_order=_UNSET, sparse_group=_UNSET) -> None:
     """TMA descriptor loads in the Triton forward (fwd_tma), the fused backward (bwd_tma) or both (tma):
     None = on Hopper when the inputs allow (the default); True / False = always / never. True still
     needs 16-byte aligned strides and base addresses; the interpreter emulates the loads. fwd_gluon /
@@ -581,12 +581,21 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNS
     (default) = where the launch table marks them faster (forward: head dim 128, head dim 64 with >=
     2048 keys causal, >= 1024 non-causal, block masks at head dim 64 whose rows keep >= 4 blocks of 128
     keys; fused backward: head dims 64 and 128 with >= 512 keys, block masks whose programs see >= 6
-    query blocks);
+    query blocks, or any at head dim 64 with mask blocks of a multiple of 128 x 128, whose programs then
+    run several key blocks where they keep few query blocks);
     True = for every case they are built for (forward: head dim 64, 128, also block masks of a multiple
     of 128 x 128; backward: 64, 128, also block masks of a multiple of 64 x 128); False = never. Either
     way only fp16/bf16 inputs with TMA-aligned strides on sm_90; the Gluon backward replaces the fused
     (non-deterministic) one. sparse_order (True by default): a block mask's backward starts its heavy key
-    blocks first (BlockMask.column_order); False: key blocks in order."""
+    blocks first (BlockMask.column_order); False: key blocks in order. sparse_group: how many key blocks
+    of 128 one Gluon backward program runs for block masks at head dim 64 (of 128-row mask blocks):
+    None (default) = about 32 query blocks of 64 per program, at most 8 key blocks; an int >= 1 = that
+    many (1: one key block per program)."""
+    if sparse_group is not _UNSET:
+        if sparse_group is not None and (isinstance(sparse_group, bool) or not isinstance(sparse_group, int)
+                                         or sparse_group < 1):
+            raise ValueError(f"sparse_group must be None or an int >= 1, got {sparse_group!r}")
+        _OPTIONS["sparse_group"] = sparse_group
     if sparse_order is not _UNSET:
         if sparse_order not in (True, False):
             raise ValueError(f"sparse_order must be True or False, got {sparse_order!r}")
@@ -831,7 +840,8 @@ def _gluon_bwd_config(q, k, v, do, causal, block_mask):
     if not _OPTIONS["bwd_gluon"]:
         if block_mask is None and k.shape[1] < row[0]:
             return None
-        if block_mask is not None and _sparse_tiles_per_program(block_mask) < _GLUON_SPARSE_MIN_TILES:
+        if (block_mask is not None and _sparse_tiles_per_program(block_mask) < _GLUON_SPARSE_MIN_TILES
+                and _sparse_group(block_mask, q.shape[-1]) == 1):
             return None
     return row[1:] if _tma_ok(q, k, v, do) else None
 
@@ -841,7 +851,9 @@ def _gluon_bwd_config(q, k, v, do, causal, block_mask):
 # an H200: 1.17-1.37x the Triton one at 16 blocks per program (local / BigBird, 16k and 64k keys),
 # 1.05x at 7.6-8, 0.92-0.93x at 4 (docs/benchmarks.md 2b). The threshold lies between the last two.
 # Head dim 128 (query-major): forward+backward 1.02-1.04x at 7.9 blocks per program, 1.01-1.07x from 15.6,
-# level at 4 (docs/benchmarks.md 1l).
+# level at 4 (docs/benchmarks.md 1l). Head dim 64 with 128-row mask blocks no longer uses this threshold:
+# below it, programs run several key blocks (_sparse_group), 1.05x the Triton backward at 4 query blocks
+# per key block (docs/benchmarks.md 2f).
 _GLUON_SPARSE_MIN_TILES = 6
 
 
@@ -852,15 +864,36 @@ _GLUON_SPARSE_MIN_TILES = 6
 _GLUON_SPARSE_FWD_MIN_BLOCKS = 4
 
 
-def _column_order(block_mask, q, k, block_n):
-    """The launch order of a backward's programs of block_n keys (BlockMask.column_order), or None:
-    dense, or a mask without heavy key blocks (the natural order is the same), or switched off
-    (set_kernel_options(sparse_order=False))."""
+def _column_order(block_mask, q, k, block_n, group=1):
+    """The launch order of a backward's programs of `group` key columns of block_n keys
+    (BlockMask.column_order), or None: dense, or a mask without heavy key blocks (the natural order is
+    the same), or switched off (set_kernel_options(sparse_order=False))."""
     if block_mask is None or not _OPTIONS["sparse_order"]:
         return None
     B, _, H, _ = q.shape
-    n_programs = triton.cdiv(k.shape[1], block_n)
-    return block_mask.column_order(q.device, B * H, H, n_programs, block_mask.block_n // block_n)
+    n_columns = triton.cdiv(k.shape[1], block_n)
+    return block_mask.column_order(q.device, B * H, H, n_columns, block_mask.block_n // block_n, group)
+
+
+# Block-sparse at head dim 64 where key blocks keep few query blocks: each Gluon backward program runs
+# several key blocks of 128 in turn (flash_gluon._gl_bwd_grouped_kernel), about _GLUON_SPARSE_GROUP_TILES
+# query blocks of 64 in all, so that the next key block's loads overlap the last one's steps. Backward
+# alone on an H200 against one key block per program (docs/benchmarks.md 2f): 1.09-1.12x at 4 query
+# blocks per key block (G = 2-8), 1.06-1.07x at 7.9 (G = 2-8), 1.03-1.07x at 16 with G = 2 and
+# 0.88-0.96x with G = 8 there. Masks of 64-row blocks keep one key block per program (see
+# _bwd_consumer_grouped).
+_GLUON_SPARSE_GROUP_TILES = 32
+
+
+def _sparse_group(block_mask, head_dim: int) -> int:
+    """How many 128-key blocks one Gluon backward program runs for this mask (1 = one, _gl_bwd_kernel):
+    set_kernel_options(sparse_group=) or about _GLUON_SPARSE_GROUP_TILES query blocks per program."""
+    if block_mask is None or head_dim != 64 or block_mask.block_n % 128 or block_mask.block_m % 128:
+        return 1
+    if _OPTIONS["sparse_group"] is not None:
+        return _OPTIONS["sparse_group"]
+    tiles = _sparse_tiles_per_program(block_mask)
+    return max(1, min(8, round(_GLUON_SPARSE_GROUP_TILES / max(tiles, 1.0))))
 
 
 def _sparse_key_blocks_per_row(block_mask) -> float:
@@ -959,9 +992,10 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, block_mask, dot_prec, *, d
 
     if fused and gluon_cfg is not None:
         lists = _mask_args(block_mask, q.device, False, causal) if sparse else None
-        order = _column_order(block_mask, q, k, 128)
+        group = _sparse_group(block_mask, D)
+        order = _column_order(block_mask, q, k, 128, group)
         _record("bwd", _gluon.gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal, qk_scale, sm_scale,
-                                        gluon_cfg, lists, order))
+                                        gluon_cfg, lists, order, group))
         return _convert_dq(dqa, dq, H, Nq, sm_scale, D, BLOCK_D), dk, dv
 
     kind = "bwd" if fused else "dkdv"

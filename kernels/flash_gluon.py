@@ -442,12 +442,58 @@ if HAVE_GLUON:
                     DQ_SPLIT: gl.constexpr):
         """One warp: both consumers' K and V once, then Q_i, dO_i into the ring."""
         _bwd_load_kv(k_desc, v_desc, kc_desc, k_smem, v_smem, kc_smem, kv_bar, b, h, n0, DQ_SPLIT)
+        _bwd_load_tiles(q_desc, do_desc, q_smem, do_smem, ready, empty, b, h, 0, n_tiles, lo, idx_ptr, n_idx,
+                        BLOCK_M, STAGES, SPARSE, MASK_BM)
+
+    @gluon.jit
+    def _bwd_load_tiles(q_desc, do_desc, q_smem, do_smem, ready, empty, b, h, g, n_tiles, lo, idx_ptr, n_idx,
+                        BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPARSE: gl.constexpr,
+                        MASK_BM: gl.constexpr):
+        """Q_i, dO_i of a key block's query blocks 0 .. n_tiles - 1 into the ring, as its uses g .. g +
+        n_tiles - 1 (the program's earlier key blocks took g)."""
         for t in range(n_tiles):
-            buf = t % STAGES
-            mbarrier.wait(empty.index(buf), ((t // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+            buf = (g + t) % STAGES
+            mbarrier.wait(empty.index(buf), (((g + t) // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
             mbarrier.expect(ready.index(buf), 2 * q_desc.block_type.nbytes)
             row = _bwd_tile_row(t, lo, idx_ptr, n_idx, BLOCK_M, SPARSE, MASK_BM)
             _bwd_load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(buf), b, h, row, buf)
+
+    @gluon.jit
+    def _bwd_col_list(COL_COUNT, COL_IDX, COL_MASKED, h, stride_mh, stride_mcol, n0, BLOCK_M: gl.constexpr,
+                      MASK_BM: gl.constexpr, MASK_BN: gl.constexpr):
+        """Key block n0's list of kept query mask blocks: (idx_ptr, n_idx, n_masked, n_tiles)."""
+        col = n0 // MASK_BN
+        n_idx = gl.load(COL_COUNT + h * stride_mh + col)
+        n_masked = gl.load(COL_MASKED + h * stride_mh + col)  # leading blocks crossing the diagonal
+        idx_ptr = COL_IDX + (h * stride_mh + col) * stride_mcol
+        return idx_ptr, n_idx, n_masked, n_idx * (MASK_BM // BLOCK_M)
+
+    @gluon.jit
+    def _bwd_loader_grouped(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready,
+                            kv_empty, ready, empty, b, h, c_first, c_end, COL_COUNT, COL_IDX, COL_MASKED,
+                            stride_mh, stride_mcol, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                            MASK_BM: gl.constexpr, MASK_BN: gl.constexpr):
+        """GROUP > 1: the program's key blocks c_first .. c_end - 1 in turn, those that no query block
+        keeps skipped; K, V double buffered (the j-th kept key block's load waits until both consumers
+        are done with the (j - 2)-th), the ring continues."""
+        g = 0
+        j = 0
+        for i in range(c_end - c_first):
+            n0 = (c_first + i) * 128
+            idx_ptr, n_idx, n_masked, n_tiles = _bwd_col_list(COL_COUNT, COL_IDX, COL_MASKED, h, stride_mh,
+                                                              stride_mcol, n0, BLOCK_M, MASK_BM, MASK_BN)
+            if n_tiles > 0:
+                kb = j % 2
+                mbarrier.wait(kv_empty.index(kb), ((j // 2) & 1) ^ 1)
+                mbarrier.expect(kv_ready.index(kb), 4 * k_desc.block_type.nbytes)
+                for w in gl.static_range(2):  # [128 keys, 64] tiles, consumer w's keys in rows 64 w ...
+                    bar = kv_ready.index(kb)
+                    _tma_rows(k_desc, b, h, n0 + 64 * w, bar, k_smem.index(kb).slice(64 * w, 64))
+                    _tma_rows(v_desc, b, h, n0 + 64 * w, bar, v_smem.index(kb).slice(64 * w, 64))
+                _bwd_load_tiles(q_desc, do_desc, q_smem, do_smem, ready, empty, b, h, g, n_tiles, 0, idx_ptr,
+                                n_idx, BLOCK_M, STAGES, True, MASK_BM)
+                g += n_tiles
+                j += 1
 
     @gluon.jit
     def _bwd_tile_row(t, lo, idx_ptr, n_idx, BLOCK_M: gl.constexpr, SPARSE: gl.constexpr,
@@ -742,6 +788,13 @@ if HAVE_GLUON:
         else:
             mbarrier.wait(kv_bar, 0)
 
+        _bwd_store_dk_dv(dk, dv, dk_base, dv_base, stride_dkn, stride_dvn, nw, Nk, sm_scale, kv_l, HEAD_DIM)
+        tma.store_wait(0)  # the last dQ reduction has read this consumer's buffer
+
+    @gluon.jit
+    def _bwd_store_dk_dv(dk, dv, dk_base, dv_base, stride_dkn, stride_dvn, nw, Nk, sm_scale,
+                         kv_l: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """dK (times the softmax scale) and dV of keys [nw, nw + 64) (rows past Nk dropped)."""
         offs_nk = nw + gl.arange(0, 64, layout=gl.SliceLayout(1, kv_l))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_l))
         kv_mask = offs_nk[:, None] < Nk
@@ -749,6 +802,56 @@ if HAVE_GLUON:
                  (dk * sm_scale).to(dk_base.dtype.element_ty), mask=kv_mask)
         gl.store(dv_base + offs_nk[:, None] * stride_dvn + offs_d[None, :],
                  dv.to(dv_base.dtype.element_ty), mask=kv_mask)
+
+    @gluon.jit
+    def _bwd_consumer_grouped(dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dq_desc, bh, h,
+                              q_smem, do_smem, k_smem, v_smem, ds_smem, dq_buf, kv_ready, kv_empty, ready,
+                              empty, ds_ready, ds_free, c_first, c_end, COL_COUNT, COL_IDX, COL_MASKED,
+                              stride_mh, stride_mcol, Nq, Nk, qk_scale, sm_scale, WG: gl.constexpr,
+                              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                              CAUSAL: gl.constexpr, MASK_BM: gl.constexpr, MASK_BN: gl.constexpr):
+        """GROUP > 1 (block masks, head dim 64): keys [n0 + 64 WG, n0 + 64 WG + 64) of the program's key
+        blocks n0 = 128 c, c_first <= c < c_end, in turn: one key block's steps as _bwd_consumer's, its
+        ring uses and dS slots counted on from the key blocks before (g), K / V from buffer j % 2 (j: the
+        kept key blocks before this one), released to the loader when both consumers' last products
+        have read it. Block masks of a multiple of 128 query rows (R even: no key block has a single
+        query block, so the first masked loop of _bwd_blocks always runs)."""
+        R: gl.constexpr = MASK_BM // BLOCK_M
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        kv_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_l, k_width=2)
+        dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=kv_l)
+        s_zero = gl.zeros([64, BLOCK_M], gl.float32, layout=s_l)
+        offs_ms = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_l))
+        causal_off = Nk - Nq
+        g = 0
+        j = 0  # kept key blocks so far (a key block no query block keeps stores dK = dV = 0 at once)
+        for i in range(c_end - c_first):
+            n0 = (c_first + i) * 128
+            nw = n0 + 64 * WG
+            idx_ptr, n_idx, n_masked, n_tiles = _bwd_col_list(COL_COUNT, COL_IDX, COL_MASKED, h, stride_mh,
+                                                              stride_mcol, n0, BLOCK_M, MASK_BM, MASK_BN)
+            dk = gl.zeros([64, HEAD_DIM], gl.float32, layout=kv_l)
+            dv = gl.zeros([64, HEAD_DIM], gl.float32, layout=kv_l)
+            if n_tiles > 0:  # (g is a multiple of R: the list read with the program's count t)
+                kb = j % 2
+                t_full = g + gl.minimum(n_masked * R, n_tiles)
+                offs_n = nw + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
+                k_both = k_smem.index(kb)
+                dk, dv = _bwd_blocks(
+                    dk, dv, g, t_full, t_full, g + n_tiles, k_both.slice(64 * WG, 64),
+                    v_smem.index(kb).slice(64 * WG, 64), k_both, ds_smem, q_smem, do_smem,
+                    kv_ready.index(kb), ready, empty, ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, 0,
+                    idx_ptr - g // R, n_idx + g // R, Nq, causal_off, qk_scale, s_zero, dq_zero, offs_n,
+                    offs_ms, dq_buf, 0, a_l, WG, HEAD_DIM, BLOCK_M, STAGES,
+                    CAUSAL, True, MASK_BM, False, (j // 2) & 1, True)
+                mbarrier.arrive(kv_empty.index(kb))
+                g += n_tiles
+                j += 1
+            _bwd_store_dk_dv(dk, dv, dk_base, dv_base, stride_dkn, stride_dvn, nw, Nk, sm_scale, kv_l,
+                             HEAD_DIM)
         tma.store_wait(0)  # the last dQ reduction has read this consumer's buffer
 
     @gluon.jit
@@ -757,9 +860,16 @@ if HAVE_GLUON:
                     causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0,
                     a_l: gl.constexpr, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
-                    MASK_BM: gl.constexpr, DQ_SPLIT: gl.constexpr):
+                    MASK_BM: gl.constexpr, DQ_SPLIT: gl.constexpr, kv_phase=0,
+                    FIRST_MASKED: gl.constexpr = False):
         """One consumer's query blocks t0 .. n_tiles - 1, those below t_full masked (`full`: see
-        _bwd_step): returns dK, dV."""
+        _bwd_step): returns dK, dV. (GROUP > 1: t counts the program's ring uses over its key blocks.)
+
+        FIRST_MASKED (the grouped kernel): the first block also runs in the masked loop, which then
+        always runs (a masked step is exact for any block: its `full` test turns the mask off). With a
+        K / V buffer picked at run time, Triton 3.6's build computed the dQ product's K descriptor in
+        that loop's preheader only, and a key block whose list starts unmasked (every non-causal one)
+        read shared memory out of range (compute-sanitizer; docs/kernel_notes.md Version 20)."""
         if SPARSE:
             lo = _bwd_tile_row(t0, lo, idx_ptr, n_idx, BLOCK_M, SPARSE, MASK_BM)
             rows0 = lo + offs_ms
@@ -768,15 +878,20 @@ if HAVE_GLUON:
         # (block-sparse steps load their own LSE and delta; these then only seed the loop's values)
         lse = gl.load(lse_ptr + rows0, mask=rows0 < Nq, other=0.0)
         delta = gl.load(delta_ptr + rows0, mask=rows0 < Nq, other=0.0)
-        mbarrier.wait(kv_bar, 0)
+        mbarrier.wait(kv_bar, kv_phase)
         s, dp = _bwd_issue_s_dp(k_w, v_w, q_smem, do_smem, ready, t0, s_zero, STAGES, DQ_SPLIT)
-        for t in range(t0, gl.minimum(t_full, n_tiles - 1)):
+        first_end = gl.minimum(t_full, n_tiles - 1)  # the masked steps, then the rest
+        rest = t_full
+        if FIRST_MASKED:  # the masked loop always runs (see the docstring)
+            first_end = gl.maximum(first_end, gl.minimum(t0 + 1, n_tiles - 1))
+            rest = first_end
+        for t in range(t0, first_end):
             s, dp, lse, delta, dk, dv, lo = _bwd_step(
                 t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
                 ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, lo, full, idx_ptr, n_idx, Nq, causal_off,
                 qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l, WG, HEAD_DIM,
                 BLOCK_M, STAGES, SPARSE, MASK_BM, DQ_SPLIT, True, True)
-        for t in range(t_full, n_tiles - 1):
+        for t in range(rest, n_tiles - 1):
             s, dp, lse, delta, dk, dv, lo = _bwd_step(
                 t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
                 ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, lo, full, idx_ptr, n_idx, Nq, causal_off,
@@ -900,6 +1015,81 @@ if HAVE_GLUON:
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
+if HAVE_GLUON:
+    @gluon.jit
+    def _gl_bwd_grouped_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, LSE, DELTA, COL_COUNT,
+                               COL_IDX, COL_MASKED, ORDER, stride_dkb, stride_dkn, stride_dkh, stride_dvb,
+                               stride_dvn, stride_dvh, stride_mh, stride_mcol, H, Nq, Nk, qk_scale, sm_scale,
+                               BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr, MASK_BM: gl.constexpr,
+                               MASK_BN: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                               DQ_SWIZZLE: gl.constexpr, ORDERED: gl.constexpr, GROUP: gl.constexpr,
+                               num_warps: gl.constexpr):
+        """_gl_bwd_kernel for block masks at head dim 64 whose key blocks keep few query blocks: a program
+        runs GROUP key blocks of 128 in turn (program column c: key blocks c GROUP ... c GROUP + GROUP -
+        1), so that each does not pay a program's start (barriers, the first K / V and Q / dO loads)
+        and end (dK / dV stores, the last dQ reduction): the next key block's K / V (a second buffer)
+        and first Q / dO load while the last one's steps run. ORDER / ORDERED as _gl_bwd_kernel's, in
+        program columns."""
+        HEAD_DIM: gl.constexpr = 64
+        gl.static_assert(BLOCK_M == 64)
+        gl.static_assert(MASK_BM % 128 == 0)  # see _bwd_consumer_grouped
+        gl.static_assert(num_warps == 4)
+        dtype: gl.constexpr = DK.dtype.element_ty
+        if ORDERED:
+            entry = gl.load(ORDER + gl.program_id(0) + gl.program_id(1) * gl.num_programs(0))
+            c_first = entry % gl.num_programs(0) * GROUP
+            bh = entry // gl.num_programs(0)
+        else:
+            c_first = gl.program_id(0) * GROUP
+            bh = gl.program_id(1)
+        c_end = gl.minimum(c_first + GROUP, gl.cdiv(Nk, 128))
+        b = bh // H
+        h = bh % H
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        k2_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
+        k_smem = gl.allocate_shared_memory(dtype, [2, 128, HEAD_DIM], k2_sl)
+        v_smem = gl.allocate_shared_memory(dtype, [2, 128, HEAD_DIM], k2_sl)
+        ds2_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, BLOCK_M], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [2, 128, BLOCK_M], ds2_sl)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_sl)
+        dq_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=DQ_SWIZZLE, element_bitwidth=32, rank=2)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM], dq_sl)
+        kv_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(2):
+            mbarrier.init(kv_ready.index(st), count=1)
+            mbarrier.init(kv_empty.index(st), count=2)
+            mbarrier.init(ds_ready.index(st), count=2)
+            mbarrier.init(ds_free.index(st), count=1)
+        for st in gl.static_range(STAGES):
+            mbarrier.init(ready.index(st), count=1)
+            mbarrier.init(empty.index(st), count=2)
+        dk_base = DK + b.to(gl.int64) * stride_dkb + h.to(gl.int64) * stride_dkh
+        dv_base = DV + b.to(gl.int64) * stride_dvb + h.to(gl.int64) * stride_dvh
+        lse_ptr = LSE + bh * Nq
+        delta_ptr = DELTA + bh * Nq
+        gl.warp_specialize([
+            (_bwd_consumer_grouped, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dq_desc,
+                                     bh, h, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem.index(0),
+                                     kv_ready, kv_empty, ready, empty, ds_ready, ds_free, c_first, c_end,
+                                     COL_COUNT, COL_IDX, COL_MASKED, stride_mh, stride_mcol, Nq, Nk, qk_scale,
+                                     sm_scale, 0, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, MASK_BM, MASK_BN)),
+            (_bwd_consumer_grouped, (dk_base, dv_base, stride_dkn, stride_dvn, lse_ptr, delta_ptr, dq_desc,
+                                     bh, h, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem.index(1),
+                                     kv_ready, kv_empty, ready, empty, ds_ready, ds_free, c_first, c_end,
+                                     COL_COUNT, COL_IDX, COL_MASKED, stride_mh, stride_mcol, Nq, Nk, qk_scale,
+                                     sm_scale, 1, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, MASK_BM, MASK_BN)),
+            (_bwd_loader_grouped, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready,
+                                   kv_empty, ready, empty, b, h, c_first, c_end, COL_COUNT, COL_IDX,
+                                   COL_MASKED, stride_mh, stride_mcol, BLOCK_M, STAGES, MASK_BM, MASK_BN)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+
 def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config, programs=None, sparse=None):
     """Launch the Gluon forward into `o` (like q) and `lse` ((B, H, Nq) fp32); returns the kernel
     handle. config = (BLOCK_N, STAGES, consumer registers); the caller has checked the inputs
@@ -928,14 +1118,15 @@ def gluon_fwd(q, k, v, o, lse, causal: bool, qk_scale: float, config, programs=N
 
 
 def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: float, sm_scale: float, config,
-              sparse=None, order=None):
+              sparse=None, order=None, group=1):
     """Launch the Gluon backward: writes dk, dv (like k, v) and adds dQ / sm_scale into the zeroed
     fp32 `dqa` (B, H, Nq, D); returns the kernel handle. config = (STAGES, consumer registers); the
     caller has checked the inputs (fp16/bf16, head dim in BWD_HEAD_DIMS, TMA-aligned strides, sm_90).
     sparse: None (dense) or the block mask's column lists as flash._mask_args(rows=False) gives them,
     (col_count, col_idx, col_masked, stride_head, stride_col, MASK_BM, MASK_BN), with MASK_BN a
     multiple of 128 (one program's keys) and MASK_BM of 64 (one query block). order: None (key blocks
-    in order, per batch and head) or the launch order BlockMask.column_order gives for 128-key programs.
+    in order, per batch and head) or the launch order BlockMask.column_order gives for programs of
+    128 * group keys. group > 1 (block masks at head dim 64): each program runs `group` key blocks of 128.
     Its descriptors are made here on the host, so it needs no Triton allocator (no device scratch)."""
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
@@ -945,13 +1136,20 @@ def gluon_bwd(q, k, v, do, dk, dv, lse, delta, dqa, causal: bool, qk_scale: floa
     dq_swizzle = DQ_SWIZZLE_BYTES[(D, bool(causal))]
     dq_desc = _dq_desc(dqa, 64, dq_swizzle)
     count, idx, masked, smh, smc, mbm, mbn = sparse if sparse is not None else (lse, lse, lse, 0, 0, 64, 128)
+    strides = (dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), smh, smc)
+    order = lse if order is None else order
+    if group > 1:
+        assert sparse is not None and D == 64, "grouped key blocks: block masks at head dim 64"
+        return _gl_bwd_grouped_kernel[(-(-Nk // (128 * group)), B * H)](
+            q_desc, k_desc, v_desc, do_desc, dq_desc, dk, dv, lse, delta, count, idx, masked, order, *strides,
+            H, Nq, Nk, qk_scale, sm_scale, BLOCK_M=64, CAUSAL=bool(causal), MASK_BM=mbm, MASK_BN=mbn,
+            STAGES=stages, CONSUMER_REGS=regs, DQ_SWIZZLE=dq_swizzle, ORDERED=order is not lse, GROUP=group,
+            num_warps=4)
     return _gl_bwd_kernel[(-(-Nk // 128), B * H)](
-        q_desc, k_desc, v_desc, do_desc, kc_desc, dq_desc, dk, dv, lse, delta, count, idx, masked,
-        lse if order is None else order,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), smh, smc,
-        H, Nq, Nk, qk_scale, sm_scale,
+        q_desc, k_desc, v_desc, do_desc, kc_desc, dq_desc, dk, dv, lse, delta, count, idx, masked, order,
+        *strides, H, Nq, Nk, qk_scale, sm_scale,
         HEAD_DIM=D, BLOCK_M=64, CAUSAL=bool(causal), SPARSE=sparse is not None, MASK_BM=mbm, MASK_BN=mbn,
-        STAGES=stages, CONSUMER_REGS=regs, DQ_SWIZZLE=dq_swizzle, ORDERED=order is not None, num_warps=4)
+        STAGES=stages, CONSUMER_REGS=regs, DQ_SWIZZLE=dq_swizzle, ORDERED=order is not lse, num_warps=4)
 
 
 @functools.cache

@@ -338,6 +338,18 @@ def test_column_order_starts_heavy_key_blocks_first():
     assert local_mask(512, window_blocks=2, block_m=64, block_n=64).column_order("cpu", 4, 2, 8) is None
 
 
+def test_column_order_over_groups_of_key_blocks():
+    """Programs of `group` consecutive key columns (the grouped Gluon backward): one entry per program,
+    weighted by its columns together; the last program of a head may take fewer columns."""
+    lay = torch.zeros(1, 8, 7, dtype=torch.bool)
+    lay[0, range(7), range(7)] = True  # one query block per key block
+    lay[0, :, 4] = True  # key block 4 global: 8
+    m = BlockMask(lay, block_m=16, block_n=16, seq_q=128, seq_k=112)
+    order = m.column_order("cpu", 2, 1, 7, 1, 3)  # programs {0, 1, 2}, {3, 4, 5}, {6} per head
+    assert order.tolist() == [1, 4, 0, 2, 3, 5]  # program 1 weighs 1 + 8 + 1 = 10 > 2 x 28 / 6
+    assert m.column_order("cpu", 2, 1, 7, 1, 1).tolist()[:2] == [4, 11]  # one column each: column 4
+
+
 # ------------------------------------------------------------------ checks and errors
 def test_check_errors():
     m = local_mask(4096, window_blocks=2, causal=True)

@@ -63,6 +63,28 @@ def test_heavy_key_blocks_first(deterministic, monkeypatch):
         assert torch.equal(ordered[0], natural[0])
 
 
+def test_sparse_group_rule_and_option(monkeypatch):
+    """How many 128-key blocks one Gluon backward program runs (flash._sparse_group): about 32 query
+    blocks of 64 per program, at most 8 key blocks; one for head dim 128, masks of 64-row blocks and
+    dense calls; set_kernel_options(sparse_group=) overrides the rule and checks its value."""
+    # 4 query blocks of 64 per key block, 34 (the wide one)
+    narrow = kernels.local_mask(4096, window_blocks=1, block_m=128, block_n=128, causal=True)
+    wide = kernels.local_mask(4096, window_blocks=16, block_m=128, block_n=128, causal=True)
+    rows64 = kernels.local_mask(4096, window_blocks=2, block_m=64, block_n=128, causal=True)
+    assert round(flash_mod._sparse_tiles_per_program(narrow)) == 4
+    assert flash_mod._sparse_group(narrow, 64) == 8 and flash_mod._sparse_group(wide, 64) == 1
+    assert flash_mod._sparse_group(narrow, 128) == 1 and flash_mod._sparse_group(rows64, 64) == 1
+    assert flash_mod._sparse_group(None, 64) == 1
+    monkeypatch.setattr(flash_mod, "_OPTIONS", dict(flash_mod._OPTIONS))
+    flash_mod.set_kernel_options(sparse_group=3)
+    assert flash_mod._sparse_group(wide, 64) == 3 and flash_mod._sparse_group(rows64, 64) == 1
+    flash_mod.set_kernel_options(sparse_group=None)
+    assert flash_mod._sparse_group(narrow, 64) == 8
+    for bad in (0, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="sparse_group must be None or an int >= 1"):
+            flash_mod.set_kernel_options(sparse_group=bad)
+
+
 def test_per_head_layouts():
     n, heads = 140, 3
     mask = kernels.bigbird_mask(n, window_blocks=0, global_blocks=1, random_blocks=1, seed=1, n_heads=heads,

@@ -67,7 +67,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from longctx.kernels import flash_gluon
 head_dim, causal, kernel = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
-backward, sparse = not kernel.startswith("fwd"), kernel in ("sparse", "fwd_sparse")
+backward, sparse = not kernel.startswith("fwd"), kernel in ("sparse", "fwd_sparse", "grouped")
 # host TMA descriptors of the (B, N, H, D) tensors: 64 rows per load, 128 for the forward's K / V
 layout = flash_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
 desc = f"tensordesc<bf16[1,64,1,{head_dim}],{layout!r}>"
@@ -85,7 +85,7 @@ if backward:  # the inputs, then the outputs
     sig.update({"H": "i32", "Nq": "i32", "Nk": "i32", "qk_scale": "fp32", "sm_scale": "fp32"})
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "CAUSAL": causal, "SPARSE": sparse, "MASK_BM": 128,
               "MASK_BN": 128, "STAGES": 2, "CONSUMER_REGS": 240, "DQ_SWIZZLE": dq_swizzle,
-              "ORDERED": sparse, "num_warps": 4}  # block masks: also the launch order (heavy first)
+              "ORDERED": sparse, "GROUP": 4, "num_warps": 4}  # block masks: the launch order (heavy first)
 else:
     kv_desc = desc.replace("[1,64,1,", "[1,128,1,")
     sig = {"q_desc": desc, "k_desc": kv_desc, "v_desc": kv_desc, "o_desc": desc, "LSE": "*fp32"}
@@ -94,8 +94,10 @@ else:
     sig.update({"H": "i32", "Nq": "i32", "Nk": "i32", "n_units": "i32", "qk_scale": "fp32"})
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": 128, "BLOCK_N": 128, "CAUSAL": causal, "SPARSE": sparse,
               "MASK_BM": 256, "MASK_BN": 256, "STAGES": 2, "CONSUMER_REGS": 240, "num_warps": 4}
+kernel = {"fwd": flash_gluon._gl_fwd_kernel, "fwd_sparse": flash_gluon._gl_fwd_kernel,
+          "grouped": flash_gluon._gl_bwd_grouped_kernel}.get(kernel, flash_gluon._gl_bwd_kernel)
+consts = {name: value for name, value in consts.items() if name in kernel.arg_names}
 sig.update({name: "constexpr" for name in consts})
-kernel = flash_gluon._gl_bwd_kernel if backward else flash_gluon._gl_fwd_kernel
 sig = {name: sig[name] for name in kernel.arg_names}
 src = GluonASTSource(fn=kernel, signature=sig, constexprs=consts)
 sys.stdout.write(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"])
@@ -103,7 +105,8 @@ sys.stdout.write(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={
 
 
 def build_ptx(head_dim: int, causal: bool, kernel: str = "fwd") -> str:
-    """PTX of a kernel ("fwd", "fwd_sparse", "bwd" or "sparse": the block-sparse backward) for sm_90,
+    """PTX of a kernel ("fwd", "fwd_sparse", "bwd", "sparse": the block-sparse backward, or "grouped":
+    the block-sparse backward whose programs run several key blocks) for sm_90,
     built in a subprocess: the test session runs Triton's interpreter (TRITON_INTERPRET=1), under which
     gluon.jit functions cannot be compiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -153,8 +156,8 @@ def qkv_views(B: int, N: int, H: int, D: int):
 
 def sparse_case(case: str):
     """(causal, nq, nk, heads, mask) of the block-sparse kernel tests: a causal local window, per-head
-    BigBird, 64 x 128 and 256 x 256 mask blocks, Nq != Nk, and a non-causal random layout in which query
-    block 2 keeps nothing and key block 3 is kept by no query block."""
+    BigBird, 64 x 128 and 256 x 256 mask blocks, Nq != Nk, a causal random layout, and a non-causal
+    random layout in which query block 2 keeps nothing and key block 3 is kept by no query block."""
     causal, nq, nk, heads = True, 1000, 1000, 2
     if case == "local":
         mask = kernels.local_mask(nq, window_blocks=1, block_m=128, block_n=128, causal=True)
@@ -170,6 +173,10 @@ def sparse_case(case: str):
     elif case == "cross":
         nq, nk = 700, 1500
         mask = kernels.local_mask(nq, nk, window_blocks=2, block_m=128, block_n=128, causal=True)
+    elif case == "causal_random":  # some key blocks' lists start below their diagonal block (unmasked)
+        layout = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.4
+        layout[:, :, 0] = True
+        mask = kernels.BlockMask(layout, block_m=128, block_n=128, seq_q=nq, seq_k=nk, causal=True)
     else:
         causal, nk = False, 1100
         layout = torch.rand(1, 8, 9, generator=torch.Generator().manual_seed(0)) < 0.4
@@ -204,8 +211,8 @@ def test_builds_for_hopper_with_async_wgmma_and_no_cta_wide_barrier_in_the_loop(
 
 @needs_gluon
 @pytest.mark.parametrize("head_dim,causal,kernel", [(64, True, "bwd"), (64, False, "bwd"),
-                                                    (64, True, "sparse"), (128, True, "bwd"),
-                                                    (128, False, "bwd")])
+                                                    (64, True, "sparse"), (64, True, "grouped"),
+                                                    (128, True, "bwd"), (128, False, "bwd")])
 def test_backward_builds_with_warp_specialisation_and_tma_reductions(head_dim, causal, kernel):
     ptx = build_ptx(head_dim, causal, kernel)
     assert "wgmma.mma_async" in ptx
@@ -256,18 +263,45 @@ def test_backward_waits_for_the_query_block_a_consumer_skips(nq, nk, head_dim, m
 
 @needs_hopper
 @pytest.mark.parametrize("case,head_dim", [("local", 64), ("bigbird_heads", 64), ("rect_64x128", 64),
-                                           ("big_256", 64), ("cross", 64), ("noncausal_empty", 64),
+                                           ("big_256", 64), ("cross", 64), ("causal_random", 64),
+                                           ("noncausal_empty", 64),
                                            ("bigbird_heads", 128), ("noncausal_empty", 128)])
 def test_block_sparse_backward_matches_float64_reference(case, head_dim, monkeypatch):
     """The Gluon backward over a block mask's column lists (mask blocks of a multiple of 64 query
     rows by a multiple of 128 keys): causal masks on the blocks that cross the diagonal only, per-head layouts, partial last
-    blocks, Nq != Nk, and key blocks that no query block keeps (their dK, dV must be 0)."""
+    blocks, Nq != Nk, and key blocks that no query block keeps (their dK, dV must be 0). One key block
+    per program (_gl_bwd_kernel; the grouped kernel: the test below)."""
     monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)
+    monkeypatch.setitem(flash_mod._OPTIONS, "sparse_group", 1)
     ran = count_calls(monkeypatch, flash_gluon, "gluon_bwd")
     causal, nq, nk, heads, mask = sparse_case(case)
     out, (dq, dk, dv) = run_case(1, nq, nk, heads, head_dim, causal, torch.bfloat16, block_mask=mask,
                                  deterministic=False)
     assert ran, "the Gluon backward did not run"
+    if case == "noncausal_empty":
+        assert torch.equal(dk[:, 384:512], torch.zeros_like(dk[:, 384:512]))
+        assert torch.equal(dv[:, 384:512], torch.zeros_like(dv[:, 384:512]))
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", ["local", "bigbird_heads", "rect_64x128", "big_256", "cross",
+                                  "causal_random", "noncausal_empty"])
+def test_block_sparse_backward_grouped_key_blocks(case, monkeypatch):
+    """Programs that run 3 key blocks of 128 in turn (flash_gluon._gl_bwd_grouped_kernel, head dim 64;
+    1000 keys = key blocks 3 + 3 + 2), the cases above against float64: the ring and the dS slots
+    counted on across key blocks, K / V double buffered, a key block no query block keeps (dK = dV =
+    0) in the middle of a group, the heavy-first launch order over groups (bigbird_heads, cross), and
+    key blocks whose lists start without a masked block (causal_random, noncausal_empty: these read
+    shared memory out of range before the fix of docs/kernel_notes.md Version 20). Masks of 64-row
+    blocks (rect_64x128) keep one key block per program."""
+    monkeypatch.setitem(flash_mod._OPTIONS, "bwd_gluon", True)
+    monkeypatch.setitem(flash_mod._OPTIONS, "sparse_group", 3)
+    groups, real = [], flash_gluon.gluon_bwd
+    monkeypatch.setattr(flash_gluon, "gluon_bwd", lambda *a: groups.append(a[-1]) or real(*a))
+    causal, nq, nk, heads, mask = sparse_case(case)
+    out, (dq, dk, dv) = run_case(1, nq, nk, heads, 64, causal, torch.bfloat16, block_mask=mask,
+                                 deterministic=False)
+    assert groups == [1 if case == "rect_64x128" else 3], groups
     if case == "noncausal_empty":
         assert torch.equal(dk[:, 384:512], torch.zeros_like(dk[:, 384:512]))
         assert torch.equal(dv[:, 384:512], torch.zeros_like(dv[:, 384:512]))
@@ -369,32 +403,35 @@ def test_block_sparse_forward_matches_float64_reference(case, programs, head_dim
 @needs_hopper
 @pytest.mark.parametrize("kernel", ["gluon_fwd", "gluon_bwd"])
 def test_block_sparse_choice(kernel, monkeypatch):
-    """Automatic choice on block masks at head dim 64 (local window of 8 blocks of 128 against 1): the
-    Gluon backward where its 128-key programs see >= 6 query blocks on average, the Gluon forward where
-    rows keep >= 4 key blocks of 128; the Triton kernels below (and for deterministic=True). Head dim
-    128: the Gluon forward always, the Gluon backward by the same rule as at 64."""
-    ran = count_calls(monkeypatch, flash_gluon, kernel)
+    """Automatic choice on block masks (local window of 8 blocks of 128 against 1). Forward: the Gluon
+    one at head dim 64 where rows keep >= 4 key blocks of 128, Triton below; at head dim 128 always.
+    Backward: at head dim 64 the Gluon one always, its programs running several key blocks where they
+    keep few query blocks (_sparse_group: 8 for the narrow window, 2 for the wide one); at head dim 128
+    where its 128-key programs see >= 6 query blocks on average; Triton for deterministic=True."""
+    calls, real = [], getattr(flash_gluon, kernel)
+    monkeypatch.setattr(flash_gluon, kernel, lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
     wide = kernels.local_mask(2048, window_blocks=8, block_m=128, block_n=128, causal=True)
     narrow = kernels.local_mask(2048, window_blocks=1, block_m=128, block_n=128, causal=True)
-    per, least = ((flash_mod._sparse_key_blocks_per_row, flash_mod._GLUON_SPARSE_FWD_MIN_BLOCKS)
-                  if kernel == "gluon_fwd" else
-                  (flash_mod._sparse_tiles_per_program, flash_mod._GLUON_SPARSE_MIN_TILES))
+    if kernel == "gluon_fwd":
+        assert flash_mod._sparse_key_blocks_per_row(wide) >= flash_mod._GLUON_SPARSE_FWD_MIN_BLOCKS
+        assert flash_mod._sparse_key_blocks_per_row(narrow) < flash_mod._GLUON_SPARSE_FWD_MIN_BLOCKS
+        run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide)
+        assert len(calls) == 1
+        run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=narrow)
+        assert len(calls) == 1
+        run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=narrow)
+        assert len(calls) == 2
+        return
+    per, least = flash_mod._sparse_tiles_per_program, flash_mod._GLUON_SPARSE_MIN_TILES
     assert per(wide) >= least > per(narrow)
     run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide)
-    assert ran
-    ran.clear()
     run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=narrow)
-    if kernel == "gluon_bwd":
-        run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide, deterministic=True)
-    assert not ran
-    if kernel == "gluon_fwd":
-        run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=narrow)
-        assert ran
-    else:
-        run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=narrow)
-        assert not ran
-        run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=wide)
-        assert ran
+    assert calls == [2, 8]  # gluon_bwd's last argument: key blocks per program
+    run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide, deterministic=True)
+    run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=narrow)
+    assert calls == [2, 8]
+    run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=wide)
+    assert calls == [2, 8, 1]
 
 
 @needs_hopper
