@@ -579,7 +579,7 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNS
     needs 16-byte aligned strides and base addresses; the interpreter emulates the loads. fwd_gluon /
     bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper (kernels/flash_gluon.py). None
     (default) = where the launch table marks them faster (forward: head dim 128, head dim 64 with >=
-    2048 keys causal, >= 1024 non-causal, block masks at head dim 64 whose rows keep >= 4 blocks of 128
+    2048 keys causal, >= 1024 non-causal, block masks at head dim 64 whose rows keep >= 3 blocks of 128
     keys; fused backward: head dims 64 and 128 with >= 512 keys, block masks whose programs see >= 6
     query blocks, or any at head dim 64 with mask blocks of a multiple of 128 x 128, whose programs then
     run several key blocks where they keep few query blocks);
@@ -861,7 +861,9 @@ _GLUON_SPARSE_MIN_TILES = 6
 # Triton one at head dim 64 where rows keep about 8 or more key blocks of 128 (local / BigBird at 16k and
 # 64k), 0.81x at about 2 (16k, density 1/32): a tile's own start and end (first product, O store) are not
 # hidden when it has so few blocks. Head dim 128: 1.19-1.45x, 2 blocks included (docs/benchmarks.md 2c).
-_GLUON_SPARSE_FWD_MIN_BLOCKS = 4
+# Between the two, forward alone (2f): 1.04x at 3.95 blocks per row (local and BigBird, 16k, 1/16), 0.78x at
+# 1.99; so the threshold lies between 2 and 4.
+_GLUON_SPARSE_FWD_MIN_BLOCKS = 3
 
 
 def _column_order(block_mask, q, k, block_n, group=1):

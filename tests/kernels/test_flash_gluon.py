@@ -404,7 +404,7 @@ def test_block_sparse_forward_matches_float64_reference(case, programs, head_dim
 @pytest.mark.parametrize("kernel", ["gluon_fwd", "gluon_bwd"])
 def test_block_sparse_choice(kernel, monkeypatch):
     """Automatic choice on block masks (local window of 8 blocks of 128 against 1). Forward: the Gluon
-    one at head dim 64 where rows keep >= 4 key blocks of 128, Triton below; at head dim 128 always.
+    one at head dim 64 where rows keep >= 3 key blocks of 128, Triton below; at head dim 128 always.
     Backward: at head dim 64 the Gluon one always, its programs running several key blocks where they
     keep few query blocks (_sparse_group: 8 for the narrow window, 2 for the wide one); at head dim 128
     where its 128-key programs see >= 6 query blocks on average; Triton for deterministic=True."""
