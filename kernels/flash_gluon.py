@@ -459,6 +459,21 @@ if HAVE_GLUON:
             _bwd_load_q_do(q_desc, do_desc, q_smem, do_smem, ready.index(buf), b, h, row, buf)
 
     @gluon.jit
+    def _bwd_program(ORDER, ORDERED: gl.constexpr):
+        """(program column, batch * head) of this program: its grid position, or with ORDERED the p-th
+        entry of the launch order, p = program_id(0) + program_id(1) * num_programs(0), as column
+        ORDER[p] % num_programs(0) of (batch, head) ORDER[p] // num_programs(0) (BlockMask.column_order:
+        heavy key blocks first)."""
+        if ORDERED:
+            entry = gl.load(ORDER + gl.program_id(0) + gl.program_id(1) * gl.num_programs(0))
+            column = entry % gl.num_programs(0)
+            bh = entry // gl.num_programs(0)
+        else:
+            column = gl.program_id(0)
+            bh = gl.program_id(1)
+        return column, bh
+
+    @gluon.jit
     def _bwd_col_list(COL_COUNT, COL_IDX, COL_MASKED, h, stride_mh, stride_mcol, n0, BLOCK_M: gl.constexpr,
                       MASK_BM: gl.constexpr, MASK_BN: gl.constexpr):
         """Key block n0's list of kept query mask blocks: (idx_ptr, n_idx, n_masked, n_tiles)."""
@@ -930,13 +945,7 @@ if HAVE_GLUON:
         DQ_SPLIT: gl.constexpr = HEAD_DIM > 64
         gl.static_assert(num_warps == 4)
         dtype: gl.constexpr = DK.dtype.element_ty
-        if ORDERED:
-            entry = gl.load(ORDER + gl.program_id(0) + gl.program_id(1) * gl.num_programs(0))
-            pid_n = entry % gl.num_programs(0)
-            bh = entry // gl.num_programs(0)
-        else:
-            pid_n = gl.program_id(0)  # key block 0 sees the most query blocks when causal: heaviest first
-            bh = gl.program_id(1)
+        pid_n, bh = _bwd_program(ORDER, ORDERED)  # key block 0 sees the most query blocks when causal
         b = bh // H
         h = bh % H
         n0 = pid_n * 128
@@ -989,11 +998,8 @@ if HAVE_GLUON:
         n_idx = 1
         n_masked = 0
         if SPARSE:  # the key block's list of kept query mask blocks (MASK_BN a multiple of 128)
-            col = n0 // MASK_BN
-            n_idx = gl.load(COL_COUNT + h * stride_mh + col)
-            n_masked = gl.load(COL_MASKED + h * stride_mh + col)  # leading blocks crossing the diagonal
-            idx_ptr = COL_IDX + (h * stride_mh + col) * stride_mcol
-            n_tiles = n_idx * (MASK_BM // BLOCK_M)
+            idx_ptr, n_idx, n_masked, n_tiles = _bwd_col_list(COL_COUNT, COL_IDX, COL_MASKED, h, stride_mh,
+                                                              stride_mcol, n0, BLOCK_M, MASK_BM, MASK_BN)
         dk_base = DK + b.to(gl.int64) * stride_dkb + h.to(gl.int64) * stride_dkh
         dv_base = DV + b.to(gl.int64) * stride_dvb + h.to(gl.int64) * stride_dvh
         lse_ptr = LSE + bh * Nq
@@ -1035,13 +1041,8 @@ if HAVE_GLUON:
         gl.static_assert(MASK_BM % 128 == 0)  # see _bwd_consumer_grouped
         gl.static_assert(num_warps == 4)
         dtype: gl.constexpr = DK.dtype.element_ty
-        if ORDERED:
-            entry = gl.load(ORDER + gl.program_id(0) + gl.program_id(1) * gl.num_programs(0))
-            c_first = entry % gl.num_programs(0) * GROUP
-            bh = entry // gl.num_programs(0)
-        else:
-            c_first = gl.program_id(0) * GROUP
-            bh = gl.program_id(1)
+        column, bh = _bwd_program(ORDER, ORDERED)
+        c_first = column * GROUP
         c_end = gl.minimum(c_first + GROUP, gl.cdiv(Nk, 128))
         b = bh // H
         h = bh % H
