@@ -523,6 +523,11 @@ _TABLES = {
         # 64-key blocks halve the masked diagonal block's wasted work, 1.07x at 1024 keys (0.92x at 2048);
         # head dim 64 and non-causal measured level or slower (docs/benchmarks.md 1k)
         "fwd_gluon_short": [(128, (1024, 64), None)],
+        # block masks whose rows keep few key blocks: (mean key blocks of 128 per row below which, BLOCK_N,
+        # STAGES). 64-key blocks and a 3-deep ring: 1.14-1.17x the Triton forward at 2 blocks per row and
+        # 1.10-1.14x the 128-key Gluon one at 4 (head dim 64); 1.50x at 2 at head dim 128; level to 0.97x
+        # from 7.8 (causal local and BigBird masks, docs/benchmarks.md 2g)
+        "fwd_gluon_sparse_short": [(64, (6, 64, 3), (6, 64, 3)), (128, (6, 64, 3), (6, 64, 3))],
         # the Gluon fused backward (kernels/flash_gluon.py, head dims 64 and 128): (minimum keys,
         # STAGES, consumer registers); below the minimum the Triton backward measured faster. With dQ
         # by TMA reductions: head dim 64 1.04x causal at 512 keys, 1.16x at 1k, 1.06-1.24x non-causal
@@ -579,10 +584,11 @@ def set_kernel_options(*, tma=_UNSET, fwd_tma=_UNSET, bwd_tma=_UNSET, gluon=_UNS
     needs 16-byte aligned strides and base addresses; the interpreter emulates the loads. fwd_gluon /
     bwd_gluon (gluon: both): the warp-specialised Gluon kernels on Hopper (kernels/flash_gluon.py). None
     (default) = where the launch table marks them faster (forward: head dim 128, head dim 64 with >=
-    2048 keys causal, >= 1024 non-causal, block masks at head dim 64 whose rows keep >= 3 blocks of 128
-    keys; fused backward: head dims 64 and 128 with >= 512 keys, block masks whose programs see >= 6
-    query blocks, or any at head dim 64 with mask blocks of a multiple of 128 x 128, whose programs then
-    run several key blocks where they keep few query blocks);
+    2048 keys causal, >= 1024 non-causal, block masks of a multiple of 128 x 128 at either, with 64-key
+    blocks where rows keep fewer than 6 blocks of 128 keys on average; fused backward: head dims 64 and
+    128 with >= 512 keys, block masks whose programs see >= 6 query blocks, or any at head dim 64 with
+    mask blocks of a multiple of 128 x 128, whose programs then run several key blocks where they keep
+    few query blocks);
     True = for every case they are built for (forward: head dim 64, 128, also block masks of a multiple
     of 128 x 128; backward: 64, 128, also block masks of a multiple of 64 x 128); False = never. Either
     way only fp16/bf16 inputs with TMA-aligned strides on sm_90; the Gluon backward replaces the fused
@@ -819,15 +825,17 @@ def _gluon_fwd_config(q, k, v, causal, block_mask):
     row = rows.get(q.shape[-1]) if rows else None  # (minimum keys, BLOCK_N, STAGES, registers)
     if row is None:
         return None
-    if not _OPTIONS["fwd_gluon"]:
-        if k.shape[1] < row[0]:
-            return None
-        if (block_mask is not None and q.shape[-1] == 64
-                and _sparse_key_blocks_per_row(block_mask) < _GLUON_SPARSE_FWD_MIN_BLOCKS):
-            return None
-    short = _gluon_rows(_device_index(q.device), "fwd_gluon_short", bool(causal)).get(q.shape[-1])
-    if block_mask is None and short is not None and k.shape[1] <= short[0]:
-        row = (row[0], short[1]) + row[2:]
+    if not _OPTIONS["fwd_gluon"] and k.shape[1] < row[0]:
+        return None
+    index = _device_index(q.device)
+    if block_mask is not None:
+        short = _gluon_rows(index, "fwd_gluon_sparse_short", bool(causal)).get(q.shape[-1])
+        if short is not None and _sparse_key_blocks_per_row(block_mask) < short[0]:
+            row = (row[0],) + short[1:] + row[3:]
+    else:
+        short = _gluon_rows(index, "fwd_gluon_short", bool(causal)).get(q.shape[-1])
+        if short is not None and k.shape[1] <= short[0]:
+            row = (row[0], short[1]) + row[2:]
     return row[1:] if _tma_ok(q, k, v) else None
 
 
@@ -855,15 +863,6 @@ def _gluon_bwd_config(q, k, v, do, causal, block_mask):
 # below it, programs run several key blocks (_sparse_group), 1.05x the Triton backward at 4 query blocks
 # per key block (docs/benchmarks.md 2f).
 _GLUON_SPARSE_MIN_TILES = 6
-
-
-# Block-sparse forward: the Gluon one (persistent, 128-row tiles, 128-key blocks) measured 1.17-1.20x the
-# Triton one at head dim 64 where rows keep about 8 or more key blocks of 128 (local / BigBird at 16k and
-# 64k), 0.81x at about 2 (16k, density 1/32): a tile's own start and end (first product, O store) are not
-# hidden when it has so few blocks. Head dim 128: 1.19-1.45x, 2 blocks included (docs/benchmarks.md 2c).
-# Between the two, forward alone (2f): 1.04x at 3.95 blocks per row (local and BigBird, 16k, 1/16), 0.78x at
-# 1.99; so the threshold lies between 2 and 4.
-_GLUON_SPARSE_FWD_MIN_BLOCKS = 3
 
 
 def _column_order(block_mask, q, k, block_n, group=1):

@@ -37,9 +37,10 @@ and LSE = +inf; LSE in base 2 of the scaled scores), so `flash._flash_bwd` runs 
 non-causal; docs/benchmarks.md 1j) and the inputs suit TMA; everything else runs the Triton kernel.
 Block-sparse (SPARSE): a tile runs its mask row's list of kept key blocks (mask blocks of a multiple
 of 128 query rows by a multiple of 128 keys), the element mask only past the list's `full` prefix;
-units are single tiles, always on the persistent grid (rows of a few blocks gain most from it). At
-head dim 64 it is taken where rows keep >= 3 blocks on average (1.17-1.20x the Triton forward from 8,
-1.04x at 4, 0.78-0.81x at 2; docs/benchmarks.md 2c, 2f).
+units are single tiles, always on the persistent grid (rows of a few blocks gain most from it). Rows
+that keep fewer than 6 blocks of 128 keys on average run 64-key blocks (BLOCK_N = 64, a 3-deep ring):
+with 128-key blocks a tile's start and end (first product, O store) were not hidden at 2 blocks per row
+(0.78x the Triton forward), with 64 it is 1.14-1.17x there (docs/benchmarks.md 2c, 2f, 2g).
 
 The backward (`gluon_bwd`, head dims 64 and 128) has the same partition structure, FlashAttention-3's backward
 schedule as far as 240 registers per consumer thread allow:

@@ -383,19 +383,28 @@ def test_persistent_programs_run_many_tiles(nq, nk, programs, causal, head_dim, 
 @needs_hopper
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("programs", [None, 3])
+@pytest.mark.parametrize("block_n", [64, 128])
 @pytest.mark.parametrize("case", ["local", "bigbird_heads", "big_256", "cross", "noncausal_empty"])
-def test_block_sparse_forward_matches_float64_reference(case, programs, head_dim, monkeypatch):
+def test_block_sparse_forward_matches_float64_reference(case, block_n, programs, head_dim, monkeypatch):
     """The Gluon forward over a block mask's row lists (mask blocks of a multiple of 128 query rows by a
     multiple of 128 keys): the element mask on the blocks past the row's `full` prefix only, per-head
-    layouts, 256-key mask blocks (two key blocks per entry), partial last blocks, Nq != Nk, and a query
-    block that keeps nothing (output 0); programs=3: each persistent program runs many rows in turn."""
+    layouts, 256-key mask blocks (two or four key blocks per entry), partial last blocks, Nq != Nk, and a
+    query block that keeps nothing (output 0); programs=3: each persistent program runs many rows in turn.
+    Key blocks of 64 (the table's short-row entry, taken for every mask here) and of 128 (entry off)."""
     monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", True)
     if programs is not None:
         monkeypatch.setattr(flash_gluon, "_num_sms", lambda device: programs)
-    ran = count_calls(monkeypatch, flash_gluon, "gluon_fwd")
+    if block_n == 64:
+        monkeypatch.setattr(flash_mod, "_sparse_key_blocks_per_row", lambda mask: 0.0)
+    else:
+        rows = flash_mod._gluon_rows
+        monkeypatch.setattr(flash_mod, "_gluon_rows",
+                            lambda i, kind, c: {} if kind == "fwd_gluon_sparse_short" else rows(i, kind, c))
+    configs, real = [], flash_gluon.gluon_fwd
+    monkeypatch.setattr(flash_gluon, "gluon_fwd", lambda *a, **k: configs.append(a[7][0]) or real(*a, **k))
     causal, nq, nk, heads, mask = sparse_case(case)
     out, _ = run_case(1, nq, nk, heads, head_dim, causal, torch.bfloat16, block_mask=mask)
-    assert ran, "the Gluon forward did not run"
+    assert configs == [block_n], "the Gluon forward did not run with the expected key blocks"
     if case == "noncausal_empty":
         assert torch.equal(out[:, 256:384], torch.zeros_like(out[:, 256:384]))
 
@@ -404,24 +413,26 @@ def test_block_sparse_forward_matches_float64_reference(case, programs, head_dim
 @pytest.mark.parametrize("kernel", ["gluon_fwd", "gluon_bwd"])
 def test_block_sparse_choice(kernel, monkeypatch):
     """Automatic choice on block masks (local window of 8 blocks of 128 against 1). Forward: the Gluon
-    one at head dim 64 where rows keep >= 3 key blocks of 128, Triton below; at head dim 128 always.
+    one at head dims 64 and 128, with 64-key blocks where rows keep fewer than 6 key blocks of 128
+    on average (the narrow window), 128 otherwise; the Triton one when the Gluon forward is off.
     Backward: at head dim 64 the Gluon one always, its programs running several key blocks where they
     keep few query blocks (_sparse_group: 8 for the narrow window, 2 for the wide one); at head dim 128
     where its 128-key programs see >= 6 query blocks on average; Triton for deterministic=True."""
     calls, real = [], getattr(flash_gluon, kernel)
-    monkeypatch.setattr(flash_gluon, kernel, lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
     wide = kernels.local_mask(2048, window_blocks=8, block_m=128, block_n=128, causal=True)
     narrow = kernels.local_mask(2048, window_blocks=1, block_m=128, block_n=128, causal=True)
-    if kernel == "gluon_fwd":
-        assert flash_mod._sparse_key_blocks_per_row(wide) >= flash_mod._GLUON_SPARSE_FWD_MIN_BLOCKS
-        assert flash_mod._sparse_key_blocks_per_row(narrow) < flash_mod._GLUON_SPARSE_FWD_MIN_BLOCKS
-        run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide)
-        assert len(calls) == 1
+    if kernel == "gluon_fwd":  # gluon_fwd's config (argument 7): (BLOCK_N, STAGES, registers)
+        monkeypatch.setattr(flash_gluon, kernel, lambda *a, **k: calls.append(a[7][:2]) or real(*a, **k))
+        assert flash_mod._sparse_key_blocks_per_row(wide) >= 6 > flash_mod._sparse_key_blocks_per_row(narrow)
+        for head_dim in (64, 128):
+            run_case(1, 2048, 2048, 2, head_dim, True, torch.bfloat16, block_mask=wide)
+            run_case(1, 2048, 2048, 2, head_dim, True, torch.bfloat16, block_mask=narrow)
+        assert calls == [(128, 2), (64, 3)] * 2
+        monkeypatch.setitem(flash_mod._OPTIONS, "fwd_gluon", False)
         run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=narrow)
-        assert len(calls) == 1
-        run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=narrow)
-        assert len(calls) == 2
+        assert len(calls) == 4
         return
+    monkeypatch.setattr(flash_gluon, kernel, lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
     per, least = flash_mod._sparse_tiles_per_program, flash_mod._GLUON_SPARSE_MIN_TILES
     assert per(wide) >= least > per(narrow)
     run_case(1, 2048, 2048, 2, 64, True, torch.bfloat16, block_mask=wide)
@@ -458,8 +469,8 @@ def test_strided_views_and_fallbacks(monkeypatch):
 @needs_hopper
 def test_short_causal_rows_at_head_dim_128_take_64_key_blocks(monkeypatch):
     """The table's short-row entry: dense causal calls at head dim 128 of at most 1024 keys run the Gluon
-    forward with BLOCK_N = 64 (against float64, odd lengths included); longer, non-causal and
-    block-sparse calls keep 128."""
+    forward with BLOCK_N = 64 (against float64, odd lengths included); longer and non-causal calls, and
+    block masks whose rows keep 6 or more key blocks of 128, keep 128."""
     configs = []
     real = flash_gluon.gluon_fwd
     monkeypatch.setattr(flash_gluon, "gluon_fwd",
@@ -470,6 +481,6 @@ def test_short_causal_rows_at_head_dim_128_take_64_key_blocks(monkeypatch):
     configs.clear()
     run_case(1, 1100, 1100, 2, 128, True, torch.bfloat16)
     run_case(1, 1000, 1000, 2, 128, False, torch.bfloat16)
-    mask = kernels.local_mask(1024, window_blocks=2, block_m=128, block_n=128, causal=True)
-    run_case(1, 1024, 1024, 2, 128, True, torch.bfloat16, block_mask=mask)
+    mask = kernels.local_mask(2048, window_blocks=8, block_m=128, block_n=128, causal=True)
+    run_case(1, 2048, 2048, 2, 128, True, torch.bfloat16, block_mask=mask)
     assert configs == [128, 128, 128]
