@@ -145,6 +145,9 @@ DQ_SWIZZLE_BYTES = {(64, True): 128, (64, False): 128, (128, True): 128, (128, F
 
 
 if HAVE_GLUON:
+    # a compact layout for a vector of a query block's 64 rows (LSE, delta), one warpgroup
+    _ROW_L = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
+
     @gluon.jit
     def _softmax_step(s, m_i, l_i, offs_m, offs_n, start_n, Nk, causal_off, qk_scale,
                       MASK: gl.constexpr, CAUSAL: gl.constexpr):
@@ -638,9 +641,14 @@ if HAVE_GLUON:
             lse_n = lse
             delta_n = delta
         else:
+            if SPARSE:
+                start_n = lo_n
+            else:
+                start_n = start_m + BLOCK_M
             s_n, dp_n, lse_n, delta_n, dk_o, dv_o = _bwd_step_owner(
                 t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
-                ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, start_m, full, Nq, causal_off, qk_scale,
+                ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, start_m, start_n, full, Nq, causal_off,
+                qk_scale,
                 s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l, WG, BLOCK_M, STAGES, SPARSE, MASK,
                 NEXT)
         return s_n, dp_n, lse_n, delta_n, dk_o, dv_o, lo_n
@@ -648,10 +656,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _bwd_step_owner(t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready,
                         empty,
-                        ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, start_m, full, Nq, causal_off,
-                        qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0, a_l: gl.constexpr,
-                        WG: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPARSE: gl.constexpr,
-                        MASK: gl.constexpr, NEXT: gl.constexpr):
+                        ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, start_m, start_n, full, Nq,
+                        causal_off, qk_scale, s_zero, dq_zero, offs_n, offs_ms, dq_buf, dq_col0,
+                        a_l: gl.constexpr, WG: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                        SPARSE: gl.constexpr, MASK: gl.constexpr, NEXT: gl.constexpr):
         """Head dim 64, key-major (S^T = K Q^T): query block t of _bwd_step; the block's owner (consumer
         t % 2) forms its whole dQ. Returns the next block's (s, dp, lse, delta), dK and dV."""
         buf = t % STAGES
@@ -659,17 +667,13 @@ if HAVE_GLUON:
         slot = t % 2
         use = t // 2
         rows = start_m + offs_ms
-        if SPARSE:
-            # this block's LSE and delta, loaded now (a prefetch one step ahead held 32 more registers
-            # across the step, and the kernel spilled)
-            lse = gl.load(lse_ptr + rows, mask=rows < Nq, other=0.0)
-            delta = gl.load(delta_ptr + rows, mask=rows < Nq, other=0.0)
-            lse_n = lse
-            delta_n = delta
-        else:
-            rows_n = rows + BLOCK_M  # the next block's LSE and delta: loaded now, used one step later
-            lse_n = gl.load(lse_ptr + rows_n, mask=rows_n < Nq, other=0.0)
-            delta_n = gl.load(delta_ptr + rows_n, mask=rows_n < Nq, other=0.0)
+        # the next block's LSE and delta: loaded now in a compact layout (a register or two per thread
+        # across the step, where S^T's column layout holds 32), spread to S^T's columns when used
+        rows_n = start_n + gl.arange(0, BLOCK_M, layout=_ROW_L)
+        lse_n = gl.load(lse_ptr + rows_n, mask=rows_n < Nq, other=0.0)
+        delta_n = gl.load(delta_ptr + rows_n, mask=rows_n < Nq, other=0.0)
+        lse = gl.convert_layout(lse, offs_ms.type.layout)
+        delta = gl.convert_layout(delta, offs_ms.type.layout)
         q_t = q_smem.index(buf)
         do_t = do_smem.index(buf)
         s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
@@ -886,11 +890,12 @@ if HAVE_GLUON:
         K / V buffer picked at run time, Triton 3.6's build computed the dQ product's K descriptor in
         that loop's preheader only, and a key block whose list starts unmasked (every non-causal one)
         read shared memory out of range (compute-sanitizer; docs/kernel_notes.md Version 20)."""
+        rows0 = gl.arange(0, BLOCK_M, layout=_ROW_L)  # (the compact layout of _bwd_step_owner's prefetch)
         if SPARSE:
             lo = _bwd_tile_row(t0, lo, idx_ptr, n_idx, BLOCK_M, SPARSE, MASK_BM)
-            rows0 = lo + offs_ms
+            rows0 = lo + rows0
         else:
-            rows0 = lo + t0 * BLOCK_M + offs_ms
+            rows0 = lo + t0 * BLOCK_M + rows0
         # (block-sparse steps load their own LSE and delta; these then only seed the loop's values)
         lse = gl.load(lse_ptr + rows0, mask=rows0 < Nq, other=0.0)
         delta = gl.load(delta_ptr + rows0, mask=rows0 < Nq, other=0.0)
