@@ -622,7 +622,7 @@ if HAVE_GLUON:
                   STAGES: gl.constexpr, SPARSE: gl.constexpr, MASK_BM: gl.constexpr, DQ_SPLIT: gl.constexpr,
                   MASK: gl.constexpr, NEXT: gl.constexpr):
         """Query block t, whose S^T and dP^T are in flight (s, dp) and whose LSE / delta rows were
-        loaded one step earlier (dense; block-sparse loads them here). Returns the next block's (s,
+        loaded one step earlier (head dim 64; DQ_SPLIT loads them here). Returns the next block's (s,
         dp, lse, delta), dK, dV and `lo` for the next step (dense: the first block's row, unchanged;
         block-sparse: the next block's first row, looked up here). k_both: K over all 128 keys, all
         columns (the owner's dQ product), or with DQ_SPLIT this consumer's 64 columns of it (the
@@ -630,9 +630,11 @@ if HAVE_GLUON:
         if SPARSE:  # lo: this block's first row, looked up one step earlier
             start_m = lo
             lo_n = _bwd_tile_row(t + 1, lo, idx_ptr, n_idx, BLOCK_M, SPARSE, MASK_BM)
+            start_n = lo_n
         else:
             start_m = lo + t * BLOCK_M
             lo_n = lo
+            start_n = start_m + BLOCK_M
         if DQ_SPLIT:
             s_n, dp_n, dk_o, dv_o = _bwd_step_qm(
                 t, s, dp, dk, dv, k_w, v_w, k_both, ds_smem, dq_buf, q_smem, do_smem, ready, empty, ds_ready,
@@ -641,10 +643,6 @@ if HAVE_GLUON:
             lse_n = lse
             delta_n = delta
         else:
-            if SPARSE:
-                start_n = lo_n
-            else:
-                start_n = start_m + BLOCK_M
             s_n, dp_n, lse_n, delta_n, dk_o, dv_o = _bwd_step_owner(
                 t, s, dp, lse, delta, dk, dv, k_w, v_w, k_both, ds_smem, q_smem, do_smem, ready, empty,
                 ds_ready, ds_free, lse_ptr, delta_ptr, dq_desc, bh, start_m, start_n, full, Nq, causal_off,
@@ -896,7 +894,8 @@ if HAVE_GLUON:
             rows0 = lo + rows0
         else:
             rows0 = lo + t0 * BLOCK_M + rows0
-        # (block-sparse steps load their own LSE and delta; these then only seed the loop's values)
+        # the first block's LSE and delta (each head-dim-64 step prefetches the next one's; DQ_SPLIT steps
+        # load their own, and these only seed the loop's values)
         lse = gl.load(lse_ptr + rows0, mask=rows0 < Nq, other=0.0)
         delta = gl.load(delta_ptr + rows0, mask=rows0 < Nq, other=0.0)
         mbarrier.wait(kv_bar, kv_phase)
